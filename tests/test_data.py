@@ -1,0 +1,470 @@
+"""Tests for ella.data: readers (shared npz + torchvision layouts), variants, splits, augmentation, loader."""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ella import data as D
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CIFAR_MEAN = torch.tensor([125.3, 123.0, 113.9], dtype=torch.float64).view(1, 3, 1, 1) / 255
+CIFAR_STD = torch.tensor([63.0, 62.1, 66.7], dtype=torch.float64).view(1, 3, 1, 1) / 255
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def tiny_mnist(n_train: int = 40, n_test: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8), (np.arange(n_train) % 10).astype(np.uint8),
+            rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8), (np.arange(n_test) % 10).astype(np.uint8))
+
+
+def tiny_cifar(n_train: int = 50, n_test: int = 10, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8), (np.arange(n_train) % 10).astype(np.uint8),
+            rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8), (np.arange(n_test) % 10).astype(np.uint8))
+
+
+def save_npz(path: Path, arrays, **extra) -> None:
+    np.savez_compressed(path, **dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays)), **extra)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    magic = 2051 if array.ndim == 3 else 2049
+    payload = struct.pack(">I", magic) + b"".join(struct.pack(">I", s) for s in array.shape) + array.tobytes()
+    if compress:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def write_mnist_torchvision(root: Path, arrays, compress: bool) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    for name, arr in zip(names, arrays):
+        write_idx(raw / name, arr, compress)
+
+
+def write_cifar_torchvision(root: Path, arrays) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    x_tr, y_tr, x_te, y_te = arrays
+    chunks = np.array_split(np.arange(len(x_tr)), 5)
+    parts = [(f"data_batch_{i + 1}", x_tr[c], y_tr[c]) for i, c in enumerate(chunks)] + [("test_batch", x_te, y_te)]
+    for name, x, y in parts:
+        flat = x.transpose(0, 3, 1, 2).reshape(len(x), 3072)  # CHW, row-major, as in the official files
+        batch = {b"batch_label": name.encode(), b"data": flat, b"labels": [int(v) for v in y]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def mnist_expected(x_u8: np.ndarray) -> torch.Tensor:
+    """Independent float64 reference: (x/255 - mean)/std, bilinear resize 28 -> 32."""
+    x = torch.from_numpy(x_u8).double().unsqueeze(1) / 255
+    return F.interpolate((x - MNIST_MEAN) / MNIST_STD, size=(32, 32), mode="bilinear", align_corners=False)
+
+
+def cifar_expected(x_u8: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(x_u8).double().permute(0, 3, 1, 2) / 255
+    return (x - CIFAR_MEAN) / CIFAR_STD
+
+
+# ---------------------------------------------------------------------------------------------------- locating
+def test_resolve_data_dir_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELLA_DATA", str(tmp_path / "env"))
+    assert D.resolve_data_dir(tmp_path / "explicit") == tmp_path / "explicit"
+    assert D.resolve_data_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("ELLA_DATA")
+    assert D.resolve_data_dir(None) == Path("data")
+
+
+def test_missing_dataset_lists_paths(tmp_path, monkeypatch):
+    monkeypatch.delenv("ELLA_DATA", raising=False)
+    with pytest.raises(D.DatasetNotFoundError) as err:
+        D.load_dataset("mnist", tmp_path)
+    msg = str(err.value)
+    assert isinstance(err.value, FileNotFoundError)
+    assert str((tmp_path / "mnist.npz").resolve()) in msg
+    assert str((tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").resolve()) in msg
+    assert "ELLA_DATA" in msg and "--data-dir" in msg and "download=True" in msg
+    with pytest.raises(D.DatasetNotFoundError) as err:
+        D.load_dataset("rotated_cifar10", tmp_path / "nowhere")
+    assert str((tmp_path / "nowhere" / "cifar10.npz").resolve()) in str(err.value)
+    assert "cifar-10-batches-py" in str(err.value) and "does not exist" in str(err.value)
+
+
+def test_missing_jpeg_test_set(tmp_path):
+    save_npz(tmp_path / "cifar10.npz", tiny_cifar())
+    with pytest.raises(D.DatasetNotFoundError, match="cifar10_test10k_jpeg.npz"):
+        D.read_cifar10(tmp_path, cifar_test="jpeg10k")
+    with pytest.raises(ValueError, match="cifar_test"):
+        D.read_cifar10(tmp_path, cifar_test="jpeg")
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+def test_mnist_npz_roundtrip(tmp_path, monkeypatch):
+    arrays = tiny_mnist()
+    save_npz(tmp_path / "mnist.npz", arrays)
+    for got, want in zip(D.read_mnist(tmp_path), arrays):
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == np.uint8
+    monkeypatch.setenv("ELLA_DATA", str(tmp_path))  # found through the environment variable
+    b = D.load_dataset("mnist", n_valid=4)
+    assert b.train[0].shape == (36, 1, 32, 32) and b.train[0].dtype == torch.float32
+    assert (b.n_classes, b.in_channels, b.augment) == (10, 1, None)
+    ref = mnist_expected(arrays[0])
+    torch.testing.assert_close(b.train[0].double(), ref[b.train_index], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.valid[0].double(), ref[b.valid_index], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.test[0].double(), mnist_expected(arrays[2]), atol=1e-5, rtol=0)
+    assert torch.equal(b.train[1], torch.from_numpy(arrays[1]).long()[b.train_index])
+    assert b.train[1].dtype == torch.int64
+
+
+def test_cifar_npz_roundtrip_and_jpeg_choice(tmp_path):
+    arrays = tiny_cifar()
+    save_npz(tmp_path / "cifar10.npz", arrays, label_names=np.array([f"c{i}" for i in range(10)]))
+    rng = np.random.default_rng(5)
+    x_jpeg = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    y_jpeg = (np.arange(20) % 10).astype(np.uint8)
+    np.savez(tmp_path / "cifar10_test10k_jpeg.npz", x_test=x_jpeg, y_test=y_jpeg)
+    for got, want in zip(D.read_cifar10(tmp_path), arrays):
+        np.testing.assert_array_equal(got, want)
+    b = D.load_dataset("cifar10", tmp_path, n_valid=5)
+    torch.testing.assert_close(b.train[0].double(), cifar_expected(arrays[0])[b.train_index], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.test[0].double(), cifar_expected(arrays[2]), atol=1e-5, rtol=0)
+    assert b.augment is D.cifar_augment and b.in_channels == 3
+    bj = D.load_dataset("cifar10", tmp_path, n_valid=5, cifar_test="jpeg10k")
+    torch.testing.assert_close(bj.test[0].double(), cifar_expected(x_jpeg), atol=1e-5, rtol=0)
+    assert torch.equal(bj.train[0], b.train[0]) and "jpeg" in bj.info["test_source"]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mnist_torchvision_idx_roundtrip(tmp_path, compress):
+    arrays = tiny_mnist()
+    write_mnist_torchvision(tmp_path, arrays, compress)
+    for got, want in zip(D.read_mnist(tmp_path), arrays):
+        np.testing.assert_array_equal(got, want)
+    b = D.load_dataset("mnist", tmp_path, n_valid=0)
+    torch.testing.assert_close(b.train[0].double(), mnist_expected(arrays[0]), atol=1e-5, rtol=0)
+
+
+def test_idx_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(struct.pack(">IIII", 2051, 3, 28, 28) + b"\0" * 10)
+    with pytest.raises(ValueError, match="shape"):
+        D.read_idx(bad)
+    bad.write_bytes(struct.pack(">I", 0x0D03) + b"\0" * 12)
+    with pytest.raises(ValueError, match="unsigned byte"):
+        D.read_idx(bad)
+
+
+def test_cifar_torchvision_pickle_roundtrip_and_hwc(tmp_path):
+    arrays = list(tiny_cifar())
+    marker = np.zeros((32, 32, 3), np.uint8)
+    marker[0, 1, 2] = 255  # row 0, column 1, blue: CHW flat position 2*1024 + 0*32 + 1
+    arrays[0][0] = marker
+    write_cifar_torchvision(tmp_path, arrays)
+    flat = pickle.loads((tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes())[b"data"][0]
+    assert flat[2 * 1024 + 1] == 255 and flat.sum() == 255  # the file really is CHW row-major
+    got = D.read_cifar10(tmp_path)
+    for g, w in zip(got, arrays):
+        np.testing.assert_array_equal(g, w)
+    b = D.load_dataset("cifar10", tmp_path, n_valid=0)
+    img = b.train[0][0] * torch.tensor(D.CIFAR10_STD).view(3, 1, 1) + torch.tensor(D.CIFAR10_MEAN).view(3, 1, 1)
+    assert (img > 0.5).nonzero().tolist() == [[2, 0, 1]]
+    torch.testing.assert_close(b.test[0].double(), cifar_expected(arrays[2]), atol=1e-5, rtol=0)
+
+
+def test_cifar_pickle_refuses_foreign_objects(tmp_path):
+    write_cifar_torchvision(tmp_path, tiny_cifar())
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": os.getcwd}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        D.read_cifar10(tmp_path)
+
+
+def test_bad_npz_gives_clear_errors(tmp_path):
+    x_tr, y_tr, x_te, y_te = tiny_mnist()
+    np.savez(tmp_path / "mnist.npz", x_train=x_tr, y_train=y_tr, x_test=x_te)
+    with pytest.raises(ValueError, match="y_test"):
+        D.read_mnist(tmp_path)
+    save_npz(tmp_path / "mnist.npz", (x_tr[:, :, :27], y_tr, x_te, y_te))
+    with pytest.raises(ValueError, match=r"shape \(N, 28, 28\)"):
+        D.read_mnist(tmp_path)
+    save_npz(tmp_path / "mnist.npz", (x_tr.astype(np.float32), y_tr, x_te, y_te))
+    with pytest.raises(ValueError, match="uint8"):
+        D.read_mnist(tmp_path)
+    save_npz(tmp_path / "mnist.npz", (x_tr, y_tr[:-1], x_te, y_te))
+    with pytest.raises(ValueError, match="labels"):
+        D.read_mnist(tmp_path)
+    save_npz(tmp_path / "cifar10.npz", tiny_mnist())
+    with pytest.raises(ValueError, match=r"\(N, 32, 32, 3\)"):
+        D.read_cifar10(tmp_path)
+
+
+def test_unknown_name_and_task(tmp_path):
+    with pytest.raises(ValueError) as err:
+        D.load_dataset("svhn", tmp_path)
+    assert all(name in str(err.value) for name in D.DATASETS)
+    save_npz(tmp_path / "mnist.npz", tiny_mnist())
+    with pytest.raises(ValueError, match="digit_quadrant"):
+        D.load_dataset("quadrant_mnist", tmp_path)
+    with pytest.raises(ValueError, match="only applies"):
+        D.load_dataset("mnist", tmp_path, task="digit")
+
+
+def test_download_failure_and_success(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tvd, "MNIST", offline)
+    with pytest.raises(D.DatasetNotFoundError, match="download of mnist"):
+        D.read_mnist(tmp_path / "dl", download=True)
+    with pytest.raises(D.DatasetNotFoundError):  # never downloads unless asked
+        D.read_mnist(tmp_path / "dl2")
+
+    arrays = tiny_mnist()
+
+    def fake_mnist(root, train, download):
+        assert download
+        if train:
+            write_mnist_torchvision(Path(root), arrays, compress=True)
+
+    monkeypatch.setattr(tvd, "MNIST", fake_mnist)
+    for got, want in zip(D.read_mnist(tmp_path / "dl3", download=True), arrays):
+        np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------- image ops
+def test_shift_images_matches_padded_slicing():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 2, 9, 7, generator=g, dtype=torch.float64)
+    shifts = torch.tensor([[0, 0], [3, -2], [-9, 1], [8, 8], [-1, 6], [2, -7]])
+    out = D.shift_images(x, shifts)
+    for n, (dy, dx) in enumerate(shifts.tolist()):
+        ref = torch.zeros(2, 9 + 20, 7 + 20, dtype=torch.float64)
+        ref[:, 10 + dy:10 + dy + 9, 10 + dx:10 + dx + 7] = x[n]
+        assert torch.equal(out[n], ref[:, 10:19, 10:17]), (dy, dx)
+
+
+@pytest.mark.parametrize("size", [7, 8])
+def test_rotation_matches_rot90(size):
+    x = torch.rand(3, 2, size, size, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
+    for angle, k in ((90.0, 1), (-90.0, -1), (180.0, 2), (270.0, 3), (0.0, 0)):
+        out = D.rotate_images(x, torch.full((3,), angle))
+        torch.testing.assert_close(out, torch.rot90(x, k, dims=(-2, -1)), atol=1e-12, rtol=0)
+
+
+def test_rotation_per_sample_angles():
+    x = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = D.rotate_images(x, torch.tensor([90.0, -90.0]))
+    torch.testing.assert_close(out[0], torch.rot90(x[0], 1, dims=(-2, -1)), atol=1e-12, rtol=0)
+    torch.testing.assert_close(out[1], torch.rot90(x[1], -1, dims=(-2, -1)), atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- variants
+def one_pixel_digits(n: int) -> np.ndarray:
+    x = np.zeros((n, 28, 28), np.uint8)
+    x[:, 14, 13] = 255
+    return x
+
+
+def test_translated_moves_bright_pixel_by_recorded_shift():
+    x = one_pixel_digits(60)
+    v = D.make_variant("translated_mnist", x, np.arange(60) % 10, torch.Generator().manual_seed(4))
+    shifts = v.params["shifts"]
+    assert shifts.min() >= -8 and shifts.max() <= 8 and shifts.abs().max() == 8 and len(shifts.unique(dim=0)) > 30
+    shifted = D.shift_images(torch.from_numpy(x).unsqueeze(1), shifts)
+    pos = shifted.flatten(1).argmax(1)
+    assert torch.equal(torch.stack([pos // 28, pos % 28], 1), torch.tensor([14, 13]) + shifts)
+    rolled = np.stack([np.roll(x[i], tuple(s), axis=(0, 1)) for i, s in enumerate(shifts.tolist())])  # no wrap here
+    torch.testing.assert_close(v.x.double(), mnist_expected(rolled), atol=1e-5, rtol=0)
+
+
+def test_quadrant_placement_and_labels():
+    n = 80
+    x, digits = one_pixel_digits(n), np.arange(n) % 10
+    vq = D.make_variant("quadrant_mnist", x, digits, torch.Generator().manual_seed(0), task="digit_quadrant")
+    vd = D.make_variant("quadrant_mnist", x, digits, torch.Generator().manual_seed(0), task="digit")
+    assert torch.equal(vq.x, vd.x) and torch.equal(vd.y, torch.from_numpy(digits).long())
+    q = vq.params["quadrants"]
+    assert torch.equal(vq.y, torch.from_numpy(digits).long() + 10 * q) and set(q.tolist()) == {0, 1, 2, 3}
+    assert vq.x.shape == (n, 1, 32, 32)
+    img = vq.x[:, 0] * MNIST_STD + MNIST_MEAN  # back to the 0-1 scale
+    mass = torch.stack([img[:, :16, :16], img[:, :16, 16:], img[:, 16:, :16], img[:, 16:, 16:]], 1).sum((2, 3))
+    assert torch.equal(mass.argmax(1), vq.y // 10)
+    assert (mass.max(1).values > 0.1).all() and (mass.sum(1) - mass.max(1).values).abs().max() < 1e-6
+
+
+def test_quadrant_tasks_share_images_and_subsets(tmp_path):
+    save_npz(tmp_path / "mnist.npz", tiny_mnist(n_train=400))
+    bq = D.load_dataset("quadrant_mnist", tmp_path, task="digit_quadrant", n_train=80, n_valid=40)
+    bd = D.load_dataset("quadrant_mnist", tmp_path, task="digit", n_train=80, n_valid=40)
+    assert torch.equal(bq.train[0], bd.train[0]) and torch.equal(bq.train[1] % 10, bd.train[1])
+    assert bq.n_classes == 40 and bd.n_classes == 10
+    assert bq.train[1].bincount(minlength=40).tolist() == [2] * 40  # stratified by digit + 10 * quadrant
+
+
+def test_rotated_variant_angles_and_rendering():
+    x = tiny_cifar(n_train=12)[0]
+    v = D.make_variant("rotated_cifar10", x, np.arange(12) % 10, torch.Generator().manual_seed(0))
+    angles = v.params["angles"]
+    assert angles.dtype == torch.float64 and angles.min() >= -180 and angles.max() <= 180 and angles.std() > 30
+    ref = D.rotate_images(torch.from_numpy(x).double().permute(0, 3, 1, 2) / 255, angles)
+    torch.testing.assert_close(v.x.double(), (ref - CIFAR_MEAN) / CIFAR_STD, atol=1e-5, rtol=0)
+    xq = torch.from_numpy(x).permute(0, 3, 1, 2).double() / 255
+    quarter = D.rotate_images(xq, torch.full((12,), 90.0))
+    torch.testing.assert_close(quarter, torch.rot90(xq, 1, dims=(-2, -1)), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["translated_mnist", "rotated_mnist", "quadrant_mnist"])
+def test_variants_deterministic(tmp_path, name):
+    save_npz(tmp_path / "mnist.npz", tiny_mnist(n_train=60))
+    task = "digit_quadrant" if name == "quadrant_mnist" else None
+    a = D.load_dataset(name, tmp_path, task=task, n_valid=6)
+    b = D.load_dataset(name, tmp_path, task=task, n_valid=6)
+    c = D.load_dataset(name, tmp_path, task=task, n_valid=6, variant_seed=1)
+    plain = D.load_dataset("mnist", tmp_path, n_valid=6)
+    for split in ("train", "valid", "test"):
+        assert torch.equal(getattr(a, split)[0], getattr(b, split)[0])
+        assert not torch.equal(getattr(a, split)[0], getattr(c, split)[0])
+        assert not torch.equal(getattr(a, split)[0], getattr(plain, split)[0])
+    assert torch.equal(a.train_index, c.train_index)  # variant_seed does not move the split
+
+
+def test_variant_generators_independent():
+    draws = {(n, s): D.sample_variant_params("rotated_mnist", 5, D.variant_generator(0, n, s))["angles"]
+             for n in ("rotated_mnist", "rotated_cifar10") for s in ("train", "test")}
+    values = list(draws.values())
+    assert all(not torch.equal(values[i], values[j]) for i in range(4) for j in range(i))
+
+
+# ---------------------------------------------------------------------------------------------------- splits
+def test_split_disjoint_and_balanced(tmp_path):
+    arrays = list(tiny_mnist(n_train=300))
+    arrays[1] = np.random.default_rng(0).permutation(np.arange(300) % 10).astype(np.uint8)
+    save_npz(tmp_path / "mnist.npz", arrays)
+    b = D.load_dataset("mnist", tmp_path, n_train=50, n_valid=30, seed=3)
+    tr, va = set(b.train_index.tolist()), set(b.valid_index.tolist())
+    assert len(tr) == 50 and len(va) == 30 and not tr & va
+    assert b.train[1].bincount(minlength=10).tolist() == [5] * 10
+    assert torch.equal(b.train[1], torch.from_numpy(arrays[1]).long()[b.train_index])
+    b2 = D.load_dataset("mnist", tmp_path, n_train=50, n_valid=30, seed=4)
+    assert not torch.equal(b.valid_index, b2.valid_index) and not torch.equal(b.train_index, b2.train_index)
+    full = D.load_dataset("mnist", tmp_path, seed=3)  # default: 10 % validation, the rest for training
+    assert len(full.valid_index) == 30
+    assert sorted(full.train_index.tolist() + full.valid_index.tolist()) == list(range(300))
+    uneven = D.balanced_subset(torch.arange(300), torch.from_numpy(arrays[1]).long(), 57, seed=0)
+    counts = torch.from_numpy(arrays[1]).long()[uneven].bincount(minlength=10)
+    assert counts.sum() == 57 and counts.max() - counts.min() == 1
+    with pytest.raises(ValueError, match="class"):
+        D.balanced_subset(torch.arange(20), torch.tensor([0] * 18 + [1] * 2), 10, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------- augmentation
+def reference_augment(x: torch.Tensor, flips: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Per-sample loop: optional torch.flip, then crop of the 4-zero-padded image at (4 - dy, 4 - dx)."""
+    out = []
+    for xi, f, (dy, dx) in zip(x, flips.tolist(), shifts.tolist()):
+        xi = torch.flip(xi, dims=[-1]) if f else xi
+        padded = F.pad(xi, (4, 4, 4, 4))
+        out.append(padded[:, 4 - dy:4 - dy + 32, 4 - dx:4 - dx + 32])
+    return torch.stack(out)
+
+
+def test_cifar_augment_equals_flip_and_padded_crop():
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = D.cifar_augment(x, torch.Generator().manual_seed(7))
+    flips, shifts = D.sample_flip_shift(64, torch.Generator().manual_seed(7))
+    assert 0 < flips.sum() < 64 and shifts.min() == -4 and shifts.max() == 4
+    assert torch.equal(out, reference_augment(x, flips, shifts))
+    all_flip = D.apply_flip_shift(x, torch.ones(64, dtype=torch.bool), torch.zeros(64, 2, dtype=torch.long))
+    assert torch.equal(all_flip, torch.flip(x, dims=[-1]))
+
+
+def test_cifar_augment_is_per_sample():
+    one = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = one.expand(2, 3, 32, 32)
+    differs = [not torch.equal(*D.cifar_augment(x, torch.Generator().manual_seed(s))) for s in range(10)]
+    assert sum(differs) >= 5
+    # a batch-global augmentation would treat every sample alike
+    out = D.cifar_augment(one.expand(128, 3, 32, 32), torch.Generator().manual_seed(0))
+    assert len(out.flatten(1).unique(dim=0)) > 50
+
+
+# ---------------------------------------------------------------------------------------------------- loader
+def test_tensor_loader_epochs_and_reproducibility():
+    x = torch.arange(10.0).view(10, 1, 1, 1)
+    y = torch.arange(10)
+    loader = D.TensorLoader(x, y, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert len(loader) == 3 and len(loader.dataset) == 10 and loader.batch_size == 4
+    epochs = [torch.cat([yb for _, yb in loader]) for _ in range(3)]
+    for e in epochs:
+        assert sorted(e.tolist()) == list(range(10))
+    assert not torch.equal(epochs[0], epochs[1])
+    again = D.TensorLoader(x, y, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.cat([yb for _, yb in again]), epochs[0])
+    for xb, yb in loader:
+        assert torch.equal(xb.view(-1).long(), yb)
+    plain = D.TensorLoader(x, y, batch_size=4, drop_last=True)
+    assert len(plain) == 2 and torch.equal(torch.cat([yb for _, yb in plain]), torch.arange(8))
+
+
+def test_tensor_loader_applies_augment_per_batch():
+    x = torch.rand(1, 3, 32, 32).expand(20, 3, 32, 32).contiguous()
+    calls = []
+
+    def augment(xb, gen):
+        calls.append(len(xb))
+        return D.cifar_augment(xb, gen)
+
+    loader = D.TensorLoader(x, torch.zeros(20, dtype=torch.long), 8, augment=augment)
+    batches = [xb for xb, _ in loader]
+    assert calls == [8, 8, 4] and not torch.equal(batches[0][0], batches[0][1])
+
+
+# ---------------------------------------------------------------------------------------------------- real data
+def real_data_dir() -> Path | None:
+    env = os.environ.get("ELLA_DATA")
+    if env and (Path(env) / "mnist.npz").is_file() and (Path(env) / "cifar10.npz").is_file():
+        return Path(env)
+    return None
+
+
+@pytest.mark.skipif(real_data_dir() is None, reason="ELLA_DATA does not point at the real mnist.npz/cifar10.npz")
+def test_real_files_statistics():
+    x_tr, y_tr, x_te, y_te = D.read_mnist(real_data_dir())
+    assert x_tr.shape == (60000, 28, 28) and x_te.shape == (10000, 28, 28)
+    n = x_tr.size * 255.0
+    s = int(x_tr.sum(dtype=np.int64))
+    s2 = int((x_tr.astype(np.int64) ** 2).sum())
+    mean = s / n
+    std = (s2 / (n * 255.0) - mean ** 2) ** 0.5
+    assert abs(mean - 0.1306604762738429) < 1e-9 and abs(std - 0.3081078038564626) < 1e-9
+    assert np.bincount(y_tr).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    cx_tr, cy_tr, cx_te, cy_te = D.read_cifar10(real_data_dir())
+    assert cx_tr.shape == (50000, 32, 32, 3) and cx_te.shape == (1000, 32, 32, 3)
+    assert np.bincount(cy_tr).tolist() == [5000] * 10
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(real_data_dir() is None, reason="ELLA_DATA does not point at the real files")
+@pytest.mark.parametrize("name", D.DATASETS)
+def test_real_variants_load(name):
+    task = "digit_quadrant" if name == "quadrant_mnist" else None
+    b = D.load_dataset(name, real_data_dir(), task=task, n_train=1000, n_valid=500)
+    channels = 3 if "cifar" in name else 1
+    assert b.train[0].shape == (1000, channels, 32, 32) and b.valid[0].shape == (500, channels, 32, 32)
+    assert b.test[0].shape[1:] == (channels, 32, 32) and torch.isfinite(b.test[0]).all()
+    if name in ("mnist", "cifar10"):
+        assert b.train[0].mean().abs() < 0.1 and (b.train[0].std() - 1).abs() < 0.1
