@@ -1,0 +1,48 @@
+"""The relaxed-layer zoo: dense, convolutional, factored, sparse and p4 paths, polyphase downsampling."""
+
+from ella.layers.conv import Conv
+from ella.layers.equivariance import (
+    check_rotation_equivariance,
+    check_rotation_invariance,
+    check_translation_equivariance,
+    check_translation_invariance,
+)
+from ella.layers.factored import FactoredFC
+from ella.layers.fc import FC
+from ella.layers.group import GroupConv, LiftingConv, group_max_pool, lift, rotate_p4
+from ella.layers.grouped_linear import GroupedLinear
+from ella.layers.polyphase import PolyphaseDownsample, polyphase_select
+from ella.layers.relaxed import RelaxedLayer
+from ella.layers.sparse import (
+    SparseConv,
+    SparseFC,
+    anchor_count,
+    grid_coordinates,
+    interpolation_basis,
+    project_onto_basis,
+)
+
+__all__ = [
+    "FC",
+    "Conv",
+    "FactoredFC",
+    "GroupConv",
+    "GroupedLinear",
+    "LiftingConv",
+    "PolyphaseDownsample",
+    "RelaxedLayer",
+    "SparseConv",
+    "SparseFC",
+    "anchor_count",
+    "check_rotation_equivariance",
+    "check_rotation_invariance",
+    "check_translation_equivariance",
+    "check_translation_invariance",
+    "grid_coordinates",
+    "group_max_pool",
+    "interpolation_basis",
+    "lift",
+    "polyphase_select",
+    "project_onto_basis",
+    "rotate_p4",
+]

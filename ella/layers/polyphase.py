@@ -1,0 +1,71 @@
+"""Adaptive polyphase downsampling by 2 (APS, Chaman & Dokmanic 2021; spec 1.10).
+
+The 4 polyphase components of ``x (B, C, H, W)`` are ``x[:, :, a::2, b::2]`` with row offset ``a`` and
+column offset ``b``; component index ``2*a + b``. Per sample, the component with the largest norm over
+``(C, H/2, W/2)`` is kept (ties -> lowest index), so a circular shift of one input sample by ``(s, t)``
+shifts that sample's output by ``(floor((a+s)/2), floor((b+t)/2))`` and leaves other samples untouched.
+Gradients flow through the selected component only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CRITERIA = ("l2", "linf", "batch_signed_max")
+
+
+def polyphase_components(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, 4, C, H/2, W/2)``; component ``2*a + b`` is ``x[:, :, a::2, b::2]``."""
+    if x.dim() != 4:
+        raise ValueError(f"polyphase downsampling expects (B, C, H, W), got {tuple(x.shape)}")
+    height, width = x.shape[-2:]
+    if height % 2 or width % 2:
+        raise ValueError(f"polyphase downsampling needs even H and W, got H={height}, W={width}")
+    return torch.stack([x[:, :, a::2, b::2] for a in (0, 1) for b in (0, 1)], dim=1)
+
+
+def component_scores(components: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Selection scores ``(B, 4)`` from components ``(B, 4, C, h, w)``.
+
+    ``"l2"``: squared l2 norm per sample; ``"linf"``: max absolute value per sample;
+    ``"batch_signed_max"``: the reference's signed max over the whole batch, broadcast to every sample.
+    """
+    flat = components.flatten(2)  # (B, 4, C*h*w)
+    if criterion == "l2":
+        return flat.pow(2).sum(-1)
+    if criterion == "linf":
+        return flat.abs().amax(-1)
+    if criterion == "batch_signed_max":
+        return flat.amax(-1).amax(0, keepdim=True).expand(flat.shape[0], -1)
+    raise ValueError(f"unknown polyphase criterion {criterion!r}; expected one of {CRITERIA}")
+
+
+def polyphase_select(x: torch.Tensor, criterion: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """Downsample ``(B, C, H, W) -> (B, C, H/2, W/2)``; also return the chosen component index ``(B,)``."""
+    components = polyphase_components(x)
+    index = torch.argmax(component_scores(components.detach(), criterion), dim=1)  # first max on ties
+    chosen = components[torch.arange(x.shape[0], device=x.device), index]
+    return chosen, index
+
+
+class PolyphaseDownsample(nn.Module):
+    """``(B, C, H, W) -> (B, C, H/2, W/2)`` keeping, per sample, the polyphase component with the largest norm.
+
+    ``criterion``: ``"l2"`` (default, APS), ``"linf"`` (max |value|, the paper's wording) or
+    ``"batch_signed_max"`` (reference compatibility only: one choice for the whole batch by signed max,
+    which makes a sample's output depend on the rest of the batch). Odd ``H`` or ``W`` raise ValueError.
+    """
+
+    def __init__(self, criterion: str = "l2") -> None:
+        super().__init__()
+        if criterion not in CRITERIA:
+            raise ValueError(f"PolyphaseDownsample: unknown criterion {criterion!r}; expected one of {CRITERIA}")
+        self.criterion = criterion
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, C, H/2, W/2)``."""
+        return polyphase_select(x, self.criterion)[0]
+
+    def extra_repr(self) -> str:
+        return f"criterion={self.criterion!r}"
