@@ -1,0 +1,114 @@
+"""Command-line plumbing shared by the training experiments: flags, presets, output folders, logging.
+
+A preset fills the :class:`~ella.train.TrainConfig`; any flag given explicitly overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+from ella.train import TrainConfig
+
+# flag name -> (type, help). Defaults are None so that "not given" can be told apart from a preset value.
+_OVERRIDES: dict[str, tuple[type, str]] = {
+    "alpha": (int, "network width (default: 10; 2 for ffc_conv_gconv)"),
+    "epochs": (int, "training epochs"),
+    "batch_size": (int, "mini-batch size for parameter updates"),
+    "lr": (float, "initial learning rate (cosine-annealed per iteration)"),
+    "lr_min": (float, "final learning rate of the cosine schedule"),
+    "optimizer": (str, "'sgd' (momentum 0.9, reference code) or 'adam' (paper)"),
+    "burn_in": (int, "first epoch at which the prior precisions are updated"),
+    "marglik_every": (int, "update the precisions every this many epochs"),
+    "hyper_steps": (int, "Adam steps on the log precisions per KFAC fit"),
+    "hyper_lr": (float, "learning rate of the precision updates"),
+    "kfac_batch_size": (int, "batch size of the KFAC pass"),
+    "curvature": (str, "KFAC curvature: 'ggn' (exact), 'mc' (Monte-Carlo) or 'ef' (empirical Fisher)"),
+    "prior_init": (float, "initial prior precision of every group"),
+    "n_train": (int, "use a class-balanced subset of this many training images"),
+    "n_valid": (int, "hold out this many training images for validation (overrides --valid-fraction)"),
+    "valid_fraction": (float, "fraction of the training data held out for validation"),
+    "seed": (int, "random seed"),
+}
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
+    """Add the flags every training experiment shares."""
+    parser.add_argument("--laplace", action="store_true", help="learn the prior precisions by the Laplace marginal likelihood (otherwise MAP)")
+    parser.add_argument("--preset", choices=sorted(presets), default="cpu", help="a named configuration; explicit flags override it")
+    for name, (kind, text) in _OVERRIDES.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+    parser.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no data augmentation for parameter updates")
+    parser.add_argument("--per-tensor-prior", action="store_true", default=None, help="one precision per parameter tensor instead of per path")
+    parser.add_argument("--report", action="store_true", default=None, help="write the effective-parameter report after a MAP run too")
+    parser.add_argument("--data-dir", default=None, help="folder with the data (default: $ELLA_DATA, then ./data)")
+    parser.add_argument("--device", default=None, help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<experiment>/<layer>-<map|laplace>-<preset>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+
+
+def config_from_args(args: argparse.Namespace, presets: dict[str, dict], **fixed) -> TrainConfig:
+    """Preset values, then explicit flags, then ``fixed`` (the experiment's own choices such as the dataset)."""
+    values = dict(presets[args.preset])
+    names = {f.name for f in fields(TrainConfig)}
+    for name in names:
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = given
+    values["laplace"] = args.laplace
+    values.update(fixed)
+    if values.get("device") is None:
+        values.pop("device", None)
+    return TrainConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def default_out_dir(experiment: str, config: TrainConfig, preset: str) -> Path:
+    mode = "laplace" if config.laplace else "map"
+    task = f"-{config.task}" if config.task else ""
+    return Path("runs") / experiment / f"{config.dataset}{task}-{config.layer}-{mode}-{preset}"
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+
+
+def run_many(runs: dict[str, TrainConfig], root: Path, resume: bool) -> dict[str, dict]:
+    """Train every named configuration into ``root/<name>`` (skipping finished ones on ``resume``)."""
+    from ella.train import train
+
+    results = {}
+    for name, config in runs.items():
+        out = root / name
+        final_path = out / "final.json"
+        if resume and final_path.exists():
+            results[name] = json.loads(final_path.read_text())
+            continue
+        logging.getLogger(__name__).warning("run %s -> %s", name, out)
+        results[name] = train(config, out, resume=resume)
+    return results
+
+
+def write_table(rows: list[dict], root: Path, stem: str = "summary") -> str:
+    """Write ``rows`` as ``<stem>.json`` and ``<stem>.csv`` into ``root``; return a Markdown table of them."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{stem}.json").write_text(json.dumps(rows, indent=2))
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with (root / f"{stem}.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"
+    return "" if value is None else str(value)

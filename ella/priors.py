@@ -1,0 +1,114 @@
+"""Gaussian priors with one learnable precision per path (spec section 3).
+
+A *prior group* is a name, not an index: ``"blocks.3.fc"`` is the F-FC path of block 3 (weights and biases of
+that path share one precision), ``"head.0"`` the first head layer. With ``per_tensor=True`` every parameter
+tensor gets its own group (the reference code's "layerwise" structure, e.g. 52 precisions for F-FC+CONV).
+Precisions are parameterised as ``log delta`` and initialised at ``delta = 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ella.layers import RelaxedLayer
+
+
+@dataclass(frozen=True)
+class PriorGroup:
+    """Parameters that share one prior precision.
+
+    ``layer`` is the owning layer (``"blocks.3"``, ``"head.0"``), ``path`` the path name inside a relaxed layer
+    (``"fc"``, ``"conv"``, ``"gconv"``) or ``None`` outside one, ``kind`` the paper's name of the path type
+    (``"F-FC"``, ``"CONV"``, ...; ``"Linear"`` for head layers).
+    """
+
+    name: str
+    layer: str
+    path: str | None
+    kind: str
+    param_names: tuple[str, ...]
+
+
+def _owners(model: nn.Module) -> dict[str, tuple[str, str | None, str]]:
+    """Map each module prefix that owns a prior to ``(layer, path, kind)``: relaxed-layer paths first."""
+    owners: dict[str, tuple[str, str | None, str]] = {}
+    for layer_name, module in model.named_modules():
+        if isinstance(module, RelaxedLayer):
+            for path_name, path in module.paths.items():
+                owners[f"{layer_name}.paths.{path_name}"] = (layer_name, path_name, path.kind)
+    return owners
+
+
+def prior_groups(model: nn.Module, per_tensor: bool = False) -> list[PriorGroup]:
+    """Prior groups of ``model`` in parameter order (one per path, or one per tensor with ``per_tensor``)."""
+    owners = _owners(model)
+    modules = dict(model.named_modules())
+    members: dict[str, list[str]] = {}
+    info: dict[str, tuple[str, str | None, str]] = {}
+    for name, _ in model.named_parameters():
+        prefix = next((p for p in owners if name.startswith(p + ".")), None)
+        if prefix is not None:
+            layer, path, kind = owners[prefix]
+            group = f"{layer}.{path}"
+        else:
+            layer = name.rsplit(".", 1)[0] if "." in name else ""
+            path, kind = None, type(modules[layer]).__name__
+            group = layer or name
+        if per_tensor:
+            group = name
+        members.setdefault(group, []).append(name)
+        info.setdefault(group, (layer, path, kind))
+    return [PriorGroup(g, *info[g], tuple(names)) for g, names in members.items()]
+
+
+class Prior(nn.Module):
+    """Isotropic Gaussian prior ``N(0, 1/delta_g)`` per group ``g`` with learnable ``log_precision``.
+
+    ``log_precision``: ``(n_groups,)``; ``group_of_tensor``: ``(n_tensors,)`` index of each parameter tensor's
+    group, in ``model.named_parameters()`` order.
+    """
+
+    def __init__(self, model: nn.Module, per_tensor: bool = False, init_precision: float = 1.0) -> None:
+        super().__init__()
+        if init_precision <= 0:
+            raise ValueError(f"init_precision must be positive, got {init_precision}")
+        self.groups = prior_groups(model, per_tensor=per_tensor)
+        self.param_names = [name for name, _ in model.named_parameters()]
+        position = {name: i for i, name in enumerate(self.param_names)}
+        index = torch.empty(len(self.param_names), dtype=torch.long)
+        for g, group in enumerate(self.groups):
+            for name in group.param_names:
+                index[position[name]] = g
+        device = next(model.parameters()).device
+        self.register_buffer("group_of_tensor", index.to(device))
+        self.log_precision = nn.Parameter(torch.full((len(self.groups),), float(init_precision)).log().to(device))
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def precisions(self) -> torch.Tensor:
+        """``(n_groups,)`` precisions ``delta_g``."""
+        return self.log_precision.exp()
+
+    def tensor_precisions(self) -> torch.Tensor:
+        """``(n_tensors,)`` precision of each parameter tensor, differentiable in ``log_precision``."""
+        return self.precisions()[self.group_of_tensor]
+
+    def squared_norms(self, model: nn.Module) -> torch.Tensor:
+        """``(n_tensors,)`` squared norms ``||theta_t||^2`` of the parameter tensors (differentiable in theta)."""
+        return torch.stack([p.pow(2).sum() for p in model.parameters()])
+
+    def penalty(self, model: nn.Module, detach_precision: bool = True) -> torch.Tensor:
+        """``0.5 * sum_t delta_t ||theta_t||^2``: the negative log prior up to constants."""
+        delta = self.tensor_precisions()
+        if detach_precision:
+            delta = delta.detach()
+        return 0.5 * (delta * self.squared_norms(model)).sum()
+
+    def as_dict(self) -> dict[str, float]:
+        """Group name -> precision, for logs."""
+        return dict(zip(self.group_names, self.precisions().tolist()))

@@ -1,0 +1,163 @@
+"""The Laplace marginal likelihood and the effective-parameter report against independent dense computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from ella.data import TensorLoader
+from ella.layers import FC, Conv, FactoredFC, RelaxedLayer
+from ella.marglik import MarglikError, effective_parameters, fit_laplace, neg_log_marglik, optimise_prior
+from ella.models import build_model
+from ella.priors import Prior, prior_groups
+from ella.report import effective_layer_types, path_reports
+
+
+def _tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _exact_ggn_blocks(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-tensor blocks of the exact GGN J^T H J of the summed cross-entropy (torch.func, dense)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def logits(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(model, p, (x,))
+
+    jac = jacrev(logits)(params)  # name -> (N, K, *shape)
+    probs = logits(params).softmax(-1)
+    hess = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]  # (N, K, K)
+    blocks = {}
+    for name, j in jac.items():
+        j = j.flatten(2)  # (N, K, P)
+        blocks[name] = torch.einsum("nkp,nkl,nlq->pq", j, hess, j)
+    return blocks
+
+
+def _dense_neg_log_marglik(model, x, y, delta_per_tensor) -> torch.Tensor:
+    """-log p(D|delta)/N of the Laplace approximation with the block-diagonal exact GGN, by slogdet."""
+    blocks = _exact_ggn_blocks(model, x)
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    total = loss
+    for (name, p), delta in zip(model.named_parameters(), delta_per_tensor):
+        eye = torch.eye(p.numel(), dtype=p.dtype)
+        logdet = torch.linalg.slogdet(blocks[name] + delta * eye).logabsdet
+        total = total + 0.5 * delta * p.pow(2).sum() + 0.5 * (logdet - p.numel() * torch.log(delta))
+    return total / len(y)
+
+
+def test_marglik_equals_dense_laplace_where_kfac_is_exact() -> None:
+    """One data point: every KFAC block of an MLP is its exact GGN block, so the objectives must agree."""
+    model = _tiny_mlp()
+    x, y = torch.randn(1, 5, dtype=torch.float64), torch.tensor([2])
+    prior = Prior(model, per_tensor=True).double()
+    with torch.no_grad():
+        prior.log_precision.copy_(torch.tensor([0.3, -1.0, 2.0, 0.1], dtype=torch.float64))
+    fit = fit_laplace(model, TensorLoader(x, y, 1), prior)
+    ours = neg_log_marglik(fit, prior)
+    dense = _dense_neg_log_marglik(model, x, y, prior.tensor_precisions().detach())
+    torch.testing.assert_close(ours, dense, rtol=1e-10, atol=1e-12)
+
+
+def _tiny_relaxed(dense: str = "ffc") -> nn.Module:
+    """An 8x8 F-FC+CONV (or FC+CONV) relaxed layer with downsampling and a linear head."""
+    torch.manual_seed(1)
+    fc = FactoredFC(1, 2, 8, 4) if dense == "ffc" else FC(1, 2, 8, 4)
+    layer = RelaxedLayer({"fc": fc, "conv": Conv(1, 2)}, downsample=True)
+    return nn.Sequential(layer, nn.Flatten(), nn.Linear(2 * 16, 4)).double()
+
+
+def test_marglik_gradient_matches_finite_differences() -> None:
+    model = _tiny_relaxed()
+    x, y = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    prior = Prior(model).double()
+    with torch.no_grad():
+        prior.log_precision.copy_(torch.linspace(-2, 3, len(prior.groups), dtype=torch.float64))
+    fit = fit_laplace(model, TensorLoader(x, y, 3), prior)
+    value = neg_log_marglik(fit, prior)
+    (grad,) = torch.autograd.grad(value, prior.log_precision)
+    eps = 1e-5
+    numeric = torch.empty_like(grad)
+    with torch.no_grad():
+        for g in range(len(grad)):
+            prior.log_precision[g] += eps
+            up = neg_log_marglik(fit, prior)
+            prior.log_precision[g] -= 2 * eps
+            down = neg_log_marglik(fit, prior)
+            prior.log_precision[g] += eps
+            numeric[g] = (up - down) / (2 * eps)
+    torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_effective_parameters_equal_dense_eigendecomposition() -> None:
+    model = _tiny_mlp()
+    x, y = torch.randn(1, 5, dtype=torch.float64), torch.tensor([0])
+    prior = Prior(model, per_tensor=True).double()
+    with torch.no_grad():
+        prior.log_precision.copy_(torch.tensor([-3.0, 0.5, -1.0, 1.5], dtype=torch.float64))
+    fit = fit_laplace(model, TensorLoader(x, y, 1), prior)
+    ours = effective_parameters(fit, prior)
+    blocks = _exact_ggn_blocks(model, x)
+    for i, (name, _) in enumerate(model.named_parameters()):
+        lam = torch.linalg.eigvalsh(blocks[name]).clamp_min(0)
+        delta = prior.tensor_precisions()[i].detach()
+        torch.testing.assert_close(ours[i], (lam / (lam + delta)).sum(), rtol=1e-8, atol=1e-10)
+
+
+def test_hyper_steps_decrease_the_objective_and_keep_it_finite() -> None:
+    model = _tiny_relaxed("fc")
+    x, y = torch.randn(8, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (8,))
+    prior = Prior(model).double()
+    fit = fit_laplace(model, TensorLoader(x, y, 4), prior)
+    start = float(neg_log_marglik(fit, prior).detach())
+    end = optimise_prior(fit, prior, torch.optim.Adam(prior.parameters(), lr=0.1), steps=20)
+    assert math.isfinite(end) and end < start
+
+
+def test_non_finite_marglik_is_a_clear_error() -> None:
+    model = _tiny_mlp()
+    x, y = torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 1])
+    prior = Prior(model).double()
+    fit = fit_laplace(model, TensorLoader(x, y, 2), prior)
+    with torch.no_grad():
+        prior.log_precision.fill_(float("nan"))
+    with pytest.raises(MarglikError, match="not finite"):
+        optimise_prior(fit, prior, torch.optim.Adam(prior.parameters(), lr=0.1), steps=2)
+
+
+def test_prior_groups_are_paths() -> None:
+    model = build_model("ffc_conv", in_channels=3, n_classes=10, alpha=1, device="meta")
+    groups = prior_groups(model)
+    assert [g.name for g in groups[:2]] == ["blocks.0.fc", "blocks.0.conv"]
+    assert groups[0].kind == "F-FC" and groups[1].kind == "CONV"
+    assert len(groups[0].param_names) == 4  # U, b_U, V, b_V share one precision
+    assert [g.name for g in groups[-2:]] == ["head.0", "head.2"]
+    assert len(groups) == 8 * 2 + 2
+    assert len(prior_groups(model, per_tensor=True)) == 8 * 6 + 4  # the reference's 52 precisions
+
+
+def test_report_relative_values_and_layer_types() -> None:
+    """Hand-computed aggregation: normalised = N_eff / P per path, relative = share within the layer."""
+    model = build_model("fc_conv", in_channels=1, n_classes=2, alpha=1)
+    prior = Prior(model)
+    sizes = torch.tensor([p.numel() for p in model.parameters()], dtype=torch.float64)
+    n_eff = torch.zeros_like(sizes)
+    names = prior.param_names
+    n_eff[names.index("blocks.0.paths.fc.linear.weight")] = 0.001 * sizes[names.index("blocks.0.paths.fc.linear.weight")]
+    n_eff[names.index("blocks.0.paths.conv.conv.weight")] = 0.5 * sizes[names.index("blocks.0.paths.conv.conv.weight")]
+    n_eff[names.index("blocks.6.paths.fc.linear.weight")] = 0.2 * sizes[names.index("blocks.6.paths.fc.linear.weight")]
+    rows = {(r.layer, r.path): r for r in path_reports(prior, n_eff, sizes)}
+    fc0, conv0 = rows[("blocks.0", "fc")], rows[("blocks.0", "conv")]
+    assert fc0.n_params == 1024 * 1024 + 1024 and conv0.n_params == 9 + 1
+    norm_fc = 0.001 * 1024 * 1024 / fc0.n_params
+    norm_conv = 0.5 * 9 / 10
+    assert fc0.relative == pytest.approx(norm_fc / (norm_fc + norm_conv))
+    assert conv0.relative == pytest.approx(norm_conv / (norm_fc + norm_conv))
+    types = effective_layer_types(list(rows.values()))
+    assert types["blocks.0"] == "CONV" and types["blocks.6"] == "FC"

@@ -1,0 +1,139 @@
+"""Training runs end to end on tiny data in the real on-disk format: outputs, resume, and interruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ella.train import TrainConfig, Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_tiny_cifar(root: Path, n_train: int = 60, n_test: int = 20) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        root / "cifar10.npz",
+        x_train=rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+        y_train=(np.arange(n_train) % 10).astype(np.uint8),
+        x_test=rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+        y_test=(np.arange(n_test) % 10).astype(np.uint8),
+    )
+    return root
+
+
+def _tiny_config(data_dir: Path, **changes) -> TrainConfig:
+    config = TrainConfig(
+        layer="conv", dataset="cifar10", alpha=1, epochs=4, batch_size=16, laplace=True, burn_in=2,
+        marglik_every=1, hyper_steps=3, kfac_batch_size=25, n_train=40, n_valid=10, seed=3,
+        data_dir=str(data_dir), device="cpu",
+    )
+    return replace(config, **changes)
+
+
+def _without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _write_tiny_cifar(tmp_path / "data")
+    config = _tiny_config(data)
+    reference = train(config, tmp_path / "reference")
+
+    original = Trainer.train_epoch
+
+    def interrupt_in_epoch_3(self: Trainer) -> float:
+        if self.epoch == 2:
+            raise _Interrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupt_in_epoch_3)
+    with pytest.raises(_Interrupt):
+        train(config, tmp_path / "run")
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2]
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+
+    resumed = train(config, tmp_path / "run", resume=True)
+    assert resumed["test"] == reference["test"] and resumed["precisions"] == reference["precisions"]
+    ours = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
+    assert _without_timing(ours) == _without_timing(theirs)
+    assert [row["epoch"] for row in ours] == [1, 2, 3, 4]
+    assert "neg_log_marglik" in ours[1] and "neg_log_marglik" not in ours[0]  # burn-in of 2 epochs
+
+
+def test_run_writes_metrics_report_and_figure(tmp_path: Path) -> None:
+    data = _write_tiny_cifar(tmp_path / "data")
+    out = tmp_path / "run"
+    final = train(_tiny_config(data, epochs=2), out)
+    for name in ("config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "final.json",
+                 "effective_parameters.txt", "effective_parameters.json", "figures/relative_effective_parameters.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "effective_parameters.json").read_text())
+    assert len([r for r in report["paths"] if r["path"] is not None]) == 8
+    assert set(final["effective_layer_types"].values()) == {"CONV"}
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "train_loss", "valid_nll", "valid_acc", "test_nll", "test_acc", "neg_log_marglik"} <= set(header)
+
+
+def test_existing_run_needs_resume_and_the_same_config(tmp_path: Path) -> None:
+    data = _write_tiny_cifar(tmp_path / "data")
+    config = _tiny_config(data, epochs=1, laplace=False)
+    train(config, tmp_path / "run")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config, tmp_path / "run")
+    with pytest.raises(ValueError, match="different configuration"):
+        train(replace(config, lr=0.5), tmp_path / "run", resume=True)
+
+
+def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL the real command mid-run, re-run it with --resume, and it finishes without redoing epochs."""
+    data = _write_tiny_cifar(tmp_path / "data", n_train=200)
+    out = tmp_path / "run"
+    command = [
+        sys.executable, str(REPO / "experiments" / "cifar10.py"), "--layer", "conv", "--laplace", "--preset", "cpu",
+        "--alpha", "1", "--epochs", "24", "--n-train", "100", "--n-valid", "20", "--burn-in", "1",
+        "--marglik-every", "1", "--hyper-steps", "2", "--data-dir", str(data), "--device", "cpu", "--out", str(out),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(metrics.read_text().splitlines())
+    assert 2 <= done_before < 24
+
+    result = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert epochs == list(range(1, 25))
+    assert (out / "effective_parameters.txt").is_file()
+
+
+def test_help_lists_every_flag() -> None:
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / "cifar10.py"), "--help"],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0
+    for flag in ("--layer", "--laplace", "--preset", "--resume", "--device", "--data-dir", "--epochs"):
+        assert flag in result.stdout
