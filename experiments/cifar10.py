@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ella import distributed
 from ella.cli import add_training_arguments, config_from_args, default_out_dir, setup_logging
 from ella.models import LAYER_NAMES
 from ella.train import train
@@ -20,8 +21,12 @@ from ella.train import train
 PRESETS = {
     # The paper's setting (App. F.6 and the reference scripts): 4000 epochs, full training set.
     "paper": {"epochs": 4000, "burn_in": 10, "marglik_every": 5, "augment": True},
-    # Finishes in about 15 minutes on 2 CPU cores and shows the qualitative result.
-    "cpu": {"epochs": 30, "alpha": 4, "n_train": 5000, "n_valid": 1000, "burn_in": 5, "marglik_every": 5, "augment": True},
+    # A short budget on 5,000 images at width 4 for 2 CPU cores; Adam with a larger step trains this deep,
+    # normalisation-free network much faster than SGD at 0.01 over so few epochs.
+    "cpu": {
+        "epochs": 40, "alpha": 4, "n_train": 5000, "n_valid": 1000, "optimizer": "adam", "lr": 0.003,
+        "burn_in": 5, "marglik_every": 5, "augment": True,
+    },
 }
 
 
@@ -35,7 +40,7 @@ def main() -> None:
     out = args.out or default_out_dir("cifar10", config, args.preset)
     final = train(config, out, resume=args.resume)
     print(json.dumps({k: final[k] for k in ("test", "valid", "neg_log_marglik", "n_params")}, indent=2))
-    if "effective_layer_types" in final:
+    if "effective_layer_types" in final and distributed.is_main():  # other nodes may not share the file system
         print((out / "effective_parameters.txt").read_text())
     print(f"results in {out}")
 

@@ -21,7 +21,10 @@ from ella.cli import add_training_arguments, config_from_args, run_many, setup_l
 PRESETS = {
     # Paper: width 2 (the reduced multi-group width); MNIST 1000 epochs, CIFAR 4000 with augmentation.
     "paper": {"epochs": 1000, "burn_in": 10, "marglik_every": 5},
-    "cpu": {"epochs": 10, "n_train": 2000, "n_valid": 500, "burn_in": 4, "marglik_every": 3},
+    "cpu": {
+        "epochs": 10, "n_train": 2000, "n_valid": 500, "optimizer": "adam", "lr": 0.003, "burn_in": 4,
+        "marglik_every": 3,
+    },
 }
 DATASETS = ("mnist", "translated_mnist", "rotated_mnist", "cifar10", "rotated_cifar10")
 PAPER = {  # Table 3: Laplace test accuracy and relative N_eff of FC / CONV / GCONV (%, mean over layers)

@@ -24,7 +24,10 @@ PRESETS = {
     # Paper: 999 epochs, no augmentation, width 10.
     "paper": {"epochs": 999, "burn_in": 10, "marglik_every": 5, "augment": False},
     # About 15 minutes on 2 CPU cores for the six runs.
-    "cpu": {"epochs": 12, "alpha": 2, "n_train": 4000, "n_valid": 1000, "burn_in": 4, "marglik_every": 4, "augment": False},
+    "cpu": {
+        "epochs": 12, "alpha": 2, "n_train": 4000, "n_valid": 1000, "optimizer": "adam", "lr": 0.003,
+        "burn_in": 4, "marglik_every": 4, "augment": False,
+    },
 }
 # (layer, learned by the marginal likelihood?) — the paper's MAP baselines and the learned model.
 DEFAULT_RUNS = ("fc:map", "conv:map", "ffc_conv:laplace")
