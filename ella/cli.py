@@ -1,6 +1,8 @@
 """Command-line plumbing shared by the training experiments: flags, presets, output folders, logging.
 
-A preset fills the :class:`~ella.train.TrainConfig`; any flag given explicitly overrides it.
+A preset fills the :class:`~ella.train.TrainConfig`; any flag given explicitly overrides it. Every experiment
+also runs data-parallel under ``torchrun --nproc_per_node=N experiments/<name>.py ...`` (see
+:mod:`ella.distributed`); then only rank 0 prints and logs below warnings.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ import argparse
 import csv
 import json
 import logging
+import os
+import sys
 from dataclasses import fields
 from pathlib import Path
 
+from ella import distributed
 from ella.train import TrainConfig
 
 # flag name -> (type, help). Defaults are None so that "not given" can be told apart from a preset value.
@@ -74,7 +79,13 @@ def default_out_dir(experiment: str, config: TrainConfig, preset: str) -> Path:
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    """Log to stderr; in a multi-process launch, ranks other than 0 print nothing and log warnings only."""
+    rank = distributed.env_rank()
+    if rank == 0:
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+        return
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    sys.stdout = open(os.devnull, "w")  # the experiment's summary is printed once, by rank 0
 
 
 def run_many(runs: dict[str, TrainConfig], root: Path, resume: bool) -> dict[str, dict]:
@@ -85,16 +96,28 @@ def run_many(runs: dict[str, TrainConfig], root: Path, resume: bool) -> dict[str
     for name, config in runs.items():
         out = root / name
         final_path = out / "final.json"
-        if resume and final_path.exists():
-            results[name] = json.loads(final_path.read_text())
+        distributed.setup(config.device)  # so that rank 0 alone decides what is finished
+        if resume and distributed.on_main(final_path.exists):
+            results[name] = distributed.on_main(lambda: json.loads(final_path.read_text()))
             continue
-        logging.getLogger(__name__).warning("run %s -> %s", name, out)
+        if distributed.is_main():
+            logging.getLogger(__name__).warning("run %s -> %s", name, out)
         results[name] = train(config, out, resume=resume)
     return results
 
 
 def write_table(rows: list[dict], root: Path, stem: str = "summary") -> str:
-    """Write ``rows`` as ``<stem>.json`` and ``<stem>.csv`` into ``root``; return a Markdown table of them."""
+    """Write ``rows`` as ``<stem>.json`` and ``<stem>.csv`` into ``root`` (rank 0 only); return a Markdown table."""
+    if distributed.is_main():
+        _write_rows(rows, root, stem)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _write_rows(rows: list[dict], root: Path, stem: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     (root / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -102,10 +125,6 @@ def write_table(rows: list[dict], root: Path, stem: str = "summary") -> str:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines)
 
 
 def _cell(value: object) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ella.distributed import all_reduce_curvature
 from ella.priors import Prior
 from kfac import CurvatureError, KronDecomposition, fit_kfac
 
@@ -49,10 +50,18 @@ def fit_laplace(
     prior: Prior,
     likelihood: str = "classification",
     curvature: str = "ggn",
+    sharded: bool = False,
     **kfac_options,
 ) -> LaplaceFit:
-    """Fit KFAC over ``loader`` (unaugmented data) at the current parameters and eigendecompose it once."""
+    """Fit KFAC over ``loader`` (unaugmented data) at the current parameters and eigendecompose it once.
+
+    With ``sharded``, ``loader`` holds this process's shard of the data and the curvature (factors, loss,
+    ``n_data``) is summed over all processes before the eigendecomposition, so every process gets the fit of
+    the whole data set (see :mod:`ella.distributed`).
+    """
     kron = fit_kfac(model, loader, likelihood=likelihood, curvature=curvature, **kfac_options)
+    if sharded:
+        kron = all_reduce_curvature(kron)
     try:
         decomposition = kron.decompose()
     except CurvatureError as error:

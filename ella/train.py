@@ -10,6 +10,13 @@ at most the epoch in progress and ``resume=True`` continues from the last one.
 Outputs in ``out_dir``: ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch),
 ``checkpoint.pt``, and after training ``final.json`` and (for Laplace or when asked) the effective-parameter
 report ``effective_parameters.{txt,json}`` and ``figures/relative_effective_parameters.png``.
+
+Data parallel (launched with ``torchrun --nproc_per_node=N``, see :mod:`ella.distributed`): parameter updates
+go through ``DistributedDataParallel`` with ``batch_size`` samples per process per step (the torch convention:
+the global batch is ``N * batch_size``); KFAC runs on each process's shard of the training data and is summed
+over processes before the eigendecomposition, so the marginal likelihood and the precisions equal the
+single-process ones. Rank 0 alone evaluates, logs and writes the files above; ``resume`` loads rank 0's
+checkpoint on every rank.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ella import distributed
 from ella.data import DataBundle, TensorLoader, load_dataset
 from ella.marglik import LaplaceFit, effective_parameters, fit_laplace, optimise_prior
 from ella.models import build_model
@@ -122,10 +130,9 @@ class Trainer:
         config.check()
         self.config = config
         self.out_dir = out_dir
-        self.device = torch.device(config.device)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        self.device = distributed.setup(config.device)
         self.checkpoint_path = out_dir / "checkpoint.pt"
-        self._check_config_file(resume)
+        distributed.on_main(lambda: self._check_config_file(resume))
 
         torch.manual_seed(config.seed)
         self.data: DataBundle = load_dataset(
@@ -141,11 +148,17 @@ class Trainer:
         )
         self.model = build_model(config.layer, self.data.in_channels, self.data.n_classes, config.alpha).to(self.device)
         self.prior = Prior(self.model, per_tensor=config.per_tensor_prior, init_precision=config.prior_init)
+        self.ddp_model = distributed.wrap_model(self.model, self.device)  # training forward only
         self.n_train = len(self.data.train[1])
+        rank, world = distributed.rank(), distributed.world_size()
+        if self.n_train < world:
+            raise ValueError(f"{self.n_train} training images cannot be shared among {world} processes")
         generator = torch.Generator(device="cpu").manual_seed(config.seed)
         augment = self.data.augment if config.augment else None
-        self.train_loader = TensorLoader(*self.data.train, config.batch_size, shuffle=True, augment=augment, generator=generator)
-        self.marglik_loader = TensorLoader(*self.data.train, config.kfac_batch_size)
+        self.train_loader = TensorLoader(*self.data.train, config.batch_size, shuffle=True, augment=augment,
+                                         generator=generator, rank=rank, world_size=world)
+        self.marglik_loader = TensorLoader(*self.data.train, config.kfac_batch_size, rank=rank, world_size=world,
+                                           pad_shards=False)
         self.optimizer = self._make_optimizer()
         total_steps = config.epochs * len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps, eta_min=config.lr_min)
@@ -153,10 +166,11 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch = 0
         self.last_marglik: float | None = None
-        if resume and self.checkpoint_path.exists():
+        if resume and distributed.on_main(self.checkpoint_path.exists):
             self._load_checkpoint()
 
     def _check_config_file(self, resume: bool) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "config.json"
         current = asdict(self.config)
         if resume and path.exists():
@@ -188,7 +202,7 @@ class Trainer:
         }
 
     def _load_checkpoint(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        state = distributed.on_main(lambda: torch.load(self.checkpoint_path, map_location="cpu", weights_only=False))
         self.model.load_state_dict(state["model"])
         self.prior.load_state_dict(state["prior"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -205,9 +219,9 @@ class Trainer:
         """One pass of parameter updates; returns the mean training cross-entropy."""
         self.model.train()
         total, count = 0.0, 0
-        for xb, yb in tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}", leave=False, disable=None):
+        for xb, yb in tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}", leave=False, disable=_no_bar()):
             self.optimizer.zero_grad(set_to_none=True)
-            ce = F.cross_entropy(self.model(xb), yb)
+            ce = F.cross_entropy(self.ddp_model(xb), yb)
             loss = ce + self.prior.penalty(self.model) / self.n_train
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {float(loss)} in epoch {self.epoch + 1}")
@@ -216,11 +230,13 @@ class Trainer:
             self.scheduler.step()
             total += ce.item() * len(yb)
             count += len(yb)
+        total, count = distributed.all_reduce_sum(total, count)
         return total / count
 
     def laplace_fit(self) -> LaplaceFit:
         """KFAC-Laplace at the current parameters on the unaugmented training data."""
-        return fit_laplace(self.model, self.marglik_loader, self.prior, curvature=self.config.curvature)
+        return fit_laplace(self.model, self.marglik_loader, self.prior, curvature=self.config.curvature,
+                           sharded=distributed.is_distributed())
 
     def hyper_round(self) -> float:
         fit = self.laplace_fit()
@@ -234,29 +250,38 @@ class Trainer:
     def run(self) -> dict:
         """Train from the current epoch to ``config.epochs``; then evaluate and report."""
         c = self.config
-        for epoch in tqdm(range(self.epoch + 1, c.epochs + 1), desc=f"{c.layer} on {c.dataset}", initial=self.epoch, total=c.epochs, disable=None):
+        for epoch in tqdm(range(self.epoch + 1, c.epochs + 1), desc=f"{c.layer} on {c.dataset}", initial=self.epoch, total=c.epochs, disable=_no_bar()):
             start = time.perf_counter()
             train_loss = self.train_epoch()
             row: dict = {"epoch": epoch, "train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0]}
             if self.is_marglik_epoch(epoch):
                 row["neg_log_marglik"] = self.hyper_round()
-            row.update({f"valid_{k}": v for k, v in evaluate(self.model, *self.data.valid).items()})
-            row.update({f"test_{k}": v for k, v in evaluate(self.model, *self.data.test).items()})
-            row["precisions"] = self.prior.as_dict()
-            row["seconds"] = time.perf_counter() - start
-            self.history.append(row)
             self.epoch = epoch
-            _atomic_save(self._state(), self.checkpoint_path)
-            write_metrics(self.history, self.out_dir)
-            log.info(
-                "epoch %d: train %.4f valid nll %.4f acc %.2f test acc %.2f%s",
-                epoch, train_loss, row["valid_nll"], row["valid_acc"], row["test_acc"],
-                f" -log p(D)/N {row['neg_log_marglik']:.4f}" if "neg_log_marglik" in row else "",
-            )
+            if distributed.is_main():
+                self._record(row, start)
         return self.finish()
+
+    def _record(self, row: dict, start: float) -> None:
+        """Evaluate, then append ``row`` to the history, checkpoint and rewrite the metrics (rank 0 only)."""
+        row.update({f"valid_{k}": v for k, v in evaluate(self.model, *self.data.valid).items()})
+        row.update({f"test_{k}": v for k, v in evaluate(self.model, *self.data.test).items()})
+        row["precisions"] = self.prior.as_dict()
+        row["seconds"] = time.perf_counter() - start
+        self.history.append(row)
+        _atomic_save(self._state(), self.checkpoint_path)
+        write_metrics(self.history, self.out_dir)
+        log.info(
+            "epoch %d: train %.4f valid nll %.4f acc %.2f test acc %.2f%s",
+            row["epoch"], row["train_loss"], row["valid_nll"], row["valid_acc"], row["test_acc"],
+            f" -log p(D)/N {row['neg_log_marglik']:.4f}" if "neg_log_marglik" in row else "",
+        )
 
     def finish(self) -> dict:
         """Final metrics, and the effective-parameter report for Laplace runs (or when ``report``)."""
+        fit = self.laplace_fit() if self.config.laplace or self.config.report else None  # on every rank
+        return distributed.on_main(lambda: self._write_final(fit))
+
+    def _write_final(self, fit: LaplaceFit | None) -> dict:
         final = {
             "config": asdict(self.config),
             "epochs": self.epoch,
@@ -266,14 +291,18 @@ class Trainer:
             "neg_log_marglik": self.last_marglik,
             "precisions": self.prior.as_dict(),
         }
-        if self.config.laplace or self.config.report:
-            fit = self.laplace_fit()
+        if fit is not None:
             rows = path_reports(self.prior, effective_parameters(fit, self.prior), fit.n_params)
             write_report(rows, self.out_dir)
             plot_relative(rows, self.out_dir / "figures" / "relative_effective_parameters.png", title=self.config.layer)
             final["effective_layer_types"] = effective_layer_types(rows)
         _atomic_write(json.dumps(final, indent=2), self.out_dir / "final.json")
         return final
+
+
+def _no_bar() -> bool | None:
+    """tqdm's ``disable``: bars only on rank 0 (and, as tqdm decides, only on a terminal)."""
+    return None if distributed.is_main() else True
 
 
 def train(config: TrainConfig, out_dir: Path, resume: bool = False) -> dict:

@@ -1,0 +1,207 @@
+"""Data-parallel plumbing on ``torch.distributed``, for runs launched with ``torchrun``.
+
+A process is *distributed* when torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``) announces more than one process; :func:`setup` then joins the process group
+(NCCL for CUDA devices, gloo for CPU) once per process and destroys it at exit. Without those variables, or
+with ``WORLD_SIZE=1``, every helper here is a no-op and code runs exactly as a plain single process.
+
+Conventions used by :mod:`ella.train`: rank 0 (:func:`is_main`) alone evaluates, logs and writes files;
+decisions that depend on files (does a checkpoint exist? is the configuration unchanged?) are taken by rank 0
+and broadcast with :func:`on_main`, so every rank takes the same branch (or raises the same error).
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import logging
+import os
+import pickle
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kfac import KronCurvature
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_BUCKET_NUMEL = 1 << 24  # elements per all-reduce of concatenated curvature factors (bounds extra memory)
+# newer torch renames DDP's ``broadcast_buffers`` (deprecated) to ``forward_sync_buffers``
+_BUFFER_SYNC_FLAG = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else "broadcast_buffers"
+)
+
+
+def env_world_size() -> int:
+    """Number of processes announced by the launcher (``WORLD_SIZE``; 1 without one); usable before setup."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    """This process's global rank announced by the launcher (``RANK``; 0 without one); usable before setup."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup(device: str | torch.device) -> torch.device:
+    """Join the process group described by torchrun's variables (once) and return this process's device.
+
+    CUDA devices become ``cuda:$LOCAL_RANK`` (one GPU per process) with the NCCL backend; anything else uses
+    gloo. Without a multi-process launcher the device is returned unchanged and nothing is initialised.
+    """
+    device = torch.device(device)
+    if env_world_size() == 1:
+        return device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.index is not None and device.index != local:
+            log.warning("device %s replaced by cuda:%d (LOCAL_RANK) in a distributed run", device, local)
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+        atexit.register(cleanup)
+        log.info("rank %d of %d joined the %s process group", rank(), world_size(), dist.get_backend())
+    return device
+
+
+def cleanup() -> None:
+    """Leave and destroy the process group (safe to call when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    """True on the process that logs and writes files (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every process gets here (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(model)`` in a distributed run, else ``model`` itself.
+
+    Use the wrapper only for the training forward pass; KFAC, evaluation and ``state_dict`` use ``model``.
+    Buffers are not re-broadcast every step (ella's models have no running statistics; their fixed bases are
+    identical on all ranks, and DDP copies rank 0's parameters and buffers once when wrapping).
+    """
+    if not is_distributed():
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    no_buffer_sync = {_BUFFER_SYNC_FLAG: False}
+    return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
+
+
+def all_reduce_sum(*values: float) -> tuple[float, ...]:
+    """Sum plain numbers over all processes (float64); returns them unchanged in a single process."""
+    if not is_distributed():
+        return values
+    totals = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(totals)
+    return tuple(totals.tolist())
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_numel: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of ``tensors`` of one dtype and device, each of at most ``bucket_numel`` elements
+    (or a single larger tensor)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for tensor in tensors:
+        key = (tensor.dtype, tensor.device)
+        if not buckets or (buckets[-1][0].dtype, buckets[-1][0].device) != key or size + tensor.numel() > bucket_numel:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(tensor)
+        size += tensor.numel()
+    return buckets
+
+
+def _all_reduce_tensors(tensors: list[torch.Tensor], bucket_numel: int = _BUCKET_NUMEL) -> None:
+    """Sum every tensor over all processes in place, concatenated into a few buckets."""
+    for bucket in _buckets(tensors, bucket_numel):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat)
+        for tensor, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+            tensor.copy_(part.view_as(tensor))
+
+
+def all_reduce_curvature(curvature: KronCurvature) -> KronCurvature:
+    """Sum a :class:`~kfac.KronCurvature` fitted on this process's shard over all processes, in place.
+
+    Every factor (``out_factors``, ``in_factors``: raw sums over the data), the summed ``loss`` and ``n_data``
+    are summed, so the result equals the curvature of the union of the shards. Every rank must hold the same
+    blocks (same model). Returns ``curvature``; a no-op in a single process.
+    """
+    if not is_distributed():
+        return curvature
+    factors = [f for block in curvature.blocks.values() for f in (block.out_factors, block.in_factors) if f is not None]
+    if factors:
+        _all_reduce_tensors(factors)
+    loss, n_data = all_reduce_sum(float(curvature.loss), float(curvature.n_data))
+    if isinstance(curvature.loss, torch.Tensor):
+        curvature.loss = torch.tensor(loss, dtype=curvature.loss.dtype, device=curvature.loss.device)
+    else:
+        curvature.loss = loss
+    curvature.n_data = int(round(n_data))
+    return curvature
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Call ``fn`` on rank 0 only and return its result on every rank (collective in a distributed run).
+
+    An exception raised by ``fn`` is raised on every rank, so all of them fail alike instead of hanging.
+    The result must be picklable; in a single process this is just ``fn()``.
+    """
+    if not is_distributed():
+        return fn()
+    payload: list = [None]
+    if is_main():
+        try:
+            payload[0] = (True, fn())
+        except Exception as error:  # re-raised below on every rank
+            payload[0] = (False, _picklable(error))
+    dist.broadcast_object_list(payload, src=0)
+    ok, value = payload[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _picklable(error: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # an exception whose class cannot be sent: send its text
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
