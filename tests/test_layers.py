@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ella.layers import (
     FC,
@@ -425,3 +426,15 @@ def test_relaxed_layer_validation():
         RelaxedLayer({}, downsample=False)
     with pytest.raises(ValueError, match="even"):
         RelaxedLayer({"conv": Conv(2, 3)}, downsample=True)(torch.randn(1, 2, 7, 8))
+
+
+@pytest.mark.parametrize("size", [(2, 2), (3, 5), (6, 4)])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_circular_pad_gradient_is_the_exact_adjoint(size: tuple[int, int], kernel_size: int) -> None:
+    """The hand-written backward of circular padding against autograd's numerical Jacobian."""
+    from ella.layers.conv import circular_pad
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(circular_pad(x, kernel_size), F.pad(x, (kernel_size // 2,) * 4, mode="circular"))
+    assert torch.autograd.gradcheck(lambda t: circular_pad(t, kernel_size), (x,))

@@ -15,14 +15,20 @@ from torch import nn
 CRITERIA = ("l2", "linf", "batch_signed_max")
 
 
-def polyphase_components(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W) -> (B, 4, C, H/2, W/2)``; component ``2*a + b`` is ``x[:, :, a::2, b::2]``."""
+def _phase_view(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, C, H/2, 2, W/2, 2)``: row offset ``a`` at dim 3, column offset ``b`` at dim 5."""
     if x.dim() != 4:
         raise ValueError(f"polyphase downsampling expects (B, C, H, W), got {tuple(x.shape)}")
-    height, width = x.shape[-2:]
+    batch, channels, height, width = x.shape
     if height % 2 or width % 2:
         raise ValueError(f"polyphase downsampling needs even H and W, got H={height}, W={width}")
-    return torch.stack([x[:, :, a::2, b::2] for a in (0, 1) for b in (0, 1)], dim=1)
+    return x.reshape(batch, channels, height // 2, 2, width // 2, 2)
+
+
+def polyphase_components(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, 4, C, H/2, W/2)``; component ``2*a + b`` is ``x[:, :, a::2, b::2]``."""
+    view = _phase_view(x)
+    return view.permute(0, 3, 5, 1, 2, 4).reshape(x.shape[0], 4, *view.shape[1:3], view.shape[4])
 
 
 def component_scores(components: torch.Tensor, criterion: str) -> torch.Tensor:
@@ -43,9 +49,10 @@ def component_scores(components: torch.Tensor, criterion: str) -> torch.Tensor:
 
 def polyphase_select(x: torch.Tensor, criterion: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
     """Downsample ``(B, C, H, W) -> (B, C, H/2, W/2)``; also return the chosen component index ``(B,)``."""
-    components = polyphase_components(x)
-    index = torch.argmax(component_scores(components.detach(), criterion), dim=1)  # first max on ties
-    chosen = components[torch.arange(x.shape[0], device=x.device), index]
+    with torch.no_grad():
+        index = torch.argmax(component_scores(polyphase_components(x), criterion), dim=1)  # first max on ties
+    # Index the strided view directly: the backward is one scatter, not a stack of four components.
+    chosen = _phase_view(x)[torch.arange(x.shape[0], device=x.device), :, :, index // 2, :, index % 2]
     return chosen, index
 
 
