@@ -1,0 +1,124 @@
+"""Eigendecomposed Kronecker curvature: log-determinants and effective parameter counts.
+
+For a block with factor eigenvalues ``beta (K_out, o)`` and ``alpha (K, i)`` (``alpha`` already divided by
+``n_data``; ``K_out`` is 1 or ``K``) the block's GGN eigenvalues are ``lambda[k, j, i] = beta[k, j] alpha[k, i]``
+(``beta`` broadcast over ``k`` when shared); one-factor (bias) blocks have ``lambda = beta``. Negative
+eigenvalues (round-off) are clamped to 0. With a per-block prior precision ``delta_l``:
+
+- ``logdet(delta)[l] = sum log(lambda + delta_l)`` (log-determinant of GGN block + ``delta_l I``),
+- ``effective_params(delta)[l] = sum lambda / (lambda + delta_l)`` (MacKay).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from kfac.curvature import KronCurvature
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 22  # eigenvalue products evaluated per step (bounds memory for very large blocks)
+
+
+class CurvatureError(RuntimeError):
+    """A curvature factor could not be eigendecomposed (the message names the block)."""
+
+
+def _eigh(matrix: torch.Tensor, what: str, jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric eigendecomposition of ``(..., n, n)``; on failure retry in float64 with a tiny jitter."""
+    if not torch.isfinite(matrix).all():
+        raise CurvatureError(f"{what}: factor has non-finite entries")
+    sym = 0.5 * (matrix + matrix.transpose(-1, -2))
+    try:
+        return torch.linalg.eigh(sym)
+    except (torch.linalg.LinAlgError, RuntimeError) as first:
+        logger.warning("eigh failed for %s (%s); retrying in float64 with jitter", what, first)
+        wide = sym.double()
+        n = wide.shape[-1]
+        scale = wide.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1.0)
+        eye = torch.eye(n, dtype=wide.dtype, device=wide.device)
+        try:
+            vals, vecs = torch.linalg.eigh(wide + jitter * scale[..., None, None] * eye)
+        except (torch.linalg.LinAlgError, RuntimeError) as second:
+            raise CurvatureError(f"{what}: eigendecomposition failed twice ({second})") from second
+        return vals.to(matrix.dtype), vecs.to(matrix.dtype)
+
+
+@dataclass
+class BlockEigen:
+    """Eigen-pairs of one block: ``out_vals (K_out, o)``, ``out_vecs (K_out, o, o)``, ``in_* (K, i[, i])``."""
+
+    out_vals: torch.Tensor
+    out_vecs: torch.Tensor
+    in_vals: torch.Tensor | None
+    in_vecs: torch.Tensor | None
+    num_params: int
+
+    def eigenvalue_chunks(self):
+        """Yield the block's GGN eigenvalues (clamped at 0) in flat chunks."""
+        beta = self.out_vals.clamp_min(0.0)
+        if self.in_vals is None:
+            yield beta.reshape(-1)
+            return
+        alpha = self.in_vals.clamp_min(0.0)
+        beta = beta.expand(alpha.shape[0], beta.shape[1])
+        rows = max(1, _CHUNK // max(1, alpha.shape[1]))
+        for k in range(alpha.shape[0]):
+            for start in range(0, beta.shape[1], rows):
+                yield (beta[k, start : start + rows, None] * alpha[k, None, :]).reshape(-1)
+
+
+class KronDecomposition:
+    """Eigendecomposition of every factor of a :class:`~kfac.curvature.KronCurvature` (done once)."""
+
+    def __init__(self, names: list[str], eigen: list[BlockEigen], n_data: int, loss) -> None:
+        self.block_names = list(names)
+        self.eigen = list(eigen)
+        self.n_data = n_data
+        self.loss = loss
+
+    @classmethod
+    def from_curvature(cls, curvature: KronCurvature, jitter: float = 1e-10) -> KronDecomposition:
+        eigen = []
+        for name in curvature.block_names:
+            b, a = curvature.scaled_factors(name)
+            out_vals, out_vecs = _eigh(b, f"block {name} (output-side factor)", jitter)
+            in_vals = in_vecs = None
+            if a is not None:
+                in_vals, in_vecs = _eigh(a, f"block {name} (input-side factor)", jitter)
+            eigen.append(BlockEigen(out_vals, out_vecs, in_vals, in_vecs, curvature.blocks[name].num_params()))
+        return cls(curvature.block_names, eigen, curvature.n_data, curvature.loss)
+
+    def num_params(self) -> list[int]:
+        """Parameter count of every block (in ``block_names`` order)."""
+        return [e.num_params for e in self.eigen]
+
+    def _check_delta(self, delta: torch.Tensor) -> torch.Tensor:
+        delta = torch.as_tensor(delta)
+        if delta.dim() == 0:
+            delta = delta.expand(len(self.eigen))
+        if delta.shape != (len(self.eigen),):
+            raise ValueError(f"delta must have one entry per block ({len(self.eigen)}), got {tuple(delta.shape)}")
+        return delta
+
+    def _reduce(self, delta: torch.Tensor, fn) -> torch.Tensor:
+        delta = self._check_delta(delta)
+        out = []
+        for l, e in enumerate(self.eigen):
+            d = delta[l]
+            total = sum(fn(lam.to(d.dtype), d).sum() for lam in e.eigenvalue_chunks())
+            out.append(total)
+        return torch.stack(out)
+
+    def logdet(self, delta: torch.Tensor) -> torch.Tensor:
+        """Per-block ``log det(GGN_l + delta_l I)``, ``(n_blocks,)``, differentiable in ``delta``."""
+        return self._reduce(delta, lambda lam, d: torch.log(lam + d))
+
+    def effective_params(self, delta: torch.Tensor) -> torch.Tensor:
+        """Per-block MacKay effective parameter count ``sum lambda / (lambda + delta_l)``, ``(n_blocks,)``."""
+        return self._reduce(delta, lambda lam, d: lam / (lam + d))

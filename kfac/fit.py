@@ -1,0 +1,95 @@
+"""KFAC over one batch (``kfac_batch``) and over a loader (``fit_kfac``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from kfac.capture import Recorder, output_gradients
+from kfac.curvature import KronBlock, KronCurvature
+from kfac.rules import RuleOptions, curvature_modules
+from kfac.sqrt_hessian import hessian_sqrt, summed_loss
+
+
+def _cast(block: KronBlock, dtype: torch.dtype | None) -> KronBlock:
+    if dtype is None:
+        return block
+    in_factors = None if block.in_factors is None else block.in_factors.to(dtype)
+    return KronBlock(block.name, block.param_shape, block.layout, block.out_factors.to(dtype), in_factors)
+
+
+def kfac_batch(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    likelihood: str = "classification",
+    curvature: str = "ggn",
+    *,
+    mc_samples: int = 1,
+    grouped_mode: str = "per_group",
+    rotation_mode: str = "expand",
+    position_norm: str = "used",
+    rank_reduced: bool = True,
+    generator: torch.Generator | None = None,
+    backward: str = "batched",
+    factor_dtype: torch.dtype | None = None,
+) -> KronCurvature:
+    """KFAC curvature of one batch ``x (B, ...)``, ``y (B,)`` or ``(B, K)``; ``model(x)`` must be ``(B, K)``.
+
+    One forward pass with recording hooks, one batched backward of the loss-Hessian square roots to all
+    recorded layer outputs (see :mod:`kfac.capture`, :mod:`kfac.sqrt_hessian`), then the per-module rules
+    (:mod:`kfac.rules`). Blocks are returned for every trainable parameter in ``model.named_parameters()``
+    order; an unsupported module owning trainable parameters raises ``NotImplementedError``.
+    ``factor_dtype`` casts the batch's factors (e.g. ``torch.float64`` to accumulate float32 models safely).
+    """
+    options = RuleOptions(grouped_mode, rotation_mode, position_norm)
+    modules = curvature_modules(model)
+    with torch.enable_grad(), Recorder({name: module for name, (module, _) in modules.items()}) as recorder:
+        logits = model(x)
+    records = list(recorder.records.values())
+    with torch.no_grad():
+        loss = summed_loss(logits.detach(), y, likelihood)
+    seeds = hessian_sqrt(logits, y, likelihood, curvature, mc_samples, rank_reduced, generator)
+    with torch.enable_grad():
+        grads = output_gradients(logits, records, seeds, backward)
+    found: dict[str, KronBlock] = {}
+    with torch.no_grad():
+        for record, grad in zip(records, grads):
+            prefix = f"{record.name}." if record.name else ""
+            rule = modules[record.name][1]
+            found.update(rule(prefix, record.module, record.input, grad, options))
+    order = [name for name, p in model.named_parameters() if p.requires_grad]
+    blocks = {name: _cast(found[name], factor_dtype) for name in order}
+    return KronCurvature(blocks, x.shape[0], loss)
+
+
+def _batches(loader: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError("the loader must yield (inputs, targets) pairs")
+        yield batch[0], batch[1]
+
+
+def fit_kfac(
+    model: nn.Module,
+    loader: Iterable,
+    likelihood: str = "classification",
+    curvature: str = "ggn",
+    **options,
+) -> KronCurvature:
+    """KFAC curvature of ``model`` summed over all ``(x, y)`` batches of ``loader`` (factors add).
+
+    ``options`` are the keyword options of :func:`kfac_batch`. Inputs are moved to the device of the model's
+    first parameter; the model's train/eval mode is left unchanged. The result records ``n_data`` (number of
+    samples seen) and the summed loss at the current parameters.
+    """
+    device = next(model.parameters()).device
+    total: KronCurvature | None = None
+    for x, y in _batches(loader):
+        part = kfac_batch(model, x.to(device), y.to(device), likelihood, curvature, **options)
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("fit_kfac: the loader yielded no batches")
+    return total

@@ -1,0 +1,430 @@
+"""KFAC factors against exact GGN blocks (torch.func) where KFAC is exact, plus structural identities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfac.decomposition import CurvatureError
+from kfac.fit import fit_kfac, kfac_batch
+from ella.layers.conv import Conv
+from ella.layers.factored import FactoredFC
+from ella.layers.group import GroupConv, LiftingConv, lift
+from ella.layers.sparse import SparseConv, SparseFC
+from kfac.sqrt_hessian import hessian_sqrt
+from kfac_utils import exact_ggn_blocks, loss_hessians, rel_err
+
+DT = torch.float64
+TOL = 1e-8
+
+
+class SiteReadout(nn.Module):
+    """``(B, C_total, H, W)`` -> channels ``[start, start + C)`` at one site -> ``Linear(C, K)``."""
+
+    def __init__(self, channels: int, site: tuple[int, int], n_out: int = 4, start: int = 0) -> None:
+        super().__init__()
+        self.channels, self.site, self.start = channels, site, start
+        self.head = nn.Linear(channels, n_out, dtype=DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i, j = self.site
+        return self.head(torch.tanh(x[:, self.start : self.start + self.channels, i, j]))
+
+
+class RotationSumReadout(nn.Module):
+    """Sum the 4 rotation slices at one site (output gradient identical for every rotation) -> Linear."""
+
+    def __init__(self, channels: int, site: tuple[int, int], n_out: int = 3) -> None:
+        super().__init__()
+        self.channels, self.site = channels, site
+        self.head = nn.Linear(channels, n_out, dtype=DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i, j = self.site
+        summed = x[:, :, i, j].reshape(x.shape[0], 4, self.channels).sum(1)
+        return self.head(summed)
+
+
+class FlattenHead(nn.Module):
+    def __init__(self, n_in: int, n_out: int = 3) -> None:
+        super().__init__()
+        self.head = nn.Linear(n_in, n_out, dtype=DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(x.flatten(1)))
+
+
+def _check_all_blocks(model, x, y, likelihood="classification", names=None, **options):
+    curv = kfac_batch(model, x, y, likelihood, **options)
+    exact = exact_ggn_blocks(model, x, likelihood)
+    for name in names or curv.block_names:
+        assert rel_err(curv.dense(name), exact[name]) < TOL, name
+    return curv, exact
+
+
+def _labels(n: int, k: int) -> torch.Tensor:
+    return torch.arange(n) % k
+
+
+# ------------------------------------------------------------------------------------ dense layers
+
+
+def test_linear_single_sample_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    _check_all_blocks(model, torch.randn(1, 4, dtype=DT), _labels(1, 3))
+
+
+def test_deep_linear_network_with_mse_is_exact_for_many_samples():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(3, 2)).to(DT)
+    x, y = torch.randn(7, 4, dtype=DT), torch.randn(7, 2, dtype=DT)
+    _check_all_blocks(model, x, y, "regression")
+
+
+def test_linear_with_position_axis_bias_exact_and_weight_expand():
+    torch.manual_seed(2)
+    lin = nn.Linear(3, 4, dtype=DT)
+    model = nn.Sequential(lin, nn.Flatten(), nn.Tanh(), nn.Linear(4 * 5, 3, dtype=DT))
+    x = torch.randn(6, 5, 3, dtype=DT)
+    curv = kfac_batch(model, x, _labels(6, 3))
+    exact = exact_ggn_blocks(model, x)
+    assert rel_err(curv.dense("0.bias"), exact["0.bias"]) < TOL
+    _, a = curv.scaled_factors("0.weight")
+    expected_a = torch.einsum("npi,npj->ij", x, x) / 5 / 6  # per-sample mean over positions, / n_data
+    assert rel_err(a[0], expected_a) < 1e-12
+
+
+# ------------------------------------------------------------------------------------ convolutions
+
+
+def test_ella_conv_single_used_site_is_exact():
+    torch.manual_seed(3)
+    model = nn.Sequential(Conv(2, 3).to(DT), SiteReadout(3, (0, 3)))
+    _check_all_blocks(model, torch.randn(1, 2, 5, 5, dtype=DT), _labels(1, 4))
+
+
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [
+        dict(stride=2, padding=1),
+        dict(stride=1, padding=2, dilation=2),
+        dict(stride=1, padding=1, padding_mode="circular"),
+    ],
+)
+def test_stock_conv2d_single_used_site_is_exact(conv_kwargs):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, dtype=DT, **conv_kwargs), SiteReadout(3, (1, 2)))
+    _check_all_blocks(model, torch.randn(1, 2, 6, 6, dtype=DT), _labels(1, 4))
+
+
+def _circular_patches_by_roll(x: torch.Tensor) -> torch.Tensor:
+    """Independent im2col for a 3x3 circular conv: ``(B, C*9, H*W)`` from rolled copies."""
+    rows = [torch.roll(x, shifts=(1 - u, 1 - v), dims=(2, 3)) for u in range(3) for v in range(3)]
+    stacked = torch.stack(rows, dim=2)  # (B, C, 9, H, W)
+    return stacked.reshape(x.shape[0], -1, x.shape[2] * x.shape[3])
+
+
+def test_ella_conv_many_samples_bias_exact_and_input_factor_matches_rolled_patches():
+    torch.manual_seed(5)
+    model = nn.Sequential(Conv(2, 3).to(DT), FlattenHead(3 * 16))
+    x = torch.randn(4, 2, 4, 4, dtype=DT)
+    curv, exact = _check_all_blocks(model, x, _labels(4, 3), names=["0.conv.bias", "1.head.bias"])
+    patches = _circular_patches_by_roll(x)
+    expected = torch.einsum("bip,bjp->ij", patches, patches) / 16 / 4
+    assert rel_err(curv.scaled_factors("0.conv.weight")[1][0], expected) < 1e-12
+
+
+def test_used_positions_skip_subsampled_sites():
+    """Sites dropped downstream (stride-2 selection) are excluded from A under ``position_norm='used'``."""
+    torch.manual_seed(6)
+
+    class Subsample(nn.Module):
+        def forward(self, x):
+            return x[:, :, ::2, ::2]
+
+    model = nn.Sequential(Conv(2, 3).to(DT), Subsample(), FlattenHead(3 * 4))
+    x = torch.randn(3, 2, 4, 4, dtype=DT)
+    patches = _circular_patches_by_roll(x).reshape(3, 18, 4, 4)
+    kept = patches[:, :, ::2, ::2].reshape(3, 18, 4)
+    used = kfac_batch(model, x, _labels(3, 3)).scaled_factors("0.conv.weight")[1][0]
+    assert rel_err(used, torch.einsum("bip,bjp->ij", kept, kept) / 4 / 3) < 1e-12
+    all_sites = kfac_batch(model, x, _labels(3, 3), position_norm="all").scaled_factors("0.conv.weight")[1][0]
+    flat = patches.reshape(3, 18, 16)
+    assert rel_err(all_sites, torch.einsum("bip,bjp->ij", flat, flat) / 16 / 3) < 1e-12
+    exact = exact_ggn_blocks(model, x)
+    assert rel_err(kfac_batch(model, x, _labels(3, 3)).dense("0.conv.bias"), exact["0.conv.bias"]) < TOL
+
+
+# ------------------------------------------------------------------------------------ grouped / factored
+
+
+def _group_block(dense: torch.Tensor, shape: torch.Size, g: int) -> torch.Tensor:
+    """Rows/cols of ``weight[:, g, :]`` (weight ``(O, G, I)``) in a dense ``(P, P)`` matrix."""
+    o, groups, i = shape
+    idx = torch.arange(o * groups * i).reshape(o, groups, i)[:, g, :].reshape(-1)
+    return dense[idx][:, idx]
+
+
+@pytest.mark.parametrize("layer_cls", [FactoredFC, SparseFC])
+def test_grouped_linear_per_group_blocks_exact_for_one_sample(layer_cls):
+    torch.manual_seed(7)
+    layer = layer_cls(2, 3, 4, 2, dtype=DT)
+    model = nn.Sequential(layer, FlattenHead(3 * 4))
+    x = torch.randn(1, 2, 4, 4, dtype=DT)
+    curv = kfac_batch(model, x, _labels(1, 3))
+    exact = exact_ggn_blocks(model, x)
+    for name in ("0.stage_u.weight", "0.stage_v.weight"):
+        block = curv.blocks[name]
+        assert block.layout == "direct_sum"
+        shape = block.param_shape
+        for g in range(shape[1]):
+            want = _group_block(exact[name], shape, g)
+            assert rel_err(_group_block(curv.dense(name), shape, g), want) < TOL, (name, g)
+            b, a = curv.scaled_factors(name)
+            assert rel_err(torch.kron(b[g], a[g]), want) < TOL
+    assert rel_err(curv.dense("0.stage_u.bias"), exact["0.stage_u.bias"]) < TOL
+
+
+@pytest.mark.parametrize("layer_cls", [FactoredFC, SparseFC])
+def test_grouped_linear_biases_exact_for_many_samples(layer_cls):
+    torch.manual_seed(8)
+    model = nn.Sequential(layer_cls(2, 3, 4, 2, dtype=DT), FlattenHead(3 * 4))
+    x = torch.randn(5, 2, 4, 4, dtype=DT)
+    names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    _check_all_blocks(model, x, _labels(5, 3), names=names)
+
+
+def test_grouped_linear_reference_mode_shares_the_average_output_factor():
+    torch.manual_seed(9)
+    model = nn.Sequential(FactoredFC(2, 3, 4, 2, dtype=DT), FlattenHead(3 * 4))
+    x = torch.randn(5, 2, 4, 4, dtype=DT)
+    per = kfac_batch(model, x, _labels(5, 3))
+    ref = kfac_batch(model, x, _labels(5, 3), grouped_mode="reference")
+    for name in ("0.stage_u.weight", "0.stage_v.weight"):
+        b_per, a_per = per.scaled_factors(name)
+        b_ref, a_ref = ref.scaled_factors(name)
+        assert ref.blocks[name].layout == "shared_out" and b_ref.shape[0] == 1
+        assert rel_err(b_ref[0], b_per.mean(0)) < 1e-12
+        assert rel_err(a_ref, a_per) < 1e-12
+        b_lap, a_lap = ref.blocks[name].laplace_factors(ref.n_data)
+        assert rel_err(torch.kron(b_lap, a_lap), ref.dense(name)) < 1e-12
+
+
+# ------------------------------------------------------------------------------------ sparse conv
+
+
+def test_sparse_conv_single_used_site_is_exact():
+    torch.manual_seed(10)
+    model = nn.Sequential(SparseConv(2, 3, dtype=DT), SiteReadout(3, (2, 1)))
+    _check_all_blocks(model, torch.randn(1, 2, 5, 5, dtype=DT), _labels(1, 4))
+
+
+def test_sparse_conv_input_factor_is_projected_conv_factor_and_bias_exact():
+    torch.manual_seed(11)
+    sparse = SparseConv(2, 3, dtype=DT)
+    conv = Conv(2, 3).to(DT)
+    with torch.no_grad():
+        conv.conv.weight.copy_(sparse.induced_weight())
+    x = torch.randn(3, 2, 4, 4, dtype=DT)
+    y = _labels(3, 3)
+    torch.manual_seed(12)
+    head_s = FlattenHead(3 * 16)
+    head_c = FlattenHead(3 * 16)
+    head_c.load_state_dict(head_s.state_dict())
+    curv_s = kfac_batch(nn.Sequential(sparse, head_s), x, y)
+    curv_c = kfac_batch(nn.Sequential(conv, head_c), x, y)
+    psi = torch.kron(torch.eye(2, dtype=DT), sparse.basis.contiguous())  # (C*M, C*T)
+    a_conv = curv_c.scaled_factors("0.conv.weight")[1][0]
+    assert rel_err(curv_s.scaled_factors("0.weight")[1][0], psi @ a_conv @ psi.T) < 1e-12
+    assert rel_err(curv_s.scaled_factors("0.weight")[0], curv_c.scaled_factors("0.conv.weight")[0]) < 1e-10
+    exact = exact_ggn_blocks(nn.Sequential(sparse, head_s), x)
+    assert rel_err(curv_s.dense("0.bias"), exact["0.bias"]) < TOL
+
+
+# ------------------------------------------------------------------------------------ group convolutions
+
+
+def _group_layer(kind: str) -> tuple[nn.Module, int]:
+    """Layer and its input channel count (C for lifting, 4C for group convs)."""
+    if kind == "lifting":
+        return LiftingConv(2, 3, dtype=DT), 2
+    return GroupConv(2, 3, mode=kind, dtype=DT), 8
+
+
+@pytest.mark.parametrize("kind", ["lifting", "pointwise", "full"])
+@pytest.mark.parametrize("rotation", [0, 1, 2, 3])
+def test_group_conv_single_rotation_and_site_is_exact(kind, rotation):
+    torch.manual_seed(13 + rotation)
+    layer, c_in = _group_layer(kind)
+    model = nn.Sequential(layer, SiteReadout(3, (1, 3), start=3 * rotation))
+    _check_all_blocks(model, torch.randn(1, c_in, 5, 5, dtype=DT), _labels(1, 4))
+
+
+@pytest.mark.parametrize("kind", ["lifting", "pointwise", "full"])
+def test_group_conv_reduce_is_exact_when_rotations_share_the_gradient(kind):
+    torch.manual_seed(17)
+    layer, c_in = _group_layer(kind)
+    model = nn.Sequential(layer, RotationSumReadout(3, (2, 0)))
+    _check_all_blocks(model, torch.randn(1, c_in, 5, 5, dtype=DT), _labels(1, 3), rotation_mode="reduce")
+
+
+@pytest.mark.parametrize("kind", ["lifting", "pointwise", "full"])
+@pytest.mark.parametrize("rotation_mode", ["expand", "reduce"])
+def test_group_conv_bias_exact_for_many_samples_and_positions(kind, rotation_mode):
+    torch.manual_seed(18)
+    layer, c_in = _group_layer(kind)
+    model = nn.Sequential(layer, FlattenHead(12 * 16))
+    x = torch.randn(3, c_in, 4, 4, dtype=DT)
+    _check_all_blocks(model, x, _labels(3, 3), names=["0.bias", "1.head.bias"], rotation_mode=rotation_mode)
+
+
+def test_pointwise_group_conv_input_factor_on_lifted_input_matches_lifting_conv():
+    """On a lifted input the pointwise group conv sees exactly the lifting conv's patches."""
+    torch.manual_seed(19)
+    x = torch.randn(3, 2, 4, 4, dtype=DT)
+    lifting, pointwise = LiftingConv(2, 3, dtype=DT), GroupConv(2, 3, dtype=DT)
+    curv_l = kfac_batch(nn.Sequential(lifting, FlattenHead(12 * 16)), x, _labels(3, 3), position_norm="all")
+    curv_p = kfac_batch(nn.Sequential(pointwise, FlattenHead(12 * 16)), lift(x), _labels(3, 3), position_norm="all")
+    assert rel_err(curv_p.scaled_factors("0.weight")[1], curv_l.scaled_factors("0.weight")[1]) < 1e-12
+
+
+# ------------------------------------------------------------------------------------ loss Hessian roots
+
+
+@pytest.mark.parametrize("rank_reduced", [True, False])
+def test_softmax_hessian_square_roots(rank_reduced):
+    torch.manual_seed(20)
+    logits = torch.randn(6, 5, dtype=DT) * 3
+    seeds = hessian_sqrt(logits, _labels(6, 5), "classification", "ggn", rank_reduced=rank_reduced)
+    assert seeds.shape[0] == (4 if rank_reduced else 5)
+    product = torch.einsum("dbk,dbl->bkl", seeds, seeds)
+    assert rel_err(product, loss_hessians(logits, "classification")) < 1e-12
+
+
+def test_empirical_fisher_seed_is_the_loss_gradient():
+    torch.manual_seed(21)
+    logits = torch.randn(4, 3, dtype=DT, requires_grad=True)
+    y = _labels(4, 3)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), logits)
+    assert rel_err(hessian_sqrt(logits, y, "classification", "ef")[0], grad) < 1e-12
+
+
+def test_monte_carlo_seeds_average_to_the_hessian():
+    torch.manual_seed(22)
+    logits = torch.randn(2, 3, dtype=DT)
+    gen = torch.Generator().manual_seed(0)
+    seeds = hessian_sqrt(logits, _labels(2, 3), "classification", "mc", mc_samples=40000, generator=gen)
+    product = torch.einsum("dbk,dbl->bkl", seeds, seeds)
+    assert (product - loss_hessians(logits, "classification")).abs().max() < 0.01
+
+
+def test_loop_and_batched_backward_agree():
+    torch.manual_seed(23)
+    model = nn.Sequential(Conv(2, 3).to(DT), FlattenHead(3 * 16))
+    x = torch.randn(3, 2, 4, 4, dtype=DT)
+    a = kfac_batch(model, x, _labels(3, 3), backward="batched")
+    b = kfac_batch(model, x, _labels(3, 3), backward="loop")
+    for name in a.block_names:
+        assert rel_err(a.dense(name), b.dense(name)) < 1e-12
+
+
+# ------------------------------------------------------------------------------------ accumulation / errors
+
+
+def test_batches_add_up_to_the_full_batch():
+    torch.manual_seed(24)
+    model = nn.Sequential(FactoredFC(2, 3, 4, 4, dtype=DT), Conv(3, 3).to(DT), FlattenHead(3 * 16))
+    x, y = torch.randn(6, 2, 4, 4, dtype=DT), _labels(6, 3)
+    whole = kfac_batch(model, x, y)
+    parts = fit_kfac(model, [(x[:2], y[:2]), (x[2:], y[2:])])
+    assert parts.n_data == 6 and abs(float(parts.loss - whole.loss)) < 1e-10
+    for name in whole.block_names:
+        assert rel_err(parts.dense(name), whole.dense(name)) < 1e-12
+
+
+def test_unsupported_module_with_parameters_raises_naming_it():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(27, 3))
+    with pytest.raises(NotImplementedError, match=r"module 1 \(BatchNorm2d\)"):
+        kfac_batch(model, torch.randn(2, 2, 5, 5), _labels(2, 3))
+
+
+def test_grouped_stock_conv_raises():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(36, 3))
+    with pytest.raises(NotImplementedError, match="groups=2"):
+        kfac_batch(model, torch.randn(2, 2, 5, 5), _labels(2, 3))
+
+
+# ------------------------------------------------------------------------------------ decomposition
+
+
+def _mixed_curvature(dtype=DT):
+    """Curvature with every block layout: direct_sum, shared_out, kron and single."""
+    torch.manual_seed(25)
+    model = nn.Sequential(FactoredFC(2, 3, 3, 2, dtype=dtype), Conv(3, 2).to(dtype), FlattenHead(2 * 4)).to(dtype)
+    x, y = torch.randn(4, 2, 3, 3, dtype=dtype), _labels(4, 3)
+    per_group = kfac_batch(model, x, y)
+    reference = kfac_batch(model, x, y, grouped_mode="reference")
+    per_group.blocks["ref.stage_u.weight"] = reference.blocks["0.stage_u.weight"]
+    return per_group
+
+
+def test_logdet_and_effective_params_match_dense_matrices_and_are_differentiable():
+    curv = _mixed_curvature()
+    layouts = {block.layout for block in curv.blocks.values()}
+    assert layouts == {"direct_sum", "shared_out", "kron", "single"}
+    dec = curv.decompose()
+    delta = torch.linspace(0.3, 2.0, len(curv.block_names), dtype=DT)
+    logdet, n_eff = dec.logdet(delta), dec.effective_params(delta)
+    for l, name in enumerate(curv.block_names):
+        dense = curv.dense(name)
+        eye = torch.eye(dense.shape[0], dtype=DT)
+        sign, expected = torch.linalg.slogdet(dense + delta[l] * eye)
+        assert sign > 0 and abs(float(logdet[l] - expected)) < 1e-9 * max(1.0, abs(float(expected)))
+        lam = torch.linalg.eigvalsh(dense).clamp_min(0)
+        assert abs(float(n_eff[l] - (lam / (lam + delta[l])).sum())) < 1e-9
+        assert dec.num_params()[l] == dense.shape[0]
+    assert dec.block_names == curv.block_names
+    d = delta.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: dec.logdet(v), (d,))
+    assert torch.autograd.gradcheck(lambda v: dec.effective_params(v), (d,))
+
+
+def test_eigh_failure_recovers_in_float64(monkeypatch):
+    curv = _mixed_curvature(torch.float32)
+    real_eigh = torch.linalg.eigh
+    calls = []
+
+    def flaky(matrix, *args, **kwargs):
+        calls.append(matrix.dtype)
+        if matrix.dtype != torch.float64:
+            raise torch.linalg.LinAlgError("simulated failure")
+        return real_eigh(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    dec = curv.decompose()
+    assert torch.float64 in calls and torch.float32 in calls
+    monkeypatch.setattr(torch.linalg, "eigh", real_eigh)
+    reference = curv.decompose()
+    delta = torch.ones(len(curv.block_names))
+    assert torch.allclose(dec.logdet(delta), reference.logdet(delta), rtol=1e-4)
+
+
+def test_eigh_failing_twice_raises_curvature_error_naming_the_block(monkeypatch):
+    curv = _mixed_curvature()
+
+    def broken(matrix, *args, **kwargs):
+        raise torch.linalg.LinAlgError("simulated failure")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    with pytest.raises(CurvatureError, match=r"block 0\.stage_u\.weight"):
+        curv.decompose()
+
+
+def test_non_finite_factor_raises_curvature_error():
+    curv = _mixed_curvature()
+    curv.blocks["1.conv.bias"].out_factors[0, 0, 0] = float("nan")
+    with pytest.raises(CurvatureError, match=r"block 1\.conv\.bias"):
+        curv.decompose()

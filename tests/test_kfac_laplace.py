@@ -1,0 +1,94 @@
+"""laplace-torch KronLaplace with the ella backends equals our own KFAC marginal likelihood and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from laplace import KronLaplace
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ella.layers import FC, Conv, FactoredFC, RelaxedLayer, SparseConv
+from kfac.fit import fit_kfac
+from kfac.laplace_backend import EllaEF, EllaGGN, EllaMC
+
+DT = torch.float64
+
+
+def _model(dense: str) -> nn.Module:
+    """Relaxed layer (dense path + CONV or S-CONV) with downsampling, then a Linear head."""
+    paths = {
+        "fc": FC(2, 3, 4, 2, dtype=DT) if dense == "fc" else FactoredFC(2, 3, 4, 2, dtype=DT),
+        "conv": Conv(2, 3).to(DT) if dense == "fc" else SparseConv(2, 3, dtype=DT),
+    }
+    return nn.Sequential(RelaxedLayer(paths, downsample=True), nn.Flatten(), nn.Linear(12, 3, dtype=DT))
+
+
+def _loader() -> DataLoader:
+    x = torch.randn(10, 2, 4, 4, dtype=DT)
+    y = torch.arange(10) % 3
+    return DataLoader(TensorDataset(x, y), batch_size=4)
+
+
+def _our_log_marglik(model, loader, delta, curvature="ggn") -> torch.Tensor:
+    curv = fit_kfac(model, loader, "classification", curvature, grouped_mode="reference")
+    dec = curv.decompose()
+    sq_norms = torch.stack([p.detach().square().sum() for p in model.parameters()])
+    n_params = torch.tensor(dec.num_params(), dtype=DT)
+    logdet = dec.logdet(delta).sum() - (n_params * delta.log()).sum()
+    return -(curv.loss + 0.5 * (delta * sq_norms).sum() + 0.5 * logdet)
+
+
+@pytest.mark.parametrize("dense", ["fc", "ffc"])
+def test_kron_laplace_marglik_and_gradient_match_ours(dense):
+    torch.manual_seed(0)
+    model, loader = _model(dense), _loader()
+    n_tensors = len(list(model.parameters()))
+    log_delta = torch.linspace(-1.0, 1.5, n_tensors, dtype=DT)
+
+    la = KronLaplace(model, "classification", backend=EllaGGN)
+    la.fit(loader)
+    delta_la = log_delta.exp().requires_grad_(True)
+    lml_la = la.log_marginal_likelihood(delta_la)
+    (grad_la,) = torch.autograd.grad(lml_la, delta_la)
+
+    delta_ours = log_delta.exp().requires_grad_(True)
+    lml_ours = _our_log_marglik(model, loader, delta_ours)
+    (grad_ours,) = torch.autograd.grad(lml_ours, delta_ours)
+
+    assert abs(float((lml_la - lml_ours).detach())) < 1e-6 * abs(float(lml_ours.detach()))
+    assert torch.allclose(grad_la, grad_ours, rtol=1e-6, atol=1e-9)
+
+
+def test_laplace_factor_layout_matches_parameter_shapes():
+    torch.manual_seed(1)
+    model = _model("ffc")
+    x, y = next(iter(_loader()))
+    _, kron = EllaGGN(model, "classification").kron(x, y, N=10)
+    for p, factors in zip(model.parameters(), kron.kfacs):
+        sizes = [f.shape[0] for f in factors]
+        assert sizes == ([p.shape[0]] if p.ndim == 1 else [p.shape[0], p[0].numel()])
+
+
+@pytest.mark.parametrize("backend", [EllaMC, EllaEF])
+def test_stochastic_and_empirical_backends_fit(backend):
+    torch.manual_seed(2)
+    model = _model("ffc")
+    la = KronLaplace(model, "classification", backend=backend)
+    la.fit(_loader())
+    assert torch.isfinite(la.log_marginal_likelihood(torch.tensor(1.0, dtype=DT)))
+
+
+def test_empirical_backend_matches_our_empirical_fisher():
+    torch.manual_seed(3)
+    model, loader = _model("fc"), _loader()
+    delta = torch.tensor(0.7, dtype=DT)
+    la = KronLaplace(model, "classification", backend=EllaEF, prior_precision=0.7)
+    la.fit(loader)
+    ours = _our_log_marglik(model, loader, delta.expand(len(list(model.parameters()))), curvature="ef")
+    assert abs(float((la.log_marginal_likelihood() - ours).detach())) < 1e-6 * abs(float(ours.detach()))
+
+
+def test_per_group_mode_is_rejected():
+    with pytest.raises(ValueError, match="reference"):
+        EllaGGN(_model("ffc"), "classification", grouped_mode="per_group")
