@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ella import distributed
 from ella.data import DataBundle, TensorLoader, load_dataset
-from ella.marglik import LaplaceFit, effective_parameters, fit_laplace, optimise_prior
+from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace, optimise_prior
 from ella.models import build_model
 from ella.priors import Prior
 from ella.report import effective_layer_types, path_reports, plot_relative, write_report
@@ -238,9 +238,14 @@ class Trainer:
         return fit_laplace(self.model, self.marglik_loader, self.prior, curvature=self.config.curvature,
                            sharded=distributed.is_distributed())
 
-    def hyper_round(self) -> float:
-        fit = self.laplace_fit()
-        self.last_marglik = optimise_prior(fit, self.prior, self.hyper_optimizer, self.config.hyper_steps)
+    def hyper_round(self) -> float | None:
+        """Fit KFAC-Laplace, then take the hyper-steps; a failed round is skipped (precisions kept), not fatal."""
+        try:
+            fit = self.laplace_fit()
+            self.last_marglik = optimise_prior(fit, self.prior, self.hyper_optimizer, self.config.hyper_steps)
+        except MarglikError as error:
+            log.warning("epoch %d: marginal-likelihood round skipped, precisions kept: %s", self.epoch + 1, error)
+            return None
         return self.last_marglik
 
     def is_marglik_epoch(self, epoch: int) -> bool:
@@ -273,7 +278,7 @@ class Trainer:
         log.info(
             "epoch %d: train %.4f valid nll %.4f acc %.2f test acc %.2f%s",
             row["epoch"], row["train_loss"], row["valid_nll"], row["valid_acc"], row["test_acc"],
-            f" -log p(D)/N {row['neg_log_marglik']:.4f}" if "neg_log_marglik" in row else "",
+            f" -log p(D)/N {row['neg_log_marglik']:.4f}" if row.get("neg_log_marglik") is not None else "",
         )
 
     def finish(self) -> dict:

@@ -30,23 +30,30 @@ class CurvatureError(RuntimeError):
 
 
 def _eigh(matrix: torch.Tensor, what: str, jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric eigendecomposition of ``(..., n, n)``; on failure retry in float64 with a tiny jitter."""
+    """Symmetric eigendecomposition of ``(..., n, n)`` in float64 (float32 LAPACK fails on the many zero
+    eigenvalues that dead ReLUs cause); on failure or non-finite output retry with a tiny jitter."""
     if not torch.isfinite(matrix).all():
         raise CurvatureError(f"{what}: factor has non-finite entries")
-    sym = 0.5 * (matrix + matrix.transpose(-1, -2))
+    wide = matrix.double()
+    sym = 0.5 * (wide + wide.transpose(-1, -2))
     try:
-        return torch.linalg.eigh(sym)
-    except (torch.linalg.LinAlgError, RuntimeError) as first:
-        logger.warning("eigh failed for %s (%s); retrying in float64 with jitter", what, first)
-        wide = sym.double()
-        n = wide.shape[-1]
-        scale = wide.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1.0)
-        eye = torch.eye(n, dtype=wide.dtype, device=wide.device)
-        try:
-            vals, vecs = torch.linalg.eigh(wide + jitter * scale[..., None, None] * eye)
-        except (torch.linalg.LinAlgError, RuntimeError) as second:
-            raise CurvatureError(f"{what}: eigendecomposition failed twice ({second})") from second
-        return vals.to(matrix.dtype), vecs.to(matrix.dtype)
+        vals, vecs = torch.linalg.eigh(sym)
+        if torch.isfinite(vals).all() and torch.isfinite(vecs).all():
+            return vals, vecs
+        first: Exception = RuntimeError("non-finite eigenpairs")
+    except (torch.linalg.LinAlgError, RuntimeError) as error:
+        first = error
+    logger.warning("eigh failed for %s (%s); retrying with jitter", what, first)
+    n = sym.shape[-1]
+    scale = sym.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1.0)
+    eye = torch.eye(n, dtype=sym.dtype, device=sym.device)
+    try:
+        vals, vecs = torch.linalg.eigh(sym + jitter * scale[..., None, None] * eye)
+    except (torch.linalg.LinAlgError, RuntimeError) as second:
+        raise CurvatureError(f"{what}: eigendecomposition failed twice ({second})") from second
+    if not (torch.isfinite(vals).all() and torch.isfinite(vecs).all()):
+        raise CurvatureError(f"{what}: eigendecomposition returned non-finite values twice")
+    return vals, vecs
 
 
 @dataclass
@@ -111,7 +118,7 @@ class KronDecomposition:
         out = []
         for l, e in enumerate(self.eigen):
             d = delta[l]
-            total = sum(fn(lam.to(d.dtype), d).sum() for lam in e.eigenvalue_chunks())
+            total = sum(fn(lam, d.to(lam.dtype)).sum() for lam in e.eigenvalue_chunks())
             out.append(total)
         return torch.stack(out)
 

@@ -137,3 +137,24 @@ def test_help_lists_every_flag() -> None:
     assert result.returncode == 0
     for flag in ("--layer", "--laplace", "--preset", "--resume", "--device", "--data-dir", "--epochs"):
         assert flag in result.stdout
+
+
+def test_failed_marglik_round_is_skipped_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ella.train as train_module
+    from ella.marglik import MarglikError
+
+    data = _write_tiny_cifar(tmp_path / "data")
+    real_fit = train_module.fit_laplace
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MarglikError("simulated non-finite marginal likelihood")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit_laplace", failing_once)
+    final = train(_tiny_config(data, epochs=3), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["neg_log_marglik"] is None and rows[2]["neg_log_marglik"] is not None
+    assert final["neg_log_marglik"] == rows[2]["neg_log_marglik"]
