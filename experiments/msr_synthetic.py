@@ -96,7 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="latent size k of the dense MSR-FC/MTSR/MSR-Joint U (default: 70 paper, 3/6/30 reference)")
     p.add_argument("--fc-structure", choices=("dense", "kron"), default="dense", help="MSR-FC symmetry matrix form")
     p.add_argument("--conv-structure", choices=("kron", "dense"), default="kron",
-                   help="MSR-Conv symmetry form: kron (paper App. A.2 / reference) or dense (Prop. 1)")
+                   help="MSR-Conv symmetry form: kron (paper App. A.2 / reference) or dense (Prop. 1, latent size = "
+                        "n_fields * 9: one base filter per output field)")
+    p.add_argument("--u-init-std", type=float, default=0.01,
+                   help="std of the Gaussian init of dense symmetry matrices U (MSR-FC/MTSR/MSR-Joint and dense MSR-Conv)")
     p.add_argument("--image-size", type=int, default=12, help="rotation inputs are 1 x S x S")
     p.add_argument("--n-fields", type=int, default=3, help="regular output fields of the rotation generator")
     p.add_argument("--first-order", action="store_true", help="first-order meta-gradients (default: second order)")
@@ -125,7 +128,7 @@ def translation_model(method: str, k: int, args: argparse.Namespace) -> tuple[to
     if args.fc_structure == "kron":
         model = MSRFC(70, 68, structure="kron")
     else:
-        model = MSRFC(70, 68, latent_size=latent)
+        model = MSRFC(70, 68, latent_size=latent, u_init_std=args.u_init_std)
     inner = tuple(model.outer_names) + ("v",) if method == "msr_joint_fc" else None
     return model, inner
 
@@ -211,7 +214,10 @@ def rotation_table(args: argparse.Namespace) -> list[dict]:
             if method == "maml_conv":
                 model = PlainConv2d(1, problem.out_channels, 3)
             else:
-                model = MSRConv(1, problem.out_channels, 3, structure=args.conv_structure)
+                # Prop. 1: the latent filter of a lifting conv holds one base 3x3 filter per output field
+                latent = problem.n_fields * 9 if args.conv_structure == "dense" else None
+                model = MSRConv(1, problem.out_channels, 3, structure=args.conv_structure, latent_size=latent,
+                                u_init_std=args.u_init_std)
             res = run_one(model, None, problem, meta_config(args, True), False, args, args.seed,
                           f"{LABELS[method]} {group}")
             rows.append(dict(table="rotation", method=LABELS[method], problem=group, regime="small",
