@@ -53,6 +53,7 @@ class TrainConfig:
     dataset: str = "cifar10"
     task: str | None = None
     alpha: int | None = None
+    combine: str = "mean"  # how a relaxed layer combines its paths: "mean" (reference code) or "sum" (paper)
     epochs: int = 4000
     batch_size: int = 128
     lr: float = 0.01
@@ -146,7 +147,9 @@ class Trainer:
             cifar_test=config.cifar_test,
             device=self.device,
         )
-        self.model = build_model(config.layer, self.data.in_channels, self.data.n_classes, config.alpha).to(self.device)
+        self.model = build_model(
+            config.layer, self.data.in_channels, self.data.n_classes, config.alpha, combine=config.combine
+        ).to(self.device)
         self.prior = Prior(self.model, per_tensor=config.per_tensor_prior, init_precision=config.prior_init)
         self.ddp_model = distributed.wrap_model(self.model, self.device)  # training forward only
         self.n_train = len(self.data.train[1])

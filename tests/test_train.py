@@ -158,3 +158,9 @@ def test_failed_marglik_round_is_skipped_not_fatal(tmp_path: Path, monkeypatch: 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["neg_log_marglik"] is None and rows[2]["neg_log_marglik"] is not None
     assert final["neg_log_marglik"] == rows[2]["neg_log_marglik"]
+
+
+def test_combine_option_reaches_every_relaxed_layer(tmp_path: Path) -> None:
+    data = _write_tiny_cifar(tmp_path / "data")
+    trainer = Trainer(_tiny_config(data, layer="ffc_conv", combine="sum"), tmp_path / "run")
+    assert {block.combine for block in trainer.model.blocks} == {"sum"}
