@@ -79,6 +79,13 @@ def default_out_dir(experiment: str, config: TrainConfig, preset: str) -> Path:
     return Path("runs") / experiment / f"{config.dataset}{task}-{config.layer}-{mode}-{preset}"
 
 
+def figure_dir(out: Path) -> Path:
+    """Where a run's figures go: ``figures/<path below runs/>`` for runs under ``runs/``, else ``<out>/figures``."""
+    if out.parts and out.parts[0] == "runs":
+        return Path("figures", *out.parts[1:])
+    return out / "figures"
+
+
 def setup_logging(verbose: bool) -> None:
     """Log to stderr; in a multi-process launch, ranks other than 0 print nothing and log warnings only."""
     rank = distributed.env_rank()
@@ -103,7 +110,7 @@ def run_many(runs: dict[str, TrainConfig], root: Path, resume: bool) -> dict[str
             continue
         if distributed.is_main():
             logging.getLogger(__name__).warning("run %s -> %s", name, out)
-        results[name] = train(config, out, resume=resume)
+        results[name] = train(config, out, resume=resume, figure_dir=figure_dir(out))
     return results
 
 

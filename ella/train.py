@@ -9,7 +9,8 @@ at most the epoch in progress and ``resume=True`` continues from the last one.
 
 Outputs in ``out_dir``: ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch),
 ``checkpoint.pt``, and after training ``final.json`` and (for Laplace or when asked) the effective-parameter
-report ``effective_parameters.{txt,json}`` and ``figures/relative_effective_parameters.png``.
+report ``effective_parameters.{txt,json}``, with its figure ``relative_effective_parameters.png`` in
+``figure_dir`` (default ``out_dir/figures``; the experiment scripts use ``figures/<experiment>/<run>``).
 
 Data parallel (launched with ``torchrun --nproc_per_node=N``, see :mod:`ella.distributed`): parameter updates
 go through ``DistributedDataParallel`` with ``batch_size`` samples per process per step (the torch convention:
@@ -127,10 +128,11 @@ def write_metrics(history: list[dict], out_dir: Path) -> None:
 class Trainer:
     """Holds the model, prior, optimisers and data of one run; ``run()`` trains to the end."""
 
-    def __init__(self, config: TrainConfig, out_dir: Path, resume: bool = False) -> None:
+    def __init__(self, config: TrainConfig, out_dir: Path, resume: bool = False, figure_dir: Path | None = None) -> None:
         config.check()
         self.config = config
         self.out_dir = out_dir
+        self.figure_dir = out_dir / "figures" if figure_dir is None else figure_dir
         self.device = distributed.setup(config.device)
         self.checkpoint_path = out_dir / "checkpoint.pt"
         distributed.on_main(lambda: self._check_config_file(resume))
@@ -302,7 +304,7 @@ class Trainer:
         if fit is not None:
             rows = path_reports(self.prior, effective_parameters(fit, self.prior), fit.n_params)
             write_report(rows, self.out_dir)
-            plot_relative(rows, self.out_dir / "figures" / "relative_effective_parameters.png", title=self.config.layer)
+            plot_relative(rows, self.figure_dir / "relative_effective_parameters.png", title=self.config.layer)
             final["effective_layer_types"] = effective_layer_types(rows)
         _atomic_write(json.dumps(final, indent=2), self.out_dir / "final.json")
         return final
@@ -313,6 +315,6 @@ def _no_bar() -> bool | None:
     return None if distributed.is_main() else True
 
 
-def train(config: TrainConfig, out_dir: Path, resume: bool = False) -> dict:
+def train(config: TrainConfig, out_dir: Path, resume: bool = False, figure_dir: Path | None = None) -> dict:
     """Run (or continue, with ``resume``) one training run; returns the final metrics."""
-    return Trainer(config, out_dir, resume=resume).run()
+    return Trainer(config, out_dir, resume=resume, figure_dir=figure_dir).run()

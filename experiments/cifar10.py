@@ -4,7 +4,8 @@
     python experiments/cifar10.py --layer conv --preset paper --device cuda
 
 Writes config.json, metrics.jsonl/.csv (per epoch), checkpoint.pt, final.json and, for --laplace (or --report),
-effective_parameters.{txt,json} and figures/relative_effective_parameters.png into --out. Interrupt at any time
+effective_parameters.{txt,json} into --out, and the figure relative_effective_parameters.png into
+figures/<path of --out below runs/> (or --out/figures for an --out outside runs/). Interrupt at any time
 and re-run the same command with --resume to continue from the last finished epoch.
 """
 
@@ -14,7 +15,7 @@ import argparse
 import json
 
 from ella import distributed
-from ella.cli import add_training_arguments, config_from_args, default_out_dir, setup_logging
+from ella.cli import add_training_arguments, config_from_args, default_out_dir, figure_dir, setup_logging
 from ella.models import LAYER_NAMES
 from ella.train import train
 
@@ -38,7 +39,7 @@ def main() -> None:
     setup_logging(args.verbose)
     config = config_from_args(args, PRESETS, layer=args.layer, dataset="cifar10")
     out = args.out or default_out_dir("cifar10", config, args.preset)
-    final = train(config, out, resume=args.resume)
+    final = train(config, out, resume=args.resume, figure_dir=figure_dir(out))
     print(json.dumps({k: final[k] for k in ("test", "valid", "neg_log_marglik", "n_params")}, indent=2))
     if "effective_layer_types" in final and distributed.is_main():  # other nodes may not share the file system
         print((out / "effective_parameters.txt").read_text())

@@ -164,3 +164,10 @@ def test_combine_option_reaches_every_relaxed_layer(tmp_path: Path) -> None:
     data = _write_tiny_cifar(tmp_path / "data")
     trainer = Trainer(_tiny_config(data, layer="ffc_conv", combine="sum"), tmp_path / "run")
     assert {block.combine for block in trainer.model.blocks} == {"sum"}
+
+
+def test_experiment_figures_go_under_figures() -> None:
+    from ella.cli import figure_dir
+
+    assert figure_dir(Path("runs/cifar10/a-run")) == Path("figures/cifar10/a-run")
+    assert figure_dir(Path("/tmp/elsewhere")) == Path("/tmp/elsewhere/figures")
