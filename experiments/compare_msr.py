@@ -34,13 +34,13 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ella.msr.evaluate import start_run
 from ella.msr import MetaConfig, MetaLearner, MSRFC, TranslationProblem, conv_symmetry_matrix, mean_confidence_interval
 from ella.msr.compare import (
     FCConvModel,
@@ -186,15 +186,9 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(args.threads)
-    out = args.out or Path("runs/compare_msr") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    config.update(preset_values=PRESETS[args.preset], tasks=TASKS, torch=torch.__version__,
-                  msr_meta=asdict(MetaConfig(3, 9, 0.02, True, 5e-4, _setting(args, "outer_steps", "outer_steps"),
-                                             args.meta_batch)))
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    out = start_run(args, "runs/compare_msr", preset_values=PRESETS[args.preset], tasks=TASKS,
+                    msr_meta=asdict(MetaConfig(3, 9, 0.02, True, 5e-4, _setting(args, "outer_steps", "outer_steps"),
+                                               args.meta_batch)))
     start = time.time()
     rows: list[dict] = []
     for k in args.ks:

@@ -22,13 +22,13 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ella.msr.evaluate import start_run
 from ella.msr import (
     Conv1dFlat,
     LocallyConnected1d,
@@ -238,14 +238,8 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(args.threads)
-    out = args.out or Path("runs/msr_synthetic") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    config.update(preset_values=PRESETS[args.preset], torch=torch.__version__, threads=torch.get_num_threads(),
-                  translation_meta=asdict(meta_config(args, False)), rotation_meta=asdict(meta_config(args, True)))
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    out = start_run(args, "runs/msr_synthetic", preset_values=PRESETS[args.preset], threads=args.threads,
+                    translation_meta=asdict(meta_config(args, False)), rotation_meta=asdict(meta_config(args, True)))
     start = time.time()
     rows: list[dict] = []
     if "translation" in args.tables:
