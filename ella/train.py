@@ -23,6 +23,7 @@ checkpoint on every rank.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -117,12 +118,11 @@ def write_metrics(history: list[dict], out_dir: Path) -> None:
     """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the full history (atomic, so never half-written)."""
     _atomic_write("".join(json.dumps(row) + "\n" for row in history), out_dir / "metrics.jsonl")
     columns = list(dict.fromkeys(key for row in history for key in row if key != "precisions"))
-    tmp = out_dir / "metrics.csv.tmp"
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, out_dir / "metrics.csv")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    _atomic_write(text.getvalue(), out_dir / "metrics.csv")
 
 
 class Trainer:
