@@ -22,7 +22,7 @@ from ella.train import TrainConfig
 # flag name -> (type, help). Defaults are None so that "not given" can be told apart from a preset value.
 _OVERRIDES: dict[str, tuple[type, str]] = {
     "alpha": (int, "network width (default: 10; 2 for ffc_conv_gconv)"),
-    "combine": (str, "how a relaxed layer combines its paths: 'mean' (reference code) or 'sum' (paper)"),
+    "combine": (str, "how a relaxed layer combines its P paths: 'sqrt' (sum / sqrt(P), keeps the activation scale; default), 'sum' (paper) or 'mean' (reference code)"),
     "epochs": (int, "training epochs"),
     "batch_size": (int, "mini-batch size for parameter updates"),
     "lr": (float, "initial learning rate (cosine-annealed per iteration)"),

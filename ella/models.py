@@ -135,7 +135,7 @@ class RelaxedNet(nn.Module):
         in_channels: int,
         n_classes: int,
         alpha: int,
-        combine: str = "mean",
+        combine: str = "sqrt",
         criterion: str = "l2",
     ) -> None:
         super().__init__()
@@ -181,7 +181,7 @@ def build_model(
     n_classes: int = 10,
     alpha: int | None = None,
     *,
-    combine: str = "mean",
+    combine: str = "sqrt",
     criterion: str = "l2",
     device: torch.device | str | None = None,
 ) -> RelaxedNet:

@@ -55,7 +55,7 @@ class TrainConfig:
     dataset: str = "cifar10"
     task: str | None = None
     alpha: int | None = None
-    combine: str = "mean"  # how a relaxed layer combines its paths: "mean" (reference code) or "sum" (paper)
+    combine: str = "sqrt"  # how a relaxed layer combines P paths: sum / sqrt(P) ("sqrt"), "sum" (paper), "mean" (reference)
     epochs: int = 4000
     batch_size: int = 128
     lr: float = 0.01

@@ -103,7 +103,7 @@ def test_fc_init():
     layer = FC(4, 4, 8, 8)
     assert torch.all(layer.linear.bias == 0)
     fan_in = 4 * 64
-    assert abs(layer.linear.weight.var().item() * 3 * fan_in - 1) < 0.05
+    assert abs(layer.linear.weight.var().item() * fan_in / 2 - 1) < 0.05  # Kaiming, ReLU gain
 
 
 def test_conv_is_circular_and_pads_before_stock_module():
@@ -147,7 +147,7 @@ def test_factored_fc_equals_dense_fc_with_rank_one_blocks():
 def test_factored_fc_init():
     layer = FactoredFC(40, 50, 8, 4)
     assert abs(layer.stage_u.weight.var().item() * 64 - 1) < 0.05
-    assert abs(layer.stage_v.weight.var().item() * 40 - 1) < 0.05
+    assert abs(layer.stage_v.weight.var().item() * 40 / 2 - 1) < 0.05  # ReLU gain
     assert torch.all(layer.stage_u.bias == 0) and torch.all(layer.stage_v.bias == 0)
 
 
@@ -265,14 +265,16 @@ def test_sparse_fc_equals_factored_fc_with_induced_factors():
 
 
 def test_sparse_init_is_projection_of_dense_init():
-    # Projecting i.i.d. entries of variance v onto an M-dim subspace of R^T leaves variance (M/T) v per site.
+    # Projecting i.i.d. entries of variance v onto an M-dim subspace of R^T leaves variance (M/T) v per site;
+    # the init rescales by sqrt(T/M), so the induced weights have the dense init's variance.
     conv = SparseConv(64, 64, dtype=DT)
-    expected = (5 / 9) * 2 / (9 * 64)
-    assert abs(conv.induced_weight().var().item() / expected - 1) < 0.1
+    dense = torch.randn(64, 64, 9, dtype=DT) * (2 / (9 * 64)) ** 0.5
+    assert abs(project_onto_basis(dense, conv.basis).matmul(conv.basis).var().item() / ((5 / 9) * 2 / (9 * 64)) - 1) < 0.1
+    assert abs(conv.induced_weight().var().item() / (2 / (9 * 64)) - 1) < 0.1
     assert torch.all(conv.bias == 0)
     fc = SparseFC(32, 32, 4, 4, dtype=DT)
-    assert abs(fc.induced_u().pow(2).mean().item() / ((8 / 16) / 16) - 1) < 0.1
-    assert abs(fc.induced_v().pow(2).mean().item() / ((8 / 16) / 32) - 1) < 0.1
+    assert abs(fc.induced_u().pow(2).mean().item() / (1 / 16) - 1) < 0.1
+    assert abs(fc.induced_v().pow(2).mean().item() / (2 / 32) - 1) < 0.1
     assert torch.all(fc.stage_u.bias == 0)
 
 
@@ -399,6 +401,8 @@ def test_relaxed_prior_limit(dense_kind, downsample):
     both_mean = RelaxedLayer({"fc": dense, "conv": conv}, downsample=downsample, combine="mean")
     torch.testing.assert_close(both_mean(x), torch.relu(pre / 2))
     assert not torch.allclose(both_mean(x), torch.relu(pre))  # the mean really halves the conv path
+    both_sqrt = RelaxedLayer({"fc": dense, "conv": conv}, downsample=downsample)  # the default
+    torch.testing.assert_close(both_sqrt(x), torch.relu(pre / 2**0.5))
 
 
 def test_relaxed_layer_adds_dense_after_shared_downsampling():
@@ -407,7 +411,7 @@ def test_relaxed_layer_adds_dense_after_shared_downsampling():
     fc = FactoredFC(4 * c, 4 * d, 8, 4, dtype=DT)
     layer = RelaxedLayer({"fc": fc, "conv": conv, "gconv": gconv_in}, downsample=True)
     x = torch.randn(3, 4 * c, 8, 8, dtype=DT)
-    expected = torch.relu((PolyphaseDownsample()(conv(x) + gconv_in(x)) + fc(x)) / 3)
+    expected = torch.relu((PolyphaseDownsample()(conv(x) + gconv_in(x)) + fc(x)) / 3**0.5)
     torch.testing.assert_close(layer(x), expected)
 
 

@@ -120,3 +120,28 @@ def test_predictions_do_not_depend_on_the_rest_of_the_batch() -> None:
     together = model(x)
     alone = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
     torch.testing.assert_close(together, alone, rtol=1e-10, atol=1e-12)
+
+
+def _block_rms(model, x: torch.Tensor) -> list[float]:
+    """Root-mean-square activation after each block."""
+    rms = []
+    with torch.no_grad():
+        for block in model.blocks:
+            x = block(x)
+            rms.append(x.pow(2).mean().sqrt().item())
+    return rms
+
+
+@pytest.mark.parametrize("layer", ["fc", "ffc", "fc_conv", "ffc_conv"])
+def test_default_init_keeps_the_activation_scale(layer: str) -> None:
+    # Every path keeps the second moment through the ReLU and "sqrt" adds P paths without changing it; the
+    # reference's "mean" shrinks it by sqrt(P) per block (x1/16 after 8 blocks) and "sum" grows it likewise.
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 32, 32)
+    rms = _block_rms(build_model(layer, alpha=2), x)
+    assert all(0.5 < value < 2.5 for value in rms), rms
+    if layer in ("fc_conv", "ffc_conv"):
+        torch.manual_seed(0)
+        assert _block_rms(build_model(layer, alpha=2, combine="mean"), x)[-1] < 0.2
+        torch.manual_seed(0)
+        assert _block_rms(build_model(layer, alpha=2, combine="sum"), x)[-1] > 8

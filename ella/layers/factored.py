@@ -18,7 +18,8 @@ class FactoredFC(nn.Module):
       ``out[n, d, y] = sum_c V[y, d, c] z[n, c, d] + b_V[y]``.
 
     Both stages are einsums (no block-diagonal expansion). Parameters ``C C' (X + Y) + C' + Y``.
-    Init: ``U`` uniform with variance ``1/X``, ``V`` uniform with variance ``1/C``, biases 0.
+    Init: ``U`` uniform with variance ``1/X``, ``V`` uniform with variance ``2/C`` (ReLU gain, so the path
+    keeps the second moment of its input through the ReLU, as CONV's Kaiming init does), biases 0.
     """
 
     equivariant = False
@@ -41,7 +42,7 @@ class FactoredFC(nn.Module):
         n_in, n_out = in_size * in_size, out_size * out_size
         factory = {"device": device, "dtype": dtype}
         self.stage_u = GroupedLinear(in_channels, n_in, out_channels, init_variance=1.0 / n_in, **factory)
-        self.stage_v = GroupedLinear(out_channels, in_channels, n_out, init_variance=1.0 / in_channels, **factory)
+        self.stage_v = GroupedLinear(out_channels, in_channels, n_out, init_variance=2.0 / in_channels, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H_in, W_in) -> (B, C', H_out, W_out)``."""

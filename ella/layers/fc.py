@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ella.layers.conv import kaiming_relu_uniform_
+
 
 def check_map_input(x: torch.Tensor, channels: int, size: int, owner: str) -> None:
     """Raise a ValueError unless ``x`` has shape ``(B, channels, size, size)``."""
@@ -17,7 +19,7 @@ class FC(nn.Module):
 
     Child ``linear: nn.Linear(C*X, C'*Y)`` acting on the channel-major flattened input (``X = H_in*W_in``,
     ``Y = H_out*W_out``); the output is reshaped channel-major. Parameters: ``C*X*C'*Y`` weights and ``C'*Y``
-    biases. Init: framework-default linear weights, bias 0.
+    biases. Init: Kaiming-uniform with ReLU gain (variance ``2 / (C X)``, as CONV), bias 0.
     """
 
     equivariant = False
@@ -40,6 +42,7 @@ class FC(nn.Module):
         self.linear = nn.Linear(
             in_channels * in_size * in_size, out_channels * out_size * out_size, device=device, dtype=dtype
         )
+        kaiming_relu_uniform_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ella.layers.polyphase import PolyphaseDownsample
 
-COMBINE_MODES = ("mean", "sum")
+COMBINE_MODES = ("sqrt", "sum", "mean")
+# divisor of the summed paths, given the number of paths
+_DIVISORS = {"sqrt": math.sqrt, "sum": lambda n: 1, "mean": lambda n: n}
 
 
 class RelaxedLayer(nn.Module):
@@ -18,8 +22,13 @@ class RelaxedLayer(nn.Module):
     are **summed first and downsampled once** by one :class:`PolyphaseDownsample`, so all equivariant paths
     share one per-sample component choice. This is a deliberate fix of the reference, which selected a
     component per path: independent choices can differ between paths, and the sum is then not equivariant.
-    Dense paths map straight to the output resolution and are added afterwards. ``combine="mean"`` divides by
-    the number of paths (reference behaviour), ``"sum"`` does not (the paper's formula).
+    Dense paths map straight to the output resolution and are added afterwards. The sum of the ``P`` paths is
+    divided by ``sqrt(P)`` (``combine="sqrt"``, the default), by nothing (``"sum"``, the paper's formula) or by
+    ``P`` (``"mean"``, the reference code). Every path is initialised to keep the second moment of its input
+    through the ReLU, and independent paths add their variances, so only ``"sqrt"`` keeps the activation scale
+    of a deep relaxed network at initialisation: "sum" grows it by ``sqrt(P)`` per block and "mean" shrinks it
+    by ``sqrt(P)`` per block (after 8 blocks of F-FC+CONV: x16 and /16). A divisor is a constant, so a path
+    switched off by its prior still leaves the others an exact CONV (or GCONV), only rescaled.
 
     Parameters: ``paths: nn.ModuleDict`` (names ``fc``, ``conv``, ``gconv`` by convention).
     """
@@ -28,7 +37,7 @@ class RelaxedLayer(nn.Module):
         self,
         paths: dict[str, nn.Module],
         downsample: bool,
-        combine: str = "mean",
+        combine: str = "sqrt",
         criterion: str = "l2",
     ) -> None:
         super().__init__()
@@ -78,8 +87,9 @@ class RelaxedLayer(nn.Module):
             expected = (x.shape[0], out.shape[1] if total is None else total.shape[1], height, width)
             self._check_shape(name, out, expected)
             total = out if total is None else total + out
-        if self.combine == "mean":
-            total = total / len(self.paths)
+        divisor = _DIVISORS[self.combine](len(self.paths))
+        if divisor != 1:
+            total = total / divisor
         return F.relu(total)
 
     def extra_repr(self) -> str:

@@ -113,6 +113,17 @@ def project_onto_basis(dense: torch.Tensor, basis: torch.Tensor) -> torch.Tensor
     return values.T.reshape(*dense.shape[:-1], basis.shape[0])
 
 
+def init_from_dense(dense: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Anchor values ``(..., M)`` for a dense init ``(..., T)`` of i.i.d. entries.
+
+    The least-squares projection keeps only ``M / T`` of the entries' variance (an ``M``-dim subspace of
+    ``R^T``), so it is rescaled by ``sqrt(T / M)``: the induced weights keep the dense init's variance, and a
+    sparse path keeps the activation scale of its dense counterpart.
+    """
+    n_anchors, n_sites = basis.shape
+    return project_onto_basis(dense, basis) * math.sqrt(n_sites / n_anchors)
+
+
 def _basis_for_side(
     side: int, n_anchors: int, omega: float, sigma: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +144,7 @@ class SparseConv(nn.Module):
     Parameters ``weight (C', C, M)`` (anchor values) and ``bias (C')``; buffers ``anchors (M, 2)`` and
     ``basis (M, k*k)``. Induced filter ``einsum('dcm,mt->dct', weight, basis)`` reshaped to ``(C', C, k, k)``.
     Parameters ``C C' M + C'``; default ``M = anchor_count(k*k, anchor_rule, anchor_factor)`` (5 for 3x3).
-    Init: least-squares projection of a Kaiming-uniform (ReLU gain) dense filter, bias 0.
+    Init: :func:`init_from_dense` of a Kaiming-uniform (ReLU gain) dense filter, bias 0.
     ``padding="circular"`` (default) is translation-equivariant; ``"zeros"`` reproduces the reference only.
     """
 
@@ -180,7 +191,7 @@ class SparseConv(nn.Module):
             return
         fan_in = self.in_channels * self.kernel_size**2
         dense = _uniform_cpu((self.out_channels, self.in_channels, self.kernel_size**2), 2.0 / fan_in)
-        self.weight.copy_(project_onto_basis(dense, basis))
+        self.weight.copy_(init_from_dense(dense, basis))
 
     def induced_weight(self) -> torch.Tensor:
         """Dense filter ``(C', C, k, k)`` induced by the anchor values."""
@@ -215,8 +226,8 @@ class SparseFC(nn.Module):
     - buffers ``anchors_in (M_X, 2)``, ``basis_in (M_X, X)``, ``anchors_out (M_Y, 2)``, ``basis_out (M_Y, Y)``.
 
     Forward: ``x (B,C,X) @ basis_in.T -> stage_u (B,C,C') -> transpose -> stage_v (B,C',M_Y) @ basis_out``.
-    Parameters ``C C' (M_X + M_Y) + C'``. Init: F-FC's dense init (U variance ``1/X``, V variance ``1/C``)
-    projected by least squares onto the bases; bias 0.
+    Parameters ``C C' (M_X + M_Y) + C'``. Init: F-FC's dense init (U variance ``1/X``, V variance ``2/C``)
+    projected onto the bases by :func:`init_from_dense`; bias 0.
     """
 
     equivariant = False
@@ -259,14 +270,14 @@ class SparseFC(nn.Module):
 
     @torch.no_grad()
     def _init_from_dense(self, basis_in: torch.Tensor, basis_out: torch.Tensor) -> None:
-        """Fit anchor values to F-FC's dense init (U var ``1/X``, V var ``1/C``); skipped on ``meta``."""
+        """Fit anchor values to F-FC's dense init (U var ``1/X``, V var ``2/C``); skipped on ``meta``."""
         if self.stage_u.weight.is_meta:
             return
         n_in, n_out = basis_in.shape[1], basis_out.shape[1]
         dense_u = _uniform_cpu((self.out_channels, self.in_channels, n_in), 1.0 / n_in)  # (C', C, X)
-        dense_v = _uniform_cpu((n_out, self.out_channels, self.in_channels), 1.0 / self.in_channels)  # (Y, C', C)
-        self.stage_u.weight.copy_(project_onto_basis(dense_u, basis_in))
-        values_v = project_onto_basis(dense_v.permute(1, 2, 0), basis_out)  # (C', C, M_Y)
+        dense_v = _uniform_cpu((n_out, self.out_channels, self.in_channels), 2.0 / self.in_channels)  # (Y, C', C)
+        self.stage_u.weight.copy_(init_from_dense(dense_u, basis_in))
+        values_v = init_from_dense(dense_v.permute(1, 2, 0), basis_out)  # (C', C, M_Y)
         self.stage_v.weight.copy_(values_v.permute(2, 0, 1))
         nn.init.zeros_(self.stage_u.bias)
 
