@@ -13,11 +13,17 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 from ella import distributed
+from ella.data import CIFAR_TEST_CHOICES
+from ella.layers.relaxed import COMBINE_MODES
+from ella.marglik import MarglikError
 from ella.train import TrainConfig
+from kfac.decomposition import CurvatureError
+from kfac.sqrt_hessian import CURVATURES
 
 # flag name -> (type, help). Defaults are None so that "not given" can be told apart from a preset value.
 _OVERRIDES: dict[str, tuple[type, str]] = {
@@ -36,9 +42,15 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "curvature": (str, "KFAC curvature: 'ggn' (exact), 'mc' (Monte-Carlo) or 'ef' (empirical Fisher)"),
     "prior_init": (float, "initial prior precision of every group"),
     "n_train": (int, "use a class-balanced subset of this many training images"),
+    "cifar_test": (str, "CIFAR-10 test set: 'exact' (the 1,000 bit-exact official images) or 'jpeg10k' (all 10,000, lossy JPEG)"),
     "n_valid": (int, "hold out this many training images for validation (overrides --valid-fraction)"),
     "valid_fraction": (float, "fraction of the training data held out for validation"),
     "seed": (int, "random seed"),
+}
+
+# flags whose values come from a fixed list (argparse rejects anything else with the list)
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "combine": COMBINE_MODES, "optimizer": ("sgd", "adam"), "curvature": CURVATURES, "cifar_test": CIFAR_TEST_CHOICES,
 }
 
 
@@ -47,7 +59,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, presets: dict[str, d
     parser.add_argument("--laplace", action="store_true", help="learn the prior precisions by the Laplace marginal likelihood (otherwise MAP)")
     parser.add_argument("--preset", choices=sorted(presets), default="cpu", help="a named configuration; explicit flags override it")
     for name, (kind, text) in _OVERRIDES.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text, choices=_CHOICES.get(name)
+        )
     parser.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no data augmentation for parameter updates")
     parser.add_argument("--per-tensor-prior", action="store_true", default=None, help="one precision per parameter tensor instead of per path")
     parser.add_argument("--report", action="store_true", default=None, help="write the effective-parameter report after a MAP run too")
@@ -84,6 +98,19 @@ def figure_dir(out: Path) -> Path:
     if out.parts and out.parts[0] == "runs":
         return Path("figures", *out.parts[1:])
     return out / "figures"
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Run an experiment's ``main``; a user error (bad option, missing data, a marginal likelihood or a
+    curvature that cannot be computed) ends with its message and exit status 2 instead of a traceback
+    (``-v`` / ``--verbose`` shows the traceback too)."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, MarglikError, CurvatureError) as error:
+        if "-v" in sys.argv or "--verbose" in sys.argv:
+            raise
+        print(f"error: {error}\n(run with -v for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def setup_logging(verbose: bool) -> None:

@@ -52,6 +52,7 @@ from ella.msr.compare import (
     query_mse,
 )
 from ella.priors import Prior
+from ella.cli import run_script
 
 METHODS = ("marglik", "map", "msr_fc")
 LABELS = {"marglik": "FC+CONV marglik", "map": "FC+CONV MAP d=1", "msr_fc": "MSR-FC", "generator": "generator U"}
@@ -216,4 +217,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

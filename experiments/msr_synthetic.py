@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ella.msr.evaluate import start_run
 from ella.msr import (
+from ella.cli import run_script
     Conv1dFlat,
     LocallyConnected1d,
     MetaConfig,
@@ -258,4 +259,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -16,7 +16,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from ella.cli import add_training_arguments, config_from_args, run_many, setup_logging, write_table
+from ella.cli import add_training_arguments, config_from_args, run_many, run_script, setup_logging, write_table
 
 PRESETS = {
     # Paper: width 2 (the reduced multi-group width); MNIST 1000 epochs, CIFAR 4000 with augmentation.
@@ -78,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

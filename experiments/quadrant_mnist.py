@@ -18,7 +18,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from ella.cli import add_training_arguments, config_from_args, run_many, setup_logging, write_table
+from ella.cli import add_training_arguments, config_from_args, run_many, run_script, setup_logging, write_table
 
 PRESETS = {
     # Paper: 999 epochs, no augmentation, width 10.
@@ -74,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -108,7 +108,8 @@ def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     command = [
         sys.executable, str(REPO / "experiments" / "cifar10.py"), "--layer", "conv", "--laplace", "--preset", "cpu",
         "--alpha", "1", "--epochs", "24", "--n-train", "100", "--n-valid", "20", "--burn-in", "1",
-        "--marglik-every", "1", "--hyper-steps", "2", "--data-dir", str(data), "--device", "cpu", "--out", str(out),
+        "--marglik-every", "1", "--hyper-steps", "2", "--cifar-test", "exact", "--data-dir", str(data), "--device", "cpu",
+        "--out", str(out),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -129,6 +130,24 @@ def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert epochs == list(range(1, 25))
     assert (out / "effective_parameters.txt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--layer", "conv", "--data-dir", "MISSING"], "Could not find CIFAR-10"),
+        (["--layer", "conv", "--combine", "avg"], "invalid choice: 'avg'"),
+        (["--layer", "convv"], "invalid choice: 'convv'"),
+    ],
+)
+def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: list[str], message: str) -> None:
+    flags = [str(tmp_path / "missing") if flag == "MISSING" else flag for flag in flags]
+    command = [sys.executable, str(REPO / "experiments" / "cifar10.py"), *flags, "--out", str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "ELLA_DATA": str(tmp_path / "missing")})
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_help_lists_every_flag() -> None:
