@@ -1,10 +1,12 @@
-"""Forward hooks that record layer inputs/outputs, and the batched backward to the layer outputs.
+"""Forward hooks that record layer inputs/outputs, and the backward of all directions to the layer outputs.
 
-One forward pass records, for every supported module, its (detached) input and its output tensor. One
-backward pass then produces the gradients of ``sum_n S[d, n]^T f(x_n)`` w.r.t. every recorded output for all
-``D`` loss-Hessian square-root directions at once (``is_grads_batched``): ``(D, *output.shape)`` per module.
-Only gradients w.r.t. the recorded outputs are requested, so autograd prunes weight gradients and everything
-before the first recorded output.
+One forward pass records, for every supported module, its (detached) input and its output tensor. The
+backward then produces the gradients of ``sum_n S[d, n]^T f(x_n)`` w.r.t. every recorded output for all ``D``
+loss-Hessian square-root directions, either one backward per direction (``"loop"``, the default: every op runs
+at full speed and no ``(D, ...)`` tensor is ever materialised) or one vmapped backward (``"batched"``,
+``is_grads_batched``). Only gradients w.r.t. the recorded outputs are requested, so autograd prunes weight
+gradients and everything before the first recorded output. The result per module is a
+:class:`DirectionChunks` of logical shape ``(D, *output.shape)``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 BACKWARD_MODES = ("batched", "loop")
+_MERGE_ELEMENTS = 1 << 20  # per-direction gradients of at most this many elements in all are joined into one chunk
 
 
 @dataclass
@@ -27,6 +30,38 @@ class Record:
     input: torch.Tensor | None = None
     output: torch.Tensor | None = None
     version: int = -1
+
+
+@dataclass(frozen=True, eq=False)
+class DirectionChunks:
+    """Per-direction tensors ``(D, *S)`` stored as chunks ``(D_i, *S)`` along the direction axis.
+
+    Every KFAC quantity is a sum (factors) or an "any" (used positions) over directions, so rules transform the
+    chunks one by one (:meth:`map`) and accumulate over them (:meth:`fold`) instead of concatenating them.
+    """
+
+    parts: tuple[torch.Tensor, ...]
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ValueError("DirectionChunks needs at least one chunk")
+
+    @property
+    def shape(self) -> torch.Size:
+        """Logical shape ``(D, *S)``."""
+        return torch.Size((sum(p.shape[0] for p in self.parts), *self.parts[0].shape[1:]))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> DirectionChunks:
+        """Apply ``fn`` (which must keep the leading direction axis) to every chunk."""
+        return DirectionChunks(tuple(fn(p) for p in self.parts))
+
+    def fold(self, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+        """Accumulate over chunks: ``acc = fn(chunk, acc)``, starting from ``acc = None`` (``fn`` may update
+        ``acc`` in place and return it)."""
+        acc = None
+        for part in self.parts:
+            acc = fn(part, acc)
+        return acc
 
 
 class Recorder:
@@ -62,16 +97,7 @@ class Recorder:
         self._handles.clear()
 
 
-def output_gradients(
-    logits: torch.Tensor, records: list[Record], seeds: torch.Tensor, mode: str = "batched"
-) -> list[torch.Tensor]:
-    """Gradients of ``<seeds[d], logits>`` w.r.t. every record's output: ``(D, *output.shape)`` each.
-
-    ``seeds`` is ``(D, B, K)``. ``mode="batched"`` runs one vmapped backward (``is_grads_batched``);
-    ``mode="loop"`` runs ``D`` ordinary backward passes (reference/benchmark only).
-    """
-    if mode not in BACKWARD_MODES:
-        raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, got {mode!r}")
+def _check_records(records: list[Record]) -> None:
     for record in records:
         if record.output is None:
             raise RuntimeError(f"module {record.name} was not called in the forward pass")
@@ -80,19 +106,46 @@ def output_gradients(
                 f"the output of module {record.name} was modified in place (e.g. ReLU(inplace=True)); "
                 "the KFAC engine needs the unmodified layer output"
             )
+
+
+def output_gradients(
+    logits: torch.Tensor, records: list[Record], seeds: torch.Tensor, mode: str = "loop"
+) -> list[DirectionChunks]:
+    """Gradients of ``<seeds[d], logits>`` w.r.t. every record's output, ``(D, *output.shape)`` each.
+
+    ``seeds`` is ``(D, B, K)``. ``mode="loop"`` runs ``D`` ordinary backward passes (chunks of one direction);
+    ``mode="batched"`` runs one vmapped backward (``is_grads_batched``, a single chunk); small gradients are
+    joined into one chunk in either mode. Both give the same gradients; the loop is faster on CPU because
+    several batching rules fall back to per-direction loops plus a concatenation, and large fresh ``(D, ...)``
+    allocations are expensive (page faults).
+    """
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, got {mode!r}")
+    _check_records(records)
     outputs = [record.output for record in records]
     n_dirs = seeds.shape[0]
     if n_dirs == 0:
-        return [out.new_zeros((0, *out.shape)) for out in outputs]
+        return [DirectionChunks((out.new_zeros((0, *out.shape)),)) for out in outputs]
     seeds = seeds.to(logits.dtype)
     if mode == "batched":
         grads = torch.autograd.grad(logits, outputs, grad_outputs=seeds, is_grads_batched=True, allow_unused=True)
+        per_dir = [tuple(None if g is None else g.detach() for g in grads)]
     else:
         per_dir = [
-            torch.autograd.grad(logits, outputs, grad_outputs=seeds[d], retain_graph=d < n_dirs - 1, allow_unused=True)
+            tuple(
+                None if g is None else g.detach()[None]
+                for g in torch.autograd.grad(
+                    logits, outputs, grad_outputs=seeds[d], retain_graph=d < n_dirs - 1, allow_unused=True
+                )
+            )
             for d in range(n_dirs)
         ]
-        grads = [None if g[0] is None else torch.stack(g) for g in zip(*per_dir)]
-    return [
-        out.new_zeros((n_dirs, *out.shape)) if g is None else g.detach() for g, out in zip(grads, outputs)
-    ]
+    chunks = []
+    for i, out in enumerate(outputs):
+        parts = tuple(grads[i] for grads in per_dir)
+        if parts[0] is None:  # unused output: zero gradient in every direction
+            parts = (out.new_zeros((n_dirs, *out.shape)),)
+        elif len(parts) > 1 and n_dirs * out.numel() <= _MERGE_ELEMENTS:  # small: one chunk, fewer tiny kernels
+            parts = (torch.cat(parts),)
+        chunks.append(DirectionChunks(parts))
+    return chunks

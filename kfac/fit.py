@@ -33,13 +33,14 @@ def kfac_batch(
     position_norm: str = "used",
     rank_reduced: bool = True,
     generator: torch.Generator | None = None,
-    backward: str = "batched",
+    backward: str = "loop",
     factor_dtype: torch.dtype | None = None,
 ) -> KronCurvature:
     """KFAC curvature of one batch ``x (B, ...)``, ``y (B,)`` or ``(B, K)``; ``model(x)`` must be ``(B, K)``.
 
-    One forward pass with recording hooks, one batched backward of the loss-Hessian square roots to all
-    recorded layer outputs (see :mod:`kfac.capture`, :mod:`kfac.sqrt_hessian`), then the per-module rules
+    One forward pass with recording hooks, a backward of the loss-Hessian square roots to all recorded layer
+    outputs (``backward="loop"``: one pass per direction, default; ``"batched"``: one vmapped pass; see
+    :mod:`kfac.capture`, :mod:`kfac.sqrt_hessian`), then the per-module rules
     (:mod:`kfac.rules`). Blocks are returned for every trainable parameter in ``model.named_parameters()``
     order; an unsupported module owning trainable parameters raises ``NotImplementedError``.
     ``factor_dtype`` casts the batch's factors (e.g. ``torch.float64`` to accumulate float32 models safely).

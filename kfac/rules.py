@@ -1,8 +1,9 @@
 """Per-module Kronecker factor rules (input side ``A``, output-gradient side ``B``), one block per parameter.
 
 Notation: ``x`` is the module input recorded in the forward pass, ``G`` the output gradients of all ``D``
-loss-Hessian square-root directions, ``(D, *output.shape)``. All factors are *raw sums over the batch*
-(see :mod:`kfac.curvature` for how ``1 / n_data`` is applied).
+loss-Hessian square-root directions, ``(D, *output.shape)``, held as :class:`~kfac.capture.DirectionChunks`
+(rules reshape them chunk by chunk and sum or "any" over chunks, concatenating only small row sets). All
+factors are *raw sums over the batch* (see :mod:`kfac.curvature` for how ``1 / n_data`` is applied).
 
 Weight-sharing layers (convolutions, linear layers on inputs with extra leading axes, rotations of group
 convolutions) use KFAC-expand (Grosse & Martens 2016; Eschenhagen et al. 2023): every output position is
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kfac.capture import DirectionChunks
 from kfac.curvature import KronBlock
 
 N_ROTATIONS = 4
@@ -79,25 +81,40 @@ class RuleOptions:
 
 
 _CHUNK_ELEMENTS = 1 << 23  # bound on temporaries of the batched Gram products
+_CAT_ELEMENTS = 1 << 20  # row sets up to this size are concatenated into one Gram product
 
 
-def _gram(rows: torch.Tensor) -> torch.Tensor:
-    """``(M, d) -> (d, d)``: ``rows^T rows``."""
-    return rows.T @ rows
+def _gram(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(M, d) -> (d, d)``: ``rows^T rows``, added onto ``out`` in place if given."""
+    return rows.T @ rows if out is None else out.addmm_(rows.T, rows)
 
 
-def _batched_gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``sum_n left[n] right[n]^T`` for ``(N, d, P)`` inputs, as chunked ``bmm`` + sum -> ``(d, d)``."""
-    n, d, _ = left.shape
+def _batched_gram(grads: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_n grads[n] grads[n]^T`` for ``(N, d, P)`` -> ``(d, d)``, added onto ``out`` in place if given.
+
+    Few long rows (``d <= P``): chunked ``bmm`` + sum (no copy of the input). Many short rows: one product of
+    the ``(N*P, d)`` transpose (a ``(N, d, d)`` temporary would be larger than the input).
+    """
+    n, d, n_pos = grads.shape
+    if d > n_pos:
+        return _gram(grads.transpose(1, 2).reshape(-1, d), out)
     step = max(1, _CHUNK_ELEMENTS // max(1, d * d))
-    total = left.new_zeros(d, d)
+    total = grads.new_zeros(d, d) if out is None else out
     for start in range(0, n, step):
-        stop = start + step
-        total += torch.bmm(left[start:stop], right[start:stop].transpose(1, 2)).sum(0)
+        part = grads[start : start + step]
+        total += torch.bmm(part, part.transpose(1, 2)).sum(0)
     return total
 
 
-def position_weights(grads: torch.Tensor, position_norm: str) -> torch.Tensor | None:
+def _used_positions(grads: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
+    """``(D, B, O, P) -> (B, P)`` bool: some direction or output channel is non-zero at ``(n, t)`` (or'ed
+    onto ``used`` in place if given)."""
+    # two reductions over the channel axis (vectorised along the positions) and no full-size temporary
+    found = ((grads.amax(2) != 0) | (grads.amin(2) != 0)).any(0)
+    return found if used is None else used.logical_or_(found)
+
+
+def position_weights(grads: DirectionChunks, position_norm: str) -> torch.Tensor | None:
     """Per-sample position weights ``(B, P)`` from output gradients ``(D, B, O, P)``, or ``None`` if uniform.
 
     ``w[n, t] = 1/|T_n|`` on the positions counted for sample ``n`` (see ``position_norm``), else 0.
@@ -105,48 +122,113 @@ def position_weights(grads: torch.Tensor, position_norm: str) -> torch.Tensor | 
     n_pos = grads.shape[3]
     if position_norm == "all" or n_pos == 1:
         return None
-    n_dirs, batch, d_out = grads.shape[:3]
-    magnitude = grads.reshape(n_dirs * batch, d_out, n_pos).abs().amax(1)  # fast: reduce a middle dim
-    used = magnitude.reshape(n_dirs, batch, n_pos).amax(0) > 0  # (B, P)
+    used = grads.fold(_used_positions)  # (B, P)
     count = used.sum(1, keepdim=True)
     if bool((count == n_pos).all()):
         return None
-    weights = used.to(grads.dtype) / count.clamp_min(1)
+    weights = used.to(grads.parts[0].dtype) / count.clamp_min(1)
     return torch.where(count > 0, weights, torch.full_like(weights, 1.0 / n_pos))
 
 
-def input_factor(patches: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+@dataclass(frozen=True, eq=False)
+class ConvWindows:
+    """Lazy patches of an already padded input ``x (B, C, H, W)`` for a ``kernel_size``/``stride`` convolution.
+
+    Nothing is copied until :meth:`dense` (all patches) or :meth:`gram_at` (a Gram matrix over some positions)
+    is called, so a factor that only needs the positions used downstream gathers just those.
+    """
+
+    x: torch.Tensor
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+
+    def _windows(self) -> torch.Tensor:
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        return self.x.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, C, Ho, Wo, kh, kw)
+
+    def dense(self) -> torch.Tensor:
+        """All patches ``(B, C*kh*kw, L)``, layout ``(C, kh, kw)``, stored in ``(C*kh*kw, B, L)`` memory order."""
+        windows = self._windows()
+        batch, channels, h_out, w_out, kh, kw = windows.shape
+        cols = windows.permute(1, 4, 5, 0, 2, 3).reshape(channels * kh * kw, batch, h_out * w_out)
+        return cols.transpose(0, 1)
+
+    def gram_at(self, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_u weights[u] a_u a_u^T`` over the patches at flat positions ``index (U,)`` (into ``B * L``,
+        sample-major) -> ``(C*kh*kw, C*kh*kw)`` in the ``(C, kh, kw)`` layout.
+
+        Gathers whole channel vectors from a channels-last copy of ``x`` (one row per position and tap), i.e.
+        patches in ``(kh, kw, C)`` order, and permutes the small result instead of the patches.
+        """
+        batch, channels, height, width = self.x.shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        w_out = (width - kw) // sw + 1
+        n_loc = ((height - kh) // sh + 1) * w_out
+        sample, site = index // n_loc, index % n_loc
+        corner = (sample * height + (site // w_out) * sh) * width + (site % w_out) * sw  # top-left pixel
+        taps = torch.arange(kh, device=index.device)[:, None] * width + torch.arange(kw, device=index.device)
+        pixels = self.x.permute(0, 2, 3, 1).reshape(-1, channels)  # (B*H*W, C), one copy
+        rows = pixels.index_select(0, (corner[:, None] + taps.reshape(-1)).reshape(-1))
+        rows = rows.reshape(index.numel(), kh * kw * channels)
+        gram = (rows * weights[:, None]).T @ rows  # (kh, kw, C) layout
+        gram = gram.reshape(kh, kw, channels, kh, kw, channels).permute(2, 0, 1, 5, 3, 4)
+        return gram.reshape(channels * kh * kw, channels * kh * kw)
+
+
+Patches = torch.Tensor | ConvWindows
+
+
+def input_factor(patches: Patches, weights: torch.Tensor | None) -> torch.Tensor:
     """``A = sum_{n,t} w[n,t] a_{n,t} a_{n,t}^T`` from patches ``(B, Din, P)`` and weights ``(B, P)``.
 
-    ``weights=None`` means ``w = 1/P`` everywhere.
+    ``weights=None`` means ``w = 1/P`` everywhere. One matrix product over the ``(Din, B*P)`` columns, which
+    is a free view when the patches are stored ``(Din, B, P)`` (as :meth:`ConvWindows.dense` stores them) or
+    ``(B, P, Din)`` (linear layers); when at most half the positions have non-zero weight (e.g. after polyphase
+    subsampling) only the others enter the product (gathered straight from the windows for convolutions).
     """
-    batch, d_in, n_pos = patches.shape
-    if n_pos == 1:
-        rows = patches[:, :, 0]
-        scaled = rows if weights is None else rows * weights
-        return scaled.T @ rows
-    if weights is None:
-        return _batched_gram(patches, patches) / n_pos
-    return _batched_gram(patches * weights[:, None, :], patches)
+    flat = None if weights is None else weights.reshape(-1)
+    keep = None if flat is None else flat.nonzero()[:, 0]
+    if keep is not None and 2 * keep.numel() <= flat.numel():
+        if isinstance(patches, ConvWindows):
+            return patches.gram_at(keep, flat[keep])
+        batch, d_in, n_pos = patches.shape
+        kept = patches.permute(1, 0, 2).reshape(d_in, batch * n_pos).index_select(1, keep)
+        return (kept * flat[keep]) @ kept.T
+    dense = patches.dense() if isinstance(patches, ConvWindows) else patches
+    batch, d_in, n_pos = dense.shape
+    cols = dense.permute(1, 0, 2).reshape(d_in, batch * n_pos)
+    if flat is None:
+        return (cols @ cols.T) / n_pos
+    return (cols * flat) @ cols.T
 
 
-def output_factor(grads: torch.Tensor) -> torch.Tensor:
+def _rows_gram(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_i rows[i]^T rows[i]`` for ``(M_i, d)`` row sets: one product of the concatenation when it is
+    small (per-chunk products of a few hundred rows are dominated by call overhead), else accumulated."""
+    if len(rows) > 1 and sum(r.numel() for r in rows) <= _CAT_ELEMENTS:
+        return _gram(torch.cat(rows))
+    total = None
+    for part in rows:
+        total = _gram(part, total)
+    return total
+
+
+def output_factor(grads: DirectionChunks) -> torch.Tensor:
     """``B = sum_{d,n,t} g g^T`` from output gradients ``(D, B, O, P)``."""
     n_dirs, batch, d_out, n_pos = grads.shape
     if n_pos == 1:
-        return _gram(grads.reshape(-1, d_out))
-    flat = grads.reshape(n_dirs * batch, d_out, n_pos)
-    return _batched_gram(flat, flat)
+        return _rows_gram([p.reshape(-1, d_out) for p in grads.parts])
+    return grads.fold(lambda p, acc: _batched_gram(p.reshape(-1, d_out, n_pos), acc))
 
 
-def bias_factor(grads: torch.Tensor) -> torch.Tensor:
+def bias_factor(grads: DirectionChunks) -> torch.Tensor:
     """Exact bias block ``sum_{d,n} (sum_t g)(sum_t g)^T`` from ``(D, B, O, P)``."""
-    summed = grads.sum(3)
-    return _gram(summed.reshape(-1, summed.shape[-1]))
+    d_out = grads.shape[2]
+    return _rows_gram([p.sum(3).reshape(-1, d_out) for p in grads.parts])
 
 
 def expand_blocks(
-    prefix: str, module: nn.Module, patches: torch.Tensor, grads: torch.Tensor, position_norm: str
+    prefix: str, module: nn.Module, patches: Patches, grads: DirectionChunks, position_norm: str
 ) -> dict[str, KronBlock]:
     """Weight (KFAC-expand) and exact bias blocks from patches ``(B, Din, P)`` and grads ``(D, B, O, P)``."""
     blocks: dict[str, KronBlock] = {}
@@ -168,23 +250,23 @@ def im2col(
 ) -> torch.Tensor:
     """Patches of an already padded ``(B, C, H, W)`` input: ``(B, C*kh*kw, L)``, layout ``(C, kh, kw)``.
 
-    Without dilation this is a strided view made contiguous once (faster than ``F.unfold`` on CPU).
+    Without dilation this is :meth:`ConvWindows.dense` (one copy of a strided view, faster than ``F.unfold``).
     """
     if tuple(dilation) != (1, 1):
         return F.unfold(x, kernel_size, dilation=dilation, stride=stride)
-    (kh, kw), (sh, sw) = kernel_size, stride
-    windows = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, C, Ho, Wo, kh, kw)
-    batch, channels, h_out, w_out = windows.shape[:4]
-    return windows.permute(0, 1, 4, 5, 2, 3).reshape(batch, channels * kh * kw, h_out * w_out)
+    return ConvWindows(x, tuple(kernel_size), tuple(stride)).dense()
 
 
-def conv_patches(x: torch.Tensor, module: nn.Conv2d) -> torch.Tensor:
-    """im2col of a stock ``nn.Conv2d`` input, padded as the module pads it: ``(B, C*kh*kw, L)``."""
+def conv_patches(x: torch.Tensor, module: nn.Conv2d) -> Patches:
+    """Patches of a stock ``nn.Conv2d`` input, padded as the module pads it: ``(B, C*kh*kw, L)`` (lazy
+    :class:`ConvWindows` without dilation)."""
     pads = module._reversed_padding_repeated_twice
     if any(pads):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, pads, mode=mode)
-    return im2col(x, module.kernel_size, module.stride, module.dilation)
+    if tuple(module.dilation) != (1, 1):
+        return F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    return ConvWindows(x, module.kernel_size, module.stride)
 
 
 def _circular_patches(x: torch.Tensor, kernel_size: int, padding: str = "circular") -> torch.Tensor:
@@ -217,57 +299,69 @@ def full_group_patches(patches: torch.Tensor, channels: int, k: int) -> torch.Te
 
 
 def _rotation_blocks(
-    prefix: str, module: nn.Module, patches: torch.Tensor, grads: torch.Tensor, options: RuleOptions
+    prefix: str, module: nn.Module, patches: torch.Tensor, grads: DirectionChunks, options: RuleOptions
 ) -> dict[str, KronBlock]:
     """Blocks of a p4 conv from patches ``(B, 4, Din, L)`` and grads ``(D, B, 4C', H, W)``."""
-    n_dirs, batch = grads.shape[:2]
-    c_out = module.out_channels
-    g = grads.reshape(n_dirs, batch, N_ROTATIONS, c_out, -1)  # (D, B, 4, C', L)
+    batch, c_out = grads.shape[1], module.out_channels
+    g = grads.map(lambda t: t.reshape(t.shape[0], batch, N_ROTATIONS, c_out, -1))  # (D, B, 4, C', L)
+    sites_and_rotations = g.map(lambda t: t.transpose(2, 3).reshape(t.shape[0], batch, c_out, -1))
     if options.rotation_mode == "expand":
         pat = patches.transpose(1, 2).reshape(batch, patches.shape[2], -1)  # positions (4, L)
-        grd = g.transpose(2, 3).reshape(n_dirs, batch, c_out, -1)
-        return expand_blocks(prefix, module, pat, grd, options.position_norm)
-    blocks = expand_blocks(prefix, module, patches.sum(1), g.mean(2), options.position_norm)
+        return expand_blocks(prefix, module, pat, sites_and_rotations, options.position_norm)
+    blocks = expand_blocks(prefix, module, patches.sum(1), g.map(lambda t: t.mean(2)), options.position_norm)
     bias = getattr(module, "bias", None)
     if bias is not None and bias.requires_grad:  # exact bias: sum over rotations *and* sites
-        full = g.transpose(2, 3).reshape(n_dirs, batch, c_out, -1)
-        blocks[f"{prefix}bias"] = KronBlock(f"{prefix}bias", bias.shape, "single", bias_factor(full)[None])
+        blocks[f"{prefix}bias"] = KronBlock(
+            f"{prefix}bias", bias.shape, "single", bias_factor(sites_and_rotations)[None]
+        )
     return blocks
 
 
 # ----------------------------------------------------------------------------------------------- rules
 
-Rule = Callable[[str, nn.Module, torch.Tensor, torch.Tensor, RuleOptions], dict[str, KronBlock]]
+Rule = Callable[[str, nn.Module, torch.Tensor, DirectionChunks, RuleOptions], dict[str, KronBlock]]
 
 
-def linear_rule(prefix: str, module: nn.Linear, x: torch.Tensor, grads: torch.Tensor, options: RuleOptions):
+def _sites_last(grads: DirectionChunks, batch: int, channels: int) -> DirectionChunks:
+    """``(D, B, C, *sites) -> (D, B, C, P)`` chunk by chunk."""
+    return grads.map(lambda t: t.reshape(t.shape[0], batch, channels, -1))
+
+
+def linear_rule(prefix: str, module: nn.Linear, x: torch.Tensor, grads: DirectionChunks, options: RuleOptions):
     """``nn.Linear`` on ``(B, ..., I)``; extra leading axes are positions."""
-    batch, n_dirs = x.shape[0], grads.shape[0]
+    batch, d_out = x.shape[0], grads.shape[-1]
     patches = x.reshape(batch, -1, x.shape[-1]).transpose(1, 2)
-    grd = grads.reshape(n_dirs, batch, -1, grads.shape[-1]).transpose(2, 3)
+    grd = grads.map(lambda t: t.reshape(t.shape[0], batch, -1, d_out).transpose(2, 3))
     return expand_blocks(prefix, module, patches, grd, options.position_norm)
 
 
-def conv2d_rule(prefix: str, module: nn.Conv2d, x: torch.Tensor, grads: torch.Tensor, options: RuleOptions):
+def conv2d_rule(prefix: str, module: nn.Conv2d, x: torch.Tensor, grads: DirectionChunks, options: RuleOptions):
     """Stock ``nn.Conv2d`` (``groups=1``), KFAC-expand over output sites."""
     if module.groups != 1:
         raise NotImplementedError(f"module {prefix.rstrip('.')} (Conv2d): groups={module.groups} is not supported")
-    n_dirs, batch, c_out = grads.shape[:3]
+    batch, c_out = grads.shape[1:3]
     return expand_blocks(
-        prefix, module, conv_patches(x, module), grads.reshape(n_dirs, batch, c_out, -1), options.position_norm
+        prefix, module, conv_patches(x, module), _sites_last(grads, batch, c_out), options.position_norm
     )
 
 
-def grouped_linear_rule(prefix: str, module: nn.Module, x: torch.Tensor, grads: torch.Tensor, options: RuleOptions):
+def _per_group_gram(grads: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``(D, B, G, O) -> (G, O, O)``: ``sum_{d,n} g g^T`` per group, added onto ``out`` in place if given."""
+    n_dirs, batch, groups, d_out = grads.shape
+    gg = grads.permute(2, 0, 1, 3).reshape(groups, n_dirs * batch, d_out)
+    return torch.bmm(gg.transpose(1, 2), gg) if out is None else out.baddbmm_(gg.transpose(1, 2), gg)
+
+
+def grouped_linear_rule(
+    prefix: str, module: nn.Module, x: torch.Tensor, grads: DirectionChunks, options: RuleOptions
+):
     """``GroupedLinear`` ``(B, G, I) -> (B, G, O)``, weight ``(O, G, I)``: per-group or reference blocks."""
     blocks: dict[str, KronBlock] = {}
     weight, bias = module.weight, module.bias
-    n_dirs, batch, groups, d_out = grads.shape
     if weight.requires_grad:
         xg = x.transpose(0, 1)  # (G, B, I)
         a = torch.bmm(xg.transpose(1, 2), xg)  # (G, I, I)
-        gg = grads.permute(2, 0, 1, 3).reshape(groups, n_dirs * batch, d_out)
-        b = torch.bmm(gg.transpose(1, 2), gg)  # (G, O, O)
+        b = grads.fold(_per_group_gram)  # (G, O, O)
         if options.grouped_mode == "per_group":
             blocks[f"{prefix}weight"] = KronBlock(f"{prefix}weight", weight.shape, "direct_sum", b, a)
         else:
@@ -275,29 +369,28 @@ def grouped_linear_rule(prefix: str, module: nn.Module, x: torch.Tensor, grads: 
             blocks[f"{prefix}weight"] = KronBlock(f"{prefix}weight", weight.shape, "shared_out", b_shared, a)
     if bias is not None and bias.requires_grad:
         blocks[f"{prefix}bias"] = KronBlock(
-            f"{prefix}bias", bias.shape, "single", bias_factor(grads.transpose(2, 3))[None]
+            f"{prefix}bias", bias.shape, "single", bias_factor(grads.map(lambda t: t.transpose(2, 3)))[None]
         )
     return blocks
 
 
-def sparse_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, grads: torch.Tensor, options: RuleOptions):
+def sparse_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, grads: DirectionChunks, options: RuleOptions):
     """``SparseConv``: conv rule on the induced filter, patches projected tap-wise onto the anchors."""
     k = module.kernel_size
     patches = _circular_patches(x, k, module.padding)
     batch, _, n_loc = patches.shape
     taps = patches.reshape(batch, module.in_channels, k * k, n_loc)
     projected = torch.einsum("bctl,mt->bcml", taps, module.basis.detach().to(taps.dtype))
-    n_dirs, _, c_out = grads.shape[:3]
     return expand_blocks(
         prefix,
         module,
         projected.reshape(batch, -1, n_loc),
-        grads.reshape(n_dirs, batch, c_out, -1),
+        _sites_last(grads, batch, grads.shape[2]),
         options.position_norm,
     )
 
 
-def lifting_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, grads: torch.Tensor, options: RuleOptions):
+def lifting_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, grads: DirectionChunks, options: RuleOptions):
     """``LiftingConv`` ``(B, C, H, W) -> (B, 4C', H, W)``: rotations as positions (or reduced)."""
     k = module.kernel_size
     patches = _circular_patches(x, k)
@@ -305,7 +398,7 @@ def lifting_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, grads: to
     return _rotation_blocks(prefix, module, unrotated_patches(lifted, module.in_channels, k), grads, options)
 
 
-def group_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, grads: torch.Tensor, options: RuleOptions):
+def group_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, grads: DirectionChunks, options: RuleOptions):
     """``GroupConv`` ``(B, 4C, H, W) -> (B, 4C', H, W)``, pointwise or full."""
     k, c_in = module.kernel_size, module.in_channels
     patches = _circular_patches(x, k)  # (B, 4C*k*k, L), channels group-major

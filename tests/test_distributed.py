@@ -178,7 +178,7 @@ def test_torchrun_run_equals_single_process_run_and_writes_once(tmp_path: Path) 
         str(REPO / "experiments" / "cifar10.py"), "--layer", "conv", "--laplace", "--alpha", "1", "--epochs", "4",
         "--batch-size", "8", "--n-train", "40", "--n-valid", "10", "--burn-in", "2", "--marglik-every", "1",
         "--hyper-steps", "3", "--kfac-batch-size", "25", "--seed", "3", "--no-augment", "--optimizer", "sgd",
-        "--lr", "0.01", "--data-dir", str(data), "--device", "cpu", "--out", str(out),
+        "--lr", "0.01", "--cifar-test", "exact", "--data-dir", str(data), "--device", "cpu", "--out", str(out),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -9,10 +9,12 @@ from torch import nn
 
 from kfac.decomposition import CurvatureError
 from kfac.fit import fit_kfac, kfac_batch
-from ella.layers.conv import Conv
+from ella.layers.conv import Conv, circular_pad
+from ella.layers.polyphase import PolyphaseDownsample, polyphase_select
 from ella.layers.factored import FactoredFC
 from ella.layers.group import GroupConv, LiftingConv, lift
 from ella.layers.sparse import SparseConv, SparseFC
+from kfac.rules import ConvWindows, input_factor
 from kfac.sqrt_hessian import hessian_sqrt
 from kfac_utils import exact_ggn_blocks, loss_hessians, rel_err
 
@@ -329,6 +331,80 @@ def test_loop_and_batched_backward_agree():
     b = kfac_batch(model, x, _labels(3, 3), backward="loop")
     for name in a.block_names:
         assert rel_err(a.dense(name), b.dense(name)) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"rotation_mode": "reduce"}, {"grouped_mode": "reference"}, {"position_norm": "all"}],
+)
+def test_per_direction_chunks_give_the_single_vmapped_chunk_result_for_every_rule(monkeypatch, options):
+    """Loop mode with one chunk per direction (merging disabled) equals one vmapped backward, on every rule."""
+    torch.manual_seed(28)
+    model = nn.Sequential(
+        LiftingConv(2, 2, dtype=DT),
+        GroupConv(2, 2, mode="full", dtype=DT),
+        Conv(8, 3).to(DT),
+        nn.ReLU(),
+        PolyphaseDownsample(),
+        SparseConv(3, 3, dtype=DT),
+        FactoredFC(3, 2, 2, 2, dtype=DT),
+        FlattenHead(2 * 4),
+    )
+    x, y = torch.randn(5, 2, 4, 4, dtype=DT), _labels(5, 3)
+    vmapped = kfac_batch(model, x, y, backward="batched", **options)
+    monkeypatch.setattr("kfac.capture._MERGE_ELEMENTS", 0)
+    chunked = kfac_batch(model, x, y, backward="loop", **options)
+    assert chunked.block_names == vmapped.block_names
+    for name in vmapped.block_names:
+        assert rel_err(chunked.dense(name), vmapped.dense(name)) < 1e-12, name
+
+
+def test_polyphase_conv_used_positions_match_the_chosen_phase_in_both_backward_modes():
+    """Conv -> per-sample polyphase selection: A averages the patches of each sample's chosen phase only."""
+    torch.manual_seed(25)
+    model = nn.Sequential(Conv(2, 3).to(DT), PolyphaseDownsample(), FlattenHead(3 * 4))
+    x = torch.randn(5, 2, 4, 4, dtype=DT)
+    _, index = polyphase_select(model[0](x))
+    patches = _circular_patches_by_roll(x).reshape(5, 18, 4, 4)
+    kept = torch.stack([patches[n, :, a // 2 :: 2, a % 2 :: 2].reshape(18, 4) for n, a in enumerate(index.tolist())])
+    expected = torch.einsum("bip,bjp->ij", kept, kept) / 4 / 5
+    exact = exact_ggn_blocks(model, x)
+    for mode in ("loop", "batched"):
+        curv = kfac_batch(model, x, _labels(5, 3), backward=mode)
+        assert rel_err(curv.scaled_factors("0.conv.weight")[1][0], expected) < 1e-12, mode
+        assert rel_err(curv.dense("0.conv.bias"), exact["0.conv.bias"]) < TOL, mode
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("density", [0.2, 0.9])
+def test_conv_input_factor_from_windows_matches_unfold(stride, density):
+    """Lazy windows (gathered or dense) give ``sum w a a^T`` over F.unfold patches, for sparse and dense weights."""
+    torch.manual_seed(26)
+    x = torch.randn(3, 2, 7, 7, dtype=DT)
+    patches = F.unfold(x, 3, stride=stride)  # (B, 18, L)
+    weights = torch.rand(3, patches.shape[2], dtype=DT) * (torch.rand(3, patches.shape[2]) < density)
+    expected = torch.einsum("bp,bip,bjp->ij", weights, patches, patches)
+    windows = ConvWindows(x, (3, 3), (stride, stride))
+    assert rel_err(input_factor(windows, weights), expected) < 1e-12
+    assert rel_err(input_factor(patches, weights), expected) < 1e-12
+    uniform = torch.einsum("bip,bjp->ij", patches, patches) / patches.shape[2]
+    assert rel_err(input_factor(windows, None), uniform) < 1e-12
+
+
+def test_polyphase_and_circular_pad_backward_match_torch_references_when_vmapped():
+    """Custom backward formulas vs autograd of F.pad(circular) and of advanced indexing, per direction batch."""
+    torch.manual_seed(27)
+    x = torch.randn(4, 3, 6, 8, dtype=DT, requires_grad=True)
+    chosen, index = polyphase_select(x)
+    reference = x.reshape(4, 3, 3, 2, 4, 2)[torch.arange(4), :, :, index // 2, :, index % 2]
+    seeds = torch.randn(5, *chosen.shape, dtype=DT)
+    ours = torch.autograd.grad(chosen, x, seeds, is_grads_batched=True)[0]
+    assert torch.equal(ours, torch.autograd.grad(reference, x, seeds, is_grads_batched=True)[0])
+    padded = circular_pad(x, 3)
+    seeds = torch.randn(5, *padded.shape, dtype=DT)
+    ours = torch.autograd.grad(padded, x, seeds, is_grads_batched=True)[0]
+    expected = torch.autograd.grad(F.pad(x, (1, 1, 1, 1), mode="circular"), x, seeds, is_grads_batched=True)[0]
+    assert (ours - expected).abs().max() < 1e-12
 
 
 # ------------------------------------------------------------------------------------ accumulation / errors

@@ -33,17 +33,29 @@ def circular_pad(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return _CircularPad.apply(x, pad)
 
 
-def _fold_circular(grad: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
-    """Adjoint of circular padding along ``dim``: add the two pad strips back onto the rows they copy."""
-    size = grad.shape[dim] - 2 * pad
-    core = grad.narrow(dim, pad, size)
-    before, after = grad.narrow(dim, 0, pad), grad.narrow(dim, pad + size, pad)
-    middle = torch.zeros_like(core.narrow(dim, 0, size - 2 * pad))
-    return core + torch.cat([after, middle, before], dim=dim)
+def _fold_circular(grad: torch.Tensor, pad: int) -> torch.Tensor:
+    """Adjoint of circular padding by ``pad``: ``(..., H + 2p, W + 2p) -> (..., H, W)``.
+
+    Copies the core once and adds the 4 edge strips and 4 corners (each ``p`` wide) onto the rows/columns they
+    copy: padded row ``i < p`` holds row ``H - p + i``, padded row ``p + H + i`` holds row ``i`` (columns alike).
+    """
+    height, width = grad.shape[-2] - 2 * pad, grad.shape[-1] - 2 * pad
+    rows = {"core": slice(pad, pad + height), "low": slice(0, pad), "high": slice(pad + height, None)}
+    cols = {"core": slice(pad, pad + width), "low": slice(0, pad), "high": slice(pad + width, None)}
+    # where a padded strip lands in the unpadded map: "low" pads copy the last p rows/columns, "high" the first p
+    land_rows = {"core": slice(None), "low": slice(height - pad, None), "high": slice(0, pad)}
+    land_cols = {"core": slice(None), "low": slice(width - pad, None), "high": slice(0, pad)}
+    out = grad[..., rows["core"], cols["core"]].clone()
+    for r in rows:
+        for c in cols:
+            if r == "core" and c == "core":
+                continue
+            out[..., land_rows[r], land_cols[c]] += grad[..., rows[r], cols[c]]
+    return out
 
 
 class _CircularPad(torch.autograd.Function):
-    """Circular padding with a cheap backward (one fold per axis instead of F.pad's 8 slice copies)."""
+    """Circular padding with a cheap backward (one copy of the core plus 8 strip additions)."""
 
     generate_vmap_rule = True
 
@@ -57,7 +69,7 @@ class _CircularPad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _fold_circular(_fold_circular(grad, ctx.pad, -2), ctx.pad, -1), None
+        return _fold_circular(grad, ctx.pad), None
 
 
 def kaiming_relu_uniform_(weight: torch.Tensor) -> torch.Tensor:
