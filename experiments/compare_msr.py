@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ella.cli import run_script
 from ella.msr.evaluate import start_run
 from ella.msr import MetaConfig, MetaLearner, MSRFC, TranslationProblem, conv_symmetry_matrix, mean_confidence_interval
 from ella.msr.compare import (
@@ -52,7 +53,6 @@ from ella.msr.compare import (
     query_mse,
 )
 from ella.priors import Prior
-from ella.cli import run_script
 
 METHODS = ("marglik", "map", "msr_fc")
 LABELS = {"marglik": "FC+CONV marglik", "map": "FC+CONV MAP d=1", "msr_fc": "MSR-FC", "generator": "generator U"}

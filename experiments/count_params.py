@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ella.models import DEFAULT_ALPHA, LAYER_NAMES, build_model, count_parameters
 from ella.cli import run_script
+from ella.models import DEFAULT_ALPHA, LAYER_NAMES, build_model, count_parameters
 
 # Exact counts derived in the spec (section 1.13); S-CONV with 5 anchors per 3x3 filter (paper: half, rounded up).
 CIFAR10_EXPECTED = {

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ella.cli import run_script
 from ella.msr.evaluate import start_run
 from ella.msr import (
-from ella.cli import run_script
     Conv1dFlat,
     LocallyConnected1d,
     MetaConfig,

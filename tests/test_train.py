@@ -150,6 +150,14 @@ def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: li
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "experiments").glob("*.py")))
+def test_every_experiment_script_imports_and_prints_its_help(script: str) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / script), "--help"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
 def test_help_lists_every_flag() -> None:
     result = subprocess.run([sys.executable, str(REPO / "experiments" / "cifar10.py"), "--help"],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
