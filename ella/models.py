@@ -70,7 +70,8 @@ def _fc(s: BlockSpec) -> nn.Module:
 
 
 def _conv(s: BlockSpec) -> nn.Module:
-    return Conv(s.in_channels, s.out_channels)
+    # in a downsampling block the CONV path computes only the polyphase component the block keeps
+    return Conv(s.in_channels, s.out_channels, stride=2 if s.downsample else 1)
 
 
 def _ffc(s: BlockSpec) -> nn.Module:

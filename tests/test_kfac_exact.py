@@ -13,6 +13,7 @@ from ella.layers.conv import Conv, circular_pad
 from ella.layers.polyphase import PolyphaseDownsample, polyphase_select
 from ella.layers.factored import FactoredFC
 from ella.layers.group import GroupConv, LiftingConv, lift
+from ella.layers.relaxed import RelaxedLayer
 from ella.layers.sparse import SparseConv, SparseFC
 from kfac.rules import ConvWindows, input_factor
 from kfac.sqrt_hessian import hessian_sqrt
@@ -373,6 +374,32 @@ def test_polyphase_conv_used_positions_match_the_chosen_phase_in_both_backward_m
         curv = kfac_batch(model, x, _labels(5, 3), backward=mode)
         assert rel_err(curv.scaled_factors("0.conv.weight")[1][0], expected) < 1e-12, mode
         assert rel_err(curv.dense("0.conv.bias"), exact["0.conv.bias"]) < TOL, mode
+
+
+def test_strided_conv_path_single_output_site_is_exact():
+    """A downsampling relaxed layer with a stride-2 CONV path beside an F-FC path, on a 2x2 map: one site.
+    (The F-FC blocks drop the couplings between input channels, so only the CONV and head blocks are exact.)"""
+    torch.manual_seed(29)
+    paths = {"fc": FactoredFC(2, 3, 2, 1, dtype=DT), "conv": Conv(2, 3, stride=2).to(DT)}
+    model = nn.Sequential(RelaxedLayer(paths, downsample=True), FlattenHead(3))
+    names = ["0.paths.conv.conv.weight", "0.paths.conv.conv.bias", "1.head.weight", "1.head.bias"]
+    _check_all_blocks(model, torch.randn(1, 2, 2, 2, dtype=DT), _labels(1, 3), names=names)
+
+
+def test_strided_conv_path_has_the_curvature_of_the_full_resolution_path():
+    """Stride-2 CONV paths change the cost, not the curvature: every block equals the stride-1 layer's."""
+    torch.manual_seed(30)
+
+    def model(stride: int) -> nn.Module:
+        torch.manual_seed(31)
+        paths = {"fc": FactoredFC(2, 3, 8, 4, dtype=DT), "conv": Conv(2, 3, stride=stride).to(DT)}
+        return nn.Sequential(RelaxedLayer(paths, downsample=True), FlattenHead(3 * 16))
+
+    x, y = torch.randn(6, 2, 8, 8, dtype=DT), _labels(6, 3)
+    full, strided = kfac_batch(model(1), x, y), kfac_batch(model(2), x, y)
+    assert strided.block_names == full.block_names
+    for name in full.block_names:
+        assert rel_err(strided.dense(name), full.dense(name)) < 1e-12, name
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -25,7 +25,7 @@ from ella.layers import (
     interpolation_basis,
     project_onto_basis,
 )
-from ella.layers.polyphase import polyphase_select
+from ella.layers.polyphase import phase_windows, polyphase_select
 
 DT = torch.float64
 
@@ -116,6 +116,55 @@ def test_conv_is_circular_and_pads_before_stock_module():
     layer.conv.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
     layer(x)
     assert seen == [torch.Size([2, 3, 7, 8])]
+
+
+def test_phase_windows_follow_their_definition():
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 6, 8, dtype=DT)
+    index = torch.tensor([0, 1, 2, 3])
+    for k in (1, 3, 5):
+        windows = phase_windows(x, index, k)
+        assert windows.shape == (4, 2, 6 + k - 2, 8 + k - 2)
+        for n in range(4):
+            a, b = divmod(int(index[n]), 2)
+            for i in range(6 + k - 2):
+                for j in range(0, 8 + k - 2, 3):
+                    torch.testing.assert_close(windows[n, :, i, j], x[n, :, (i + a - k // 2) % 6, (j + b - k // 2) % 8])
+    with pytest.raises(ValueError, match="even"):
+        phase_windows(torch.randn(1, 1, 5, 6), torch.zeros(1, dtype=torch.long), 3)
+
+
+@pytest.mark.parametrize("kernel_size,size", [(3, 8), (3, 2), (5, 6), (1, 4)])
+def test_strided_conv_computes_the_chosen_polyphase_component(kernel_size, size):
+    """``Conv(stride=2)(x, phase)`` = component ``phase[n]`` of the stride-1 circular conv, values and gradients."""
+    torch.manual_seed(1)
+    full = Conv(3, 4, kernel_size, dtype=DT)
+    torch.nn.init.normal_(full.conv.bias)
+    strided = Conv(3, 4, kernel_size, stride=2, dtype=DT)
+    strided.load_state_dict(full.state_dict())
+    x = torch.randn(6, 3, size, size, dtype=DT, requires_grad=True)
+    expected, index = polyphase_select(full(x))
+    assert index.unique().numel() > 1 or size == 2  # several components chosen in one batch
+    got = strided(x, index)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(strided.full_resolution(x), full(x), rtol=0, atol=1e-12)
+    seed = torch.randn_like(expected)
+    grads_expected = torch.autograd.grad(expected, [x, *full.parameters()], seed)
+    grads_got = torch.autograd.grad(got, [x, *strided.parameters()], seed)
+    for g_got, g_expected in zip(grads_got, grads_expected):
+        torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
+    assert strided.conv.stride == (2, 2)
+
+
+def test_strided_conv_validation():
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        Conv(2, 3, stride=3)
+    with pytest.raises(ValueError, match="pass phase"):
+        Conv(2, 3, stride=2)(torch.randn(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="takes no phase"):
+        Conv(2, 3)(torch.randn(1, 2, 4, 4), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="stride 2"):
+        RelaxedLayer({"conv": Conv(2, 3, stride=2)}, downsample=False)
 
 
 def test_conv_init_is_kaiming_relu():
@@ -413,6 +462,27 @@ def test_relaxed_layer_adds_dense_after_shared_downsampling():
     x = torch.randn(3, 4 * c, 8, 8, dtype=DT)
     expected = torch.relu((PolyphaseDownsample()(conv(x) + gconv_in(x)) + fc(x)) / 3**0.5)
     torch.testing.assert_close(layer(x), expected)
+
+
+def test_relaxed_layer_with_strided_paths_equals_full_resolution_paths():
+    """Strided CONV paths give the layer of full-resolution paths: same choice, same values and gradients."""
+    torch.manual_seed(2)
+    c, d = 2, 3
+    gconv = GroupConv(c, d, dtype=DT)
+    torch.nn.init.normal_(gconv.bias)
+    fc = FactoredFC(4 * c, 4 * d, 8, 4, dtype=DT)
+    full, strided = Conv(4 * c, 4 * d, dtype=DT), Conv(4 * c, 4 * d, stride=2, dtype=DT)
+    torch.nn.init.normal_(full.conv.bias)
+    strided.load_state_dict(full.state_dict())
+    x = torch.randn(5, 4 * c, 8, 8, dtype=DT, requires_grad=True)
+    for others in ({}, {"fc": fc}, {"fc": fc, "gconv": gconv}):
+        reference = RelaxedLayer({**others, "conv": full}, downsample=True)
+        layer = RelaxedLayer({**others, "conv": strided}, downsample=True)
+        out, expected = layer(x), reference(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        (g,) = torch.autograd.grad(out.square().sum(), x)
+        (g_expected,) = torch.autograd.grad(expected.square().sum(), x)
+        torch.testing.assert_close(g, g_expected, rtol=0, atol=1e-12)
 
 
 def test_relaxed_layer_validation():

@@ -1,10 +1,12 @@
-"""CONV path: 3x3 circular convolution at stride 1 (spec 1.2)."""
+"""CONV path: 3x3 circular convolution (spec 1.2), at stride 1 or as one polyphase component at stride 2."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ella.layers.polyphase import phase_windows
 
 
 def check_kernel_size(kernel_size: int, owner: str) -> None:
@@ -80,9 +82,15 @@ def kaiming_relu_uniform_(weight: torch.Tensor) -> torch.Tensor:
 class Conv(nn.Module):
     """Translation-equivariant path ``(B, C, H, W) -> (B, C', H, W)``.
 
-    Child ``conv: nn.Conv2d(C, C', k, padding=0)``; the forward pads circularly by ``k // 2`` *before* the
-    stock module, so curvature code that hooks ``nn.Conv2d`` sees the padded input. Parameters ``9CC' + C'``
-    for ``k = 3``. Init: Kaiming-uniform with ReLU gain (variance ``2 / (k^2 C)``), bias 0.
+    Child ``conv: nn.Conv2d(C, C', k, stride=stride, padding=0)``; the forward pads circularly by ``k // 2``
+    *before* the stock module, so curvature code that hooks ``nn.Conv2d`` sees the padded input. Parameters
+    ``9CC' + C'`` for ``k = 3``. Init: Kaiming-uniform with ReLU gain (variance ``2 / (k^2 C)``), bias 0.
+
+    ``stride=2`` is the CONV path of a downsampling relaxed layer: ``forward(x, phase)`` returns polyphase
+    component ``phase[n]`` of every sample's stride-1 output, ``(B, C', H/2, W/2)``, computed by the stride-2
+    child on :func:`~ella.layers.polyphase.phase_windows` (a quarter of the work of the stride-1 convolution,
+    in the forward and in every backward). The relaxed layer chooses the components from
+    :meth:`full_resolution`, which is not hooked, so curvature code sees one stride-2 call.
     """
 
     equivariant = True
@@ -93,19 +101,42 @@ class Conv(nn.Module):
         in_channels: int,
         out_channels: int,
         kernel_size: int = 3,
+        stride: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_kernel_size(kernel_size, "Conv")
+        if stride not in (1, 2):
+            raise ValueError(f"Conv: stride must be 1 or 2 (polyphase downsampling), got {stride}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=0, device=device, dtype=dtype)
+        self.stride = stride
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=0, device=device, dtype=dtype
+        )
         kaiming_relu_uniform_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, C', H, W)``."""
+    def full_resolution(self, x: torch.Tensor) -> torch.Tensor:
+        """The stride-1 output ``(B, C, H, W) -> (B, C', H, W)`` by a functional call (no module hooks)."""
         check_channels(x, self.in_channels, "Conv")
-        return self.conv(circular_pad(x, self.kernel_size))
+        return F.conv2d(circular_pad(x, self.kernel_size), self.conv.weight, self.conv.bias)
+
+    def forward(self, x: torch.Tensor, phase: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, C', H, W)``; with ``stride=2``, ``(B, C, H, W), phase (B,) -> (B, C', H/2, W/2)``."""
+        check_channels(x, self.in_channels, "Conv")
+        if self.stride == 1:
+            if phase is not None:
+                raise ValueError("Conv: a stride-1 Conv takes no phase; build it with stride=2 to downsample")
+            return self.conv(circular_pad(x, self.kernel_size))
+        if phase is None:
+            raise ValueError(
+                "Conv: a stride-2 Conv computes one polyphase component per sample; pass phase (B,) "
+                "(RelaxedLayer does), or use full_resolution(x)"
+            )
+        return self.conv(phase_windows(x, phase, self.kernel_size))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}" if self.stride != 1 else ""
