@@ -1,8 +1,8 @@
 """Speed of our exact-GGN KFAC pass vs one SGD epoch and vs curvlinops' KFAC, on real CIFAR-10 images.
 
-Example (the numbers reported by the kfac helper were produced with this command):
+Example (the README's figures come from this command; data from --data-dir, else $ELLA_DATA, else ./data):
 
-    /work/venv/bin/python benchmarks/kfac_speed.py --n-images 2048 --alpha 4 --repeats 3 --threads 2
+    OMP_NUM_THREADS=1 python benchmarks/kfac_speed.py --n-images 1024 --alpha 4 --repeats 5 --threads 1 --skip-variant
 
 For each network (``conv`` and ``ffc_conv`` from ``ella.models.build_model``) it prints median wall-clock
 times over ``--repeats`` runs of: one SGD epoch (batch 128, momentum 0.9); our exact-GGN KFAC pass
@@ -19,26 +19,21 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
+from ella.data import TensorLoader, load_dataset
 from ella.models import build_model
 from kfac.fit import fit_kfac
 
-DATA = Path("/work/shared/data/cifar10.npz")
+Images = tuple[torch.Tensor, torch.Tensor]
 
 
-def load_cifar(n_images: int, device: torch.device) -> TensorDataset:
-    """First ``n_images`` training images, per-channel normalised, ``(N, 3, 32, 32)`` float32."""
-    data = np.load(DATA)
-    x = torch.from_numpy(data["x_train"][:n_images]).float().permute(0, 3, 1, 2) / 255.0
-    mean, std = x.mean(dim=(0, 2, 3), keepdim=True), x.std(dim=(0, 2, 3), keepdim=True)
-    y = torch.from_numpy(data["y_train"][:n_images].astype(np.int64))
-    return TensorDataset(((x - mean) / std).to(device), y.to(device))
+def load_cifar(n_images: int, data_dir: str | None, device: torch.device) -> Images:
+    """A seeded class-balanced subset of ``n_images`` CIFAR-10 training images, normalised as for training:
+    ``x (N, 3, 32, 32)``, ``y (N,)``."""
+    return load_dataset("cifar10", data_dir, n_train=n_images, n_valid=10, seed=0, device=device).train
 
 
 class PeakMemory:
@@ -95,9 +90,10 @@ def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> tup
     return statistics.median(times), max(peaks)
 
 
-def sgd_epoch(model: nn.Module, dataset: TensorDataset, batch_size: int) -> Callable[[], None]:
+def sgd_epoch(model: nn.Module, data: Images, batch_size: int) -> Callable[[], None]:
+    """One epoch of SGD steps (momentum 0.9) over shuffled, unaugmented mini-batches."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    loader = TensorLoader(*data, batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
     loss_fn = nn.CrossEntropyLoss()
 
     def run() -> None:
@@ -110,15 +106,15 @@ def sgd_epoch(model: nn.Module, dataset: TensorDataset, batch_size: int) -> Call
     return run
 
 
-def ours(model: nn.Module, dataset: TensorDataset, batch_size: int, **options) -> Callable[[], object]:
-    loader = DataLoader(dataset, batch_size=batch_size)
+def ours(model: nn.Module, data: Images, batch_size: int, **options) -> Callable[[], object]:
+    loader = TensorLoader(*data, batch_size)
     return lambda: fit_kfac(model, loader, "classification", "ggn", **options)
 
 
-def curvlinops_kfac(model: nn.Module, dataset: TensorDataset, batch_size: int) -> Callable[[], object]:
+def curvlinops_kfac(model: nn.Module, data: Images, batch_size: int) -> Callable[[], object]:
     from curvlinops import KFACLinearOperator
 
-    loader = DataLoader(dataset, batch_size=batch_size)
+    loader = TensorLoader(*data, batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def run() -> object:
@@ -130,7 +126,7 @@ def curvlinops_kfac(model: nn.Module, dataset: TensorDataset, batch_size: int) -
             fisher_type="type-2",
             kfac_approx="expand",
             check_deterministic=False,
-            num_data=len(dataset),
+            num_data=len(data[1]),
             num_per_example_loss_terms=1,
         )
         op.compute_kronecker_factors()
@@ -142,6 +138,7 @@ def curvlinops_kfac(model: nn.Module, dataset: TensorDataset, batch_size: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default=None, help="folder with cifar10.npz (default: $ELLA_DATA, then ./data)")
     parser.add_argument("--n-images", type=int, default=2048)
     parser.add_argument("--alpha", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
@@ -156,7 +153,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dataset = load_cifar(args.n_images, device)
+    dataset = load_cifar(args.n_images, args.data_dir, device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"{args.n_images} CIFAR-10 images, alpha {args.alpha}, batch {args.batch_size}, repeats {args.repeats}")
     for name in args.networks.split(","):

@@ -1,6 +1,6 @@
 """Data-parallel scaling of the KFAC pass: 1 process vs 2 processes (gloo, CPU) on the same CIFAR-10 images.
 
-    OMP_NUM_THREADS=1 /work/venv/bin/python benchmarks/scaling.py --n-images 2048 --alpha 4 --repeats 5
+    OMP_NUM_THREADS=1 python benchmarks/scaling.py --n-images 2048 --alpha 4 --repeats 5
 
 For each world size the script spawns that many processes (each limited to ``--threads`` intra-op threads),
 loads the first ``--n-images`` training images with ``ella.data.load_dataset`` from ``--data-dir``, builds the
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--kfac-batch-size", type=int, default=150)
     parser.add_argument("--repeats", type=int, default=5, help="timed passes after one warm-up")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
-    parser.add_argument("--data-dir", default="/work/shared/data", help="folder with cifar10.npz")
+    parser.add_argument("--data-dir", default=None, help="folder with cifar10.npz (default: $ELLA_DATA, then ./data)")
     args = parser.parse_args()
 
     print(f"KFAC pass ({args.layer}, alpha={args.alpha}) on {args.n_images} CIFAR-10 images, "

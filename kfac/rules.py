@@ -106,12 +106,35 @@ def _batched_gram(grads: torch.Tensor, out: torch.Tensor | None = None) -> torch
     return total
 
 
-def _used_positions(grads: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
-    """``(D, B, O, P) -> (B, P)`` bool: some direction or output channel is non-zero at ``(n, t)`` (or'ed
-    onto ``used`` in place if given)."""
+def _nonzero_somewhere(grads: torch.Tensor) -> torch.Tensor:
+    """``(D, B, O, P) -> (B, P)`` bool: some direction or output channel is non-zero at ``(n, t)``."""
     # two reductions over the channel axis (vectorised along the positions) and no full-size temporary
-    found = ((grads.amax(2) != 0) | (grads.amin(2) != 0)).any(0)
-    return found if used is None else used.logical_or_(found)
+    return ((grads.amax(2) != 0) | (grads.amin(2) != 0)).any(0)
+
+
+def used_positions(grads: DirectionChunks) -> torch.Tensor:
+    """``(B, P)`` bool: positions where some direction or output channel of ``grads (D, B, O, P)`` is non-zero.
+
+    Scans the first direction only; the positions that are zero there (usually none, unless sites are
+    discarded downstream) are then looked up in the other directions: gathered when they are few, scanned
+    when they are many.
+    """
+    first, *rest = grads.parts
+    used = _nonzero_somewhere(first[:1])
+    others = [first[1:], *rest]
+    unknown = (~used).nonzero()  # (U, 2): sample and position
+    if unknown.numel() == 0:
+        return used
+    if 8 * unknown.shape[0] > used.numel():
+        for part in others:
+            used |= _nonzero_somewhere(part)
+        return used
+    sample, site = unknown[:, 0], unknown[:, 1]
+    found = torch.zeros(sample.shape[0], dtype=torch.bool, device=used.device)
+    for part in others:
+        found |= part[:, sample, :, site].ne(0).any(2).any(1)  # (U, D_i, O) -> (U,)
+    used[sample, site] = found
+    return used
 
 
 def position_weights(grads: DirectionChunks, position_norm: str) -> torch.Tensor | None:
@@ -122,7 +145,7 @@ def position_weights(grads: DirectionChunks, position_norm: str) -> torch.Tensor
     n_pos = grads.shape[3]
     if position_norm == "all" or n_pos == 1:
         return None
-    used = grads.fold(_used_positions)  # (B, P)
+    used = used_positions(grads)  # (B, P)
     count = used.sum(1, keepdim=True)
     if bool((count == n_pos).all()):
         return None

@@ -15,7 +15,8 @@ from ella.layers.factored import FactoredFC
 from ella.layers.group import GroupConv, LiftingConv, lift
 from ella.layers.relaxed import RelaxedLayer
 from ella.layers.sparse import SparseConv, SparseFC
-from kfac.rules import ConvWindows, input_factor
+from kfac.capture import DirectionChunks
+from kfac.rules import ConvWindows, input_factor, used_positions
 from kfac.sqrt_hessian import hessian_sqrt
 from kfac_utils import exact_ggn_blocks, loss_hessians, rel_err
 
@@ -358,6 +359,21 @@ def test_per_direction_chunks_give_the_single_vmapped_chunk_result_for_every_rul
     assert chunked.block_names == vmapped.block_names
     for name in vmapped.block_names:
         assert rel_err(chunked.dense(name), vmapped.dense(name)) < 1e-12, name
+
+
+@pytest.mark.parametrize("zero_fraction", [0.0, 0.05, 0.75, 1.0])
+def test_used_positions_find_sites_that_only_later_directions_use(zero_fraction):
+    """The first-direction scan plus look-ups equals a full scan, including sites used only by direction 4."""
+    torch.manual_seed(32)
+    grads = torch.randn(5, 6, 3, 40, dtype=DT)
+    dead = torch.rand(6, 40) < zero_fraction  # (B, P) sites zero in the first direction
+    never = dead & (torch.rand(6, 40) < 0.5)  # of those, half are zero in every direction
+    grads[0] *= (~dead)[:, None, :]
+    grads[1:] *= (~never)[:, None, :]
+    grads[4, :, 1] *= ~(dead & ~never)  # one channel of the last direction zero too: the rest still count
+    expected = grads.ne(0).any(0).any(1)
+    for parts in ((grads,), (grads[:2], grads[2:3], grads[3:])):
+        assert torch.equal(used_positions(DirectionChunks(parts)), expected)
 
 
 def test_polyphase_conv_used_positions_match_the_chosen_phase_in_both_backward_modes():
