@@ -153,22 +153,22 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dataset = load_cifar(args.n_images, args.data_dir, device)
+    data = load_cifar(args.n_images, args.data_dir, device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"{args.n_images} CIFAR-10 images, alpha {args.alpha}, batch {args.batch_size}, repeats {args.repeats}")
     for name in args.networks.split(","):
         torch.manual_seed(0)
         model = build_model(name, in_channels=3, n_classes=10, alpha=args.alpha).to(device)
         n_params = sum(p.numel() for p in model.parameters())
-        rows = {"sgd epoch": measure(sgd_epoch(model, dataset, args.batch_size), args.repeats, device)}
+        rows = {"sgd epoch": measure(sgd_epoch(model, data, args.batch_size), args.repeats, device)}
         model.eval()
-        rows["ours"] = measure(ours(model, dataset, args.batch_size), args.repeats, device)
+        rows["ours"] = measure(ours(model, data, args.batch_size), args.repeats, device)
         if not args.skip_variant:
             rows["ours (vmapped)"] = measure(
-                ours(model, dataset, args.batch_size, backward="batched"), args.repeats, device
+                ours(model, data, args.batch_size, backward="batched"), args.repeats, device
             )
         if name == "conv":
-            rows["curvlinops"] = measure(curvlinops_kfac(model, dataset, args.batch_size), args.repeats, device)
+            rows["curvlinops"] = measure(curvlinops_kfac(model, data, args.batch_size), args.repeats, device)
         epoch = rows["sgd epoch"][0]
         print(f"\n[{name}] {n_params:,} parameters")
         for label, (seconds, peak) in rows.items():
