@@ -23,50 +23,66 @@ from ella.priors import Prior
 
 @dataclass(frozen=True)
 class PathReport:
-    """Effective parameters of one prior group (a path of a relaxed layer, or a head layer)."""
+    """Effective parameters of one path of a relaxed layer (or of a head layer, ``path=None``).
+
+    ``precisions``: the prior precision of each of the path's parameter tensors (one value repeated when they
+    share a prior group, the default; different values with per-tensor priors).
+    """
 
     layer: str
     path: str | None
     kind: str
-    precision: float
+    precisions: tuple[float, ...]
     n_params: int
     n_eff: float
     normalised: float
     relative: float
 
+    @property
+    def precision(self) -> float | None:
+        """The path's precision when all its tensors share one, else ``None``."""
+        return self.precisions[0] if len(set(self.precisions)) == 1 else None
+
 
 def path_reports(prior: Prior, n_eff: torch.Tensor, n_params: torch.Tensor) -> list[PathReport]:
-    """Aggregate per-tensor effective parameters into per-path rows.
+    """Aggregate per-tensor effective parameters into per-path rows (whatever the prior's grouping).
 
     ``n_eff``, ``n_params``: ``(n_tensors,)`` in ``model.named_parameters()`` order (the prior's order).
+    With per-tensor priors the tensors of one path (e.g. F-FC's U, b_U, V, b_V) are still summed into one row,
+    so ``relative`` always compares paths, as the paper defines it.
     """
     if n_eff.shape != (len(prior.param_names),) or n_params.shape != n_eff.shape:
         raise ValueError(
             f"expected one effective-parameter value per parameter tensor ({len(prior.param_names)}), "
             f"got shapes {tuple(n_eff.shape)} and {tuple(n_params.shape)}"
         )
-    index = prior.group_of_tensor.cpu()
-    n_groups = len(prior.groups)
-    eff = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, index, n_eff.detach().double().cpu())
-    size = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, index, n_params.double().cpu())
-    normalised = eff / size
+    position = {name: i for i, name in enumerate(prior.param_names)}
+    tensor_precision = prior.tensor_precisions().detach().cpu().tolist()
+    eff, size = n_eff.detach().double().cpu().tolist(), n_params.double().cpu().tolist()
+    paths: dict[tuple[str, str | None], dict] = {}
+    for group in prior.groups:
+        row = paths.setdefault((group.layer, group.path), {"kind": group.kind, "index": []})
+        row["index"].extend(position[name] for name in group.param_names)
+    normalised = {
+        key: sum(eff[i] for i in row["index"]) / sum(size[i] for i in row["index"]) for key, row in paths.items()
+    }
     layer_total: dict[str, float] = {}
-    for group, value in zip(prior.groups, normalised.tolist()):
-        layer_total[group.layer] = layer_total.get(group.layer, 0.0) + value
-    precisions = prior.precisions().detach().cpu().tolist()
+    for (layer, _), value in normalised.items():
+        layer_total[layer] = layer_total.get(layer, 0.0) + value
     rows = []
-    for g, group in enumerate(prior.groups):
-        total = layer_total[group.layer]
+    for (layer, path), row in paths.items():
+        index = sorted(row["index"])
+        total = layer_total[layer]
         rows.append(
             PathReport(
-                layer=group.layer,
-                path=group.path,
-                kind=group.kind,
-                precision=precisions[g],
-                n_params=int(size[g]),
-                n_eff=float(eff[g]),
-                normalised=float(normalised[g]),
-                relative=float(normalised[g] / total) if total > 0 else float("nan"),
+                layer=layer,
+                path=path,
+                kind=row["kind"],
+                precisions=tuple(tensor_precision[i] for i in index),
+                n_params=int(sum(size[i] for i in index)),
+                n_eff=float(sum(eff[i] for i in index)),
+                normalised=normalised[(layer, path)],
+                relative=normalised[(layer, path)] / total if total > 0 else float("nan"),
             )
         )
     return rows
@@ -93,10 +109,17 @@ def format_report(rows: list[PathReport]) -> str:
     for row in rows:
         relative = f"{row.relative:>10.4f}" if row.path is not None else f"{'':>10}"
         lines.append(
-            f"{row.layer:<12}{row.path or '-':<7}{row.kind:<8}{row.precision:>12.4g}{row.n_params:>12,}"
+            f"{row.layer:<12}{row.path or '-':<7}{row.kind:<8}{_precision_text(row):>12}{row.n_params:>12,}"
             f"{row.n_eff:>12.2f}{row.normalised:>12.3g}{relative}  {types.get(row.layer, '')}"
         )
     return "\n".join(lines)
+
+
+def _precision_text(row: PathReport) -> str:
+    """The shared precision, or the range ``min-max`` of per-tensor precisions."""
+    if row.precision is not None:
+        return f"{row.precision:.4g}"
+    return f"{min(row.precisions):.3g}-{max(row.precisions):.3g}"
 
 
 def write_report(rows: list[PathReport], out_dir: Path, stem: str = "effective_parameters") -> tuple[Path, Path]:

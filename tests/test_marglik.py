@@ -15,7 +15,7 @@ from ella.layers import FC, Conv, FactoredFC, RelaxedLayer
 from ella.marglik import MarglikError, effective_parameters, fit_laplace, neg_log_marglik, optimise_prior
 from ella.models import build_model
 from ella.priors import Prior, prior_groups
-from ella.report import effective_layer_types, path_reports
+from ella.report import effective_layer_types, format_report, path_reports
 
 
 def _tiny_mlp() -> nn.Module:
@@ -161,3 +161,25 @@ def test_report_relative_values_and_layer_types() -> None:
     assert conv0.relative == pytest.approx(norm_conv / (norm_fc + norm_conv))
     types = effective_layer_types(list(rows.values()))
     assert types["blocks.0"] == "CONV" and types["blocks.6"] == "FC"
+
+
+def test_report_with_per_tensor_priors_still_compares_paths() -> None:
+    """Per-tensor precisions change the prior's groups, not the report's rows: one row per path, the same
+    sums and shares as with per-path groups, and the per-tensor precisions listed in parameter order."""
+    model = build_model("ffc_conv", in_channels=1, n_classes=2, alpha=1, device="meta")
+    per_path, per_tensor = Prior(model.to_empty(device="cpu")), Prior(model, per_tensor=True)
+    with torch.no_grad():
+        per_tensor.log_precision.copy_(torch.linspace(-1.0, 1.0, len(per_tensor.groups)))
+    sizes = torch.tensor([p.numel() for p in model.parameters()], dtype=torch.float64)
+    n_eff = sizes * torch.linspace(0.01, 0.9, len(sizes), dtype=torch.float64)
+    expected = path_reports(per_path, n_eff, sizes)
+    rows = path_reports(per_tensor, n_eff, sizes)
+    assert [(r.layer, r.path) for r in rows] == [(r.layer, r.path) for r in expected]
+    for row, ref in zip(rows, expected):
+        assert (row.n_params, row.kind) == (ref.n_params, ref.kind)
+        assert row.n_eff == pytest.approx(ref.n_eff) and row.relative == pytest.approx(ref.relative)
+    ffc0 = rows[0]
+    assert (ffc0.layer, ffc0.path) == ("blocks.0", "fc") and ffc0.precision is None
+    assert ffc0.precisions == pytest.approx(per_tensor.precisions()[:4].tolist())  # U, b_U, V, b_V
+    assert expected[0].precision == pytest.approx(1.0)
+    assert "-" in format_report(rows).splitlines()[1]  # the precision range of the F-FC path
