@@ -114,10 +114,13 @@ def _atomic_write(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+_NESTED = ("precisions", "relative_n_eff")  # per-group dictionaries: in the JSONL only
+
+
 def write_metrics(history: list[dict], out_dir: Path) -> None:
     """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the full history (atomic, so never half-written)."""
     _atomic_write("".join(json.dumps(row) + "\n" for row in history), out_dir / "metrics.jsonl")
-    columns = list(dict.fromkeys(key for row in history for key in row if key != "precisions"))
+    columns = list(dict.fromkeys(key for row in history for key in row if key not in _NESTED))
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -243,15 +246,22 @@ class Trainer:
         return fit_laplace(self.model, self.marglik_loader, self.prior, curvature=self.config.curvature,
                            sharded=distributed.is_distributed())
 
-    def hyper_round(self) -> float | None:
-        """Fit KFAC-Laplace, then take the hyper-steps; a failed round is skipped (precisions kept), not fatal."""
+    def hyper_round(self) -> dict:
+        """Fit KFAC-Laplace, then take the hyper-steps; a failed round is skipped (precisions kept), not fatal.
+
+        Returns the row entries of the round: ``neg_log_marglik`` (``None`` when skipped) and, after a
+        successful round, ``relative_n_eff`` (path name -> relative effective parameters at the new precisions,
+        relaxed layers only), so that the metrics show how each layer's choice develops round by round.
+        """
         try:
             fit = self.laplace_fit()
             self.last_marglik = optimise_prior(fit, self.prior, self.hyper_optimizer, self.config.hyper_steps)
         except MarglikError as error:
             log.warning("epoch %d: marginal-likelihood round skipped, precisions kept: %s", self.epoch + 1, error)
-            return None
-        return self.last_marglik
+            return {"neg_log_marglik": None}
+        rows = path_reports(self.prior, effective_parameters(fit, self.prior), fit.n_params)
+        relative = {f"{r.layer}.{r.path}": r.relative for r in rows if r.path is not None}
+        return {"neg_log_marglik": self.last_marglik, "relative_n_eff": relative}
 
     def is_marglik_epoch(self, epoch: int) -> bool:
         c = self.config
@@ -265,7 +275,7 @@ class Trainer:
             train_loss = self.train_epoch()
             row: dict = {"epoch": epoch, "train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0]}
             if self.is_marglik_epoch(epoch):
-                row["neg_log_marglik"] = self.hyper_round()
+                row.update(self.hyper_round())
             self.epoch = epoch
             if distributed.is_main():
                 self._record(row, start)

@@ -75,6 +75,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch:
     assert _without_timing(ours) == _without_timing(theirs)
     assert [row["epoch"] for row in ours] == [1, 2, 3, 4]
     assert "neg_log_marglik" in ours[1] and "neg_log_marglik" not in ours[0]  # burn-in of 2 epochs
+    assert ours[1]["relative_n_eff"] == {f"blocks.{i}.conv": 1.0 for i in range(8)}  # one path per layer
 
 
 def test_run_writes_metrics_report_and_figure(tmp_path: Path) -> None:
