@@ -194,10 +194,16 @@ def test_factored_fc_equals_dense_fc_with_rank_one_blocks():
 
 
 def test_factored_fc_init():
-    layer = FactoredFC(40, 50, 8, 4)
-    assert abs(layer.stage_u.weight.var().item() * 64 - 1) < 0.05
-    assert abs(layer.stage_v.weight.var().item() * 40 / 2 - 1) < 0.05  # ReLU gain
+    c, x_sites, y_sites = 40, 64, 16
+    layer = FactoredFC(c, 50, 8, 4)
+    var_u, var_v = layer.stage_u.weight.var().item(), layer.stage_v.weight.var().item()
+    assert abs(c * x_sites * var_u * var_v / 2 - 1) < 0.05  # ReLU gain of the product, as Kaiming for CONV
+    assert abs(x_sites * var_u / (y_sites * var_v) - 1) < 0.05  # the two factors' norms balanced per pair
     assert torch.all(layer.stage_u.bias == 0) and torch.all(layer.stage_v.bias == 0)
+    torch.manual_seed(0)
+    x = torch.randn(256, c, 8, 8)
+    out = torch.relu(FactoredFC(c, 50, 8, 4)(x))
+    assert abs(out.pow(2).mean().item() - 1) < 0.15  # the second moment survives the ReLU
 
 
 def test_group_conv_forward_formulas():

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ella.layers.conv import check_channels, check_kernel_size, circular_pad
+from ella.layers.factored import factored_init_variances
 from ella.layers.fc import check_map_input
 from ella.layers.grouped_linear import GroupedLinear
 
@@ -226,8 +227,9 @@ class SparseFC(nn.Module):
     - buffers ``anchors_in (M_X, 2)``, ``basis_in (M_X, X)``, ``anchors_out (M_Y, 2)``, ``basis_out (M_Y, Y)``.
 
     Forward: ``x (B,C,X) @ basis_in.T -> stage_u (B,C,C') -> transpose -> stage_v (B,C',M_Y) @ basis_out``.
-    Parameters ``C C' (M_X + M_Y) + C'``. Init: F-FC's dense init (U variance ``1/X``, V variance ``2/C``)
-    projected onto the bases by :func:`init_from_dense`; bias 0.
+    Parameters ``C C' (M_X + M_Y) + C'``. Init: F-FC's dense init
+    (:func:`~ella.layers.factored.factored_init_variances`) projected onto the bases by
+    :func:`init_from_dense`; bias 0.
     """
 
     equivariant = False
@@ -270,12 +272,13 @@ class SparseFC(nn.Module):
 
     @torch.no_grad()
     def _init_from_dense(self, basis_in: torch.Tensor, basis_out: torch.Tensor) -> None:
-        """Fit anchor values to F-FC's dense init (U var ``1/X``, V var ``2/C``); skipped on ``meta``."""
+        """Fit anchor values to F-FC's dense init (:func:`factored_init_variances`); skipped on ``meta``."""
         if self.stage_u.weight.is_meta:
             return
         n_in, n_out = basis_in.shape[1], basis_out.shape[1]
-        dense_u = _uniform_cpu((self.out_channels, self.in_channels, n_in), 1.0 / n_in)  # (C', C, X)
-        dense_v = _uniform_cpu((n_out, self.out_channels, self.in_channels), 2.0 / self.in_channels)  # (Y, C', C)
+        var_u, var_v = factored_init_variances(self.in_channels, n_in, n_out)
+        dense_u = _uniform_cpu((self.out_channels, self.in_channels, n_in), var_u)  # (C', C, X)
+        dense_v = _uniform_cpu((n_out, self.out_channels, self.in_channels), var_v)  # (Y, C', C)
         self.stage_u.weight.copy_(init_from_dense(dense_u, basis_in))
         values_v = init_from_dense(dense_v.permute(1, 2, 0), basis_out)  # (C', C, M_Y)
         self.stage_v.weight.copy_(values_v.permute(2, 0, 1))
