@@ -137,20 +137,36 @@ def used_positions(grads: DirectionChunks) -> torch.Tensor:
     return used
 
 
-def position_weights(grads: DirectionChunks, position_norm: str) -> torch.Tensor | None:
-    """Per-sample position weights ``(B, P)`` from output gradients ``(D, B, O, P)``, or ``None`` if uniform.
+@dataclass(frozen=True, eq=False)
+class SampleWeights:
+    """Position weights that are constant over the counted positions of each sample:
+    ``w[n, t] = scale[n]`` where ``used[n, t]``, else 0; ``scale (B,)``, ``used (B, P)`` bool."""
 
-    ``w[n, t] = 1/|T_n|`` on the positions counted for sample ``n`` (see ``position_norm``), else 0.
+    scale: torch.Tensor
+    used: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """The weights as a ``(B, P)`` tensor."""
+        return self.used.to(self.scale.dtype) * self.scale[:, None]
+
+
+def position_weights(grads: DirectionChunks, position_norm: str) -> SampleWeights | None:
+    """Per-sample position weights from output gradients ``(D, B, O, P)``, or ``None`` if uniform (``1/P``).
+
+    ``w[n, t] = 1/|T_n|`` on the positions counted for sample ``n`` (see ``position_norm``), else 0; a sample
+    without such positions counts all of them.
     """
     n_pos = grads.shape[3]
     if position_norm == "all" or n_pos == 1:
         return None
     used = used_positions(grads)  # (B, P)
-    count = used.sum(1, keepdim=True)
+    count = used.sum(1)
     if bool((count == n_pos).all()):
         return None
-    weights = used.to(grads.parts[0].dtype) / count.clamp_min(1)
-    return torch.where(count > 0, weights, torch.full_like(weights, 1.0 / n_pos))
+    empty = count == 0
+    used = used | empty[:, None]
+    count = torch.where(empty, torch.full_like(count, n_pos), count)
+    return SampleWeights(1.0 / count.to(grads.parts[0].dtype), used)
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,6 +184,12 @@ class ConvWindows:
     def _windows(self) -> torch.Tensor:
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         return self.x.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, C, Ho, Wo, kh, kw)
+
+    def dense_shape(self) -> tuple[int, int, int]:
+        """``(B, C*kh*kw, L)``: the shape of :meth:`dense` (nothing is computed)."""
+        batch, channels, height, width = self.x.shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        return batch, channels * kh * kw, ((height - kh) // sh + 1) * ((width - kw) // sw + 1)
 
     def dense(self) -> torch.Tensor:
         """All patches ``(B, C*kh*kw, L)``, layout ``(C, kh, kw)``, stored in ``(C*kh*kw, B, L)`` memory order."""
@@ -197,32 +219,139 @@ class ConvWindows:
         gram = gram.reshape(kh, kw, channels, kh, kw, channels).permute(2, 0, 1, 5, 3, 4)
         return gram.reshape(channels * kh * kw, channels * kh * kw)
 
+    def periodic_core(self) -> torch.Tensor | None:
+        """One period ``(B, C, H', W')`` of ``x`` if this is a circular stride-1 convolution, else ``None``.
+
+        That is the case when the stride is 1 and ``x`` is periodic along both spatial axes with the period of the
+        output size ``(H', W')`` (as after circular padding by ``k // 2``); checked exactly on the ``k - 1``
+        wrapped rows and columns, so any input that satisfies it, whatever produced it, is one. (The polyphase
+        windows of stride-2 CONV paths are periodic too, but there the spectral route costs more than the
+        patches: see :func:`periodic_gram`.)
+        """
+        if tuple(self.stride) != (1, 1):
+            return None
+        (kh, kw), (height, width) = self.kernel_size, self.x.shape[-2:]
+        h_out, w_out = height - kh + 1, width - kw + 1
+        if h_out < 1 or w_out < 1:
+            return None
+        x = self.x
+        rows_wrap = torch.equal(x[..., : height - h_out, :], x[..., h_out:, :])
+        if not (rows_wrap and torch.equal(x[..., : width - w_out], x[..., w_out:])):
+            return None
+        return x[..., :h_out, :w_out]
+
+    def sample_gram(self, scale: torch.Tensor) -> torch.Tensor:
+        """``sum_n scale[n] sum_t a_{n,t} a_{n,t}^T`` over every position, ``scale (B,) >= 0`` -> ``(Din, Din)``.
+
+        Circular stride-1 convolutions (:meth:`periodic_core`) use :func:`periodic_gram` (no patches); others
+        scale each sample's input by ``sqrt(scale[n])`` before one product of the patches.
+        """
+        core = self.periodic_core()
+        if core is not None:
+            return periodic_gram(core, scale, self.kernel_size)
+        root = scale.sqrt().to(self.x.dtype)[:, None, None, None]
+        dense = ConvWindows(self.x * root, self.kernel_size, self.stride).dense()
+        batch, d_in, n_pos = dense.shape
+        cols = dense.permute(1, 0, 2).reshape(d_in, batch * n_pos)
+        return cols @ cols.T
+
+
+def _cross_correlations(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``R[c, d, i, j] = sum_n scale[n] sum_s y[n, c, s] y[n, d, s + (i, j)]`` (circular) of ``y (B, C, h, w)``,
+    ``(C, C, h, w)``, from the spectra: ``R = irfft2(sum_n scale[n] conj(Y_nc) Y_nd)``, with the sum over samples
+    one real matrix product per frequency (real and imaginary parts as rows; complex ``bmm`` loops on CPU)."""
+    batch, channels, height, width = y.shape
+    spectra = torch.fft.rfft2(y)  # (B, C, h, w//2 + 1)
+    n_freq = spectra.shape[-2] * spectra.shape[-1]
+    parts = torch.view_as_real(spectra).reshape(batch, channels, n_freq, 2).permute(2, 3, 1, 0)
+    parts = parts.reshape(n_freq, 2 * channels, batch)  # rows (re/im, c)
+    prods = torch.bmm(parts * scale.to(y.dtype), parts.transpose(1, 2)).reshape(n_freq, 2, channels, 2, channels)
+    real = prods[:, 0, :, 0] + prods[:, 1, :, 1]
+    imag = prods[:, 0, :, 1] - prods[:, 1, :, 0]
+    cross = torch.complex(real, imag).permute(1, 2, 0).reshape(channels, channels, height, spectra.shape[-1])
+    return torch.fft.irfft2(cross, s=(height, width))
+
+
+def periodic_gram(core: torch.Tensor, scale: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """Input factor of a circular stride-1 convolution over one period ``core (B, C, H, W)``:
+    ``sum_n scale[n] sum_t a_{n,t} a_{n,t}^T`` with ``a_{n,t}[(c, u, v)] = core[n, c, (i + u) % H, (j + v) % W]``
+    at every position ``t = (i, j)``, ``(C*kh*kw, C*kh*kw)`` in the ``(C, kh, kw)`` layout.
+
+    The entry for taps ``(c, u, v), (d, u', v')`` is the circular cross-correlation ``R[c, d](u' - u, v' - v)``
+    (:func:`_cross_correlations`, all shifts at once): no patch copy, and ``O(B C^2 H W)`` operations instead of
+    ``O(B (C k^2)^2 H W)``. Symmetrised. (At stride 2 the same holds for the polyphase components of ``core``,
+    but with ``4C`` channels on small maps the transforms cost more than the patch product saves.)
+    """
+    batch, channels, height, width = core.shape
+    kh, kw = kernel_size
+    corr = _cross_correlations(core, scale)  # (C, C, H, W)
+    du = torch.arange(kh, device=core.device)
+    dv = torch.arange(kw, device=core.device)
+    rows = (du[None, :] - du[:, None]) % height  # [u, u'] -> u' - u
+    cols = (dv[None, :] - dv[:, None]) % width
+    gram = corr[:, :, rows[:, None, :, None], cols[None, :, None, :]]  # (C, C, kh, kw, kh, kw): [c, d, u, v, u', v']
+    gram = gram.permute(0, 2, 3, 1, 4, 5).reshape(channels * kh * kw, channels * kh * kw)
+    return (gram + gram.T) / 2
+
 
 Patches = torch.Tensor | ConvWindows
 
 
-def input_factor(patches: Patches, weights: torch.Tensor | None) -> torch.Tensor:
+def input_factor(patches: Patches, weights: torch.Tensor | SampleWeights | None) -> torch.Tensor:
     """``A = sum_{n,t} w[n,t] a_{n,t} a_{n,t}^T`` from patches ``(B, Din, P)`` and weights ``(B, P)``.
 
-    ``weights=None`` means ``w = 1/P`` everywhere. One matrix product over the ``(Din, B*P)`` columns, which
-    is a free view when the patches are stored ``(Din, B, P)`` (as :meth:`ConvWindows.dense` stores them) or
-    ``(B, P, Din)`` (linear layers); when at most half the positions have non-zero weight (e.g. after polyphase
-    subsampling) only the others enter the product (gathered straight from the windows for convolutions).
+    ``weights=None`` means ``w = 1/P`` everywhere. :class:`SampleWeights` (constant per sample on the counted
+    positions, as :func:`position_weights` gives) take :func:`_sample_factor`. General weights: one matrix
+    product over the ``(Din, B*P)`` columns, which is a free view when the patches are stored ``(Din, B, P)``
+    (as :meth:`ConvWindows.dense` stores them) or ``(B, P, Din)`` (linear layers); when at most half the
+    positions have non-zero weight (e.g. after polyphase subsampling) only the others enter the product
+    (gathered straight from the windows for convolutions).
     """
+    if isinstance(weights, SampleWeights):
+        return _sample_factor(patches, weights)
+    if weights is None and isinstance(patches, ConvWindows):
+        n_pos = patches.dense_shape()[2]
+        return patches.sample_gram(patches.x.new_full((patches.x.shape[0],), 1.0 / n_pos))
     flat = None if weights is None else weights.reshape(-1)
     keep = None if flat is None else flat.nonzero()[:, 0]
     if keep is not None and 2 * keep.numel() <= flat.numel():
-        if isinstance(patches, ConvWindows):
-            return patches.gram_at(keep, flat[keep])
-        batch, d_in, n_pos = patches.shape
-        kept = patches.permute(1, 0, 2).reshape(d_in, batch * n_pos).index_select(1, keep)
-        return (kept * flat[keep]) @ kept.T
+        return _gram_at(patches, keep, flat[keep])
     dense = patches.dense() if isinstance(patches, ConvWindows) else patches
     batch, d_in, n_pos = dense.shape
     cols = dense.permute(1, 0, 2).reshape(d_in, batch * n_pos)
     if flat is None:
         return (cols @ cols.T) / n_pos
     return (cols * flat) @ cols.T
+
+
+def _gram_at(patches: Patches, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_u weights[u] a_u a_u^T`` over the patches at flat positions ``index (U,)`` (sample-major)."""
+    if isinstance(patches, ConvWindows):
+        return patches.gram_at(index, weights)
+    batch, d_in, n_pos = patches.shape
+    kept = patches.permute(1, 0, 2).reshape(d_in, batch * n_pos).index_select(1, index)
+    return (kept * weights) @ kept.T
+
+
+def _sample_factor(patches: Patches, weights: SampleWeights) -> torch.Tensor:
+    """``A`` for weights ``scale[n]`` on the used positions: the used positions gathered when they are at most
+    half, else every position (:meth:`ConvWindows.sample_gram`: no full-size weighting, circular convolutions
+    by FFT) minus the few unused ones, gathered."""
+    used = weights.used.reshape(-1)
+    n_pos = weights.used.shape[1]
+    unused = (~used).nonzero()[:, 0]
+    if 2 * unused.numel() >= used.numel():
+        keep = used.nonzero()[:, 0]
+        return _gram_at(patches, keep, weights.scale[keep // n_pos])
+    if isinstance(patches, ConvWindows):
+        full = patches.sample_gram(weights.scale)
+    else:
+        batch, d_in, _ = patches.shape
+        cols = patches.permute(1, 0, 2).reshape(d_in, batch * n_pos)
+        full = (cols * weights.scale.repeat_interleave(n_pos)) @ cols.T
+    if unused.numel():
+        full = full - _gram_at(patches, unused, weights.scale[unused // n_pos])
+    return full
 
 
 def _rows_gram(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -16,7 +16,7 @@ from ella.layers.group import GroupConv, LiftingConv, lift
 from ella.layers.relaxed import RelaxedLayer
 from ella.layers.sparse import SparseConv, SparseFC
 from kfac.capture import DirectionChunks
-from kfac.rules import ConvWindows, input_factor, used_positions
+from kfac.rules import ConvWindows, SampleWeights, input_factor, periodic_gram, position_weights, used_positions
 from kfac.sqrt_hessian import hessian_sqrt
 from kfac_utils import exact_ggn_blocks, loss_hessians, rel_err
 
@@ -432,6 +432,73 @@ def test_conv_input_factor_from_windows_matches_unfold(stride, density):
     assert rel_err(input_factor(patches, weights), expected) < 1e-12
     uniform = torch.einsum("bip,bjp->ij", patches, patches) / patches.shape[2]
     assert rel_err(input_factor(windows, None), uniform) < 1e-12
+
+
+def _rolled_patches(core: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Independent circular im2col: ``(B, C*kh*kw, H*W)`` with ``a[(c, u, v)] = core[c, (i + u) % H, (j + v) % W]``."""
+    taps = [torch.roll(core, shifts=(-u, -v), dims=(2, 3)) for u in range(kh) for v in range(kw)]
+    stacked = torch.stack(taps, dim=2)  # (B, C, kh*kw, H, W)
+    return stacked.reshape(core.shape[0], -1, core.shape[2] * core.shape[3])
+
+
+@pytest.mark.parametrize("dtype,tol", [(DT, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("kernel,size", [((3, 3), (5, 7)), ((1, 1), (4, 4)), ((5, 3), (6, 5)), ((3, 3), (2, 2))])
+def test_periodic_gram_equals_the_product_of_circular_patches(dtype, tol, kernel, size):
+    """The spectral input factor of a circular stride-1 conv against the patch product in float64 (float32:
+    the spectral route stays within float32 rounding of the exact value)."""
+    torch.manual_seed(33)
+    core = torch.randn(6, 3, *size, dtype=DT)
+    scale = torch.rand(6, dtype=DT)
+    patches = _rolled_patches(core, *kernel)
+    expected = torch.einsum("n,nip,njp->ij", scale, patches, patches)
+    got = periodic_gram(core.to(dtype), scale.to(dtype), kernel)
+    assert got.dtype == dtype
+    assert rel_err(got.to(DT), expected) < tol
+    assert torch.equal(got, got.T)
+
+
+def test_periodic_core_accepts_exactly_the_circular_stride_one_inputs():
+    torch.manual_seed(34)
+    x = torch.randn(2, 3, 5, 6, dtype=DT)
+    circular = F.pad(x, (1, 1, 1, 1), mode="circular")
+    core = ConvWindows(circular, (3, 3), (1, 1)).periodic_core()
+    assert core is not None and torch.equal(core, torch.roll(x, shifts=(1, 1), dims=(2, 3)))
+    assert ConvWindows(F.pad(x, (1, 1, 1, 1)), (3, 3), (1, 1)).periodic_core() is None  # zero padding
+    assert ConvWindows(circular, (3, 3), (2, 2)).periodic_core() is None  # strided
+    assert ConvWindows(torch.randn(2, 3, 7, 8, dtype=DT), (3, 3), (1, 1)).periodic_core() is None
+    broken = circular.clone()
+    broken[1, 2, 0, 3] += 1.0  # one wrapped pixel differs from the pixel it should copy
+    assert ConvWindows(broken, (3, 3), (1, 1)).periodic_core() is None
+
+
+@pytest.mark.parametrize("circular", [True, False])
+@pytest.mark.parametrize("unused_fraction", [0.0, 0.05, 0.75, 1.0])
+def test_sample_weighted_input_factor_matches_the_weighted_patch_product(circular, unused_fraction):
+    """Per-sample weights on the used positions (spectral/scaled full product minus the unused positions, or
+    the used ones gathered), for windows and for dense patches, against the dense weighted sum over F.unfold."""
+    torch.manual_seed(35)
+    x = torch.randn(5, 2, 6, 6, dtype=DT)
+    padded = F.pad(x, (1, 1, 1, 1), mode="circular") if circular else torch.randn(5, 2, 8, 8, dtype=DT)
+    patches = F.unfold(padded, 3)  # (B, 18, 36)
+    used = torch.rand(5, 36) >= unused_fraction
+    used[0] = True  # one sample with every position, one (if any are dropped) with none but one
+    weights = SampleWeights(torch.rand(5, dtype=DT) + 0.1, used)
+    expected = torch.einsum("bp,bip,bjp->ij", weights.dense(), patches, patches)
+    assert rel_err(input_factor(ConvWindows(padded, (3, 3), (1, 1)), weights), expected) < 1e-12
+    assert rel_err(input_factor(patches, weights), expected) < 1e-12
+
+
+def test_position_weights_count_the_used_positions_of_each_sample():
+    torch.manual_seed(36)
+    grads = torch.randn(3, 4, 2, 10, dtype=DT)
+    grads[:, 1, :, 3:] = 0  # sample 1 uses positions 0..2 only
+    grads[:, 2] = 0  # sample 2 uses none: it counts all
+    grads[1:, 3, :, 5] = 0  # sample 3: position 5 used by the first direction only
+    weights = position_weights(DirectionChunks((grads,)), "used").dense()
+    expected = torch.full((4, 10), 0.1, dtype=DT)
+    expected[1] = torch.tensor([1 / 3] * 3 + [0.0] * 7, dtype=DT)
+    assert rel_err(weights, expected) < 1e-15
+    assert position_weights(DirectionChunks((grads,)), "all") is None
 
 
 def test_polyphase_and_circular_pad_backward_match_torch_references_when_vmapped():
