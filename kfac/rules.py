@@ -84,9 +84,46 @@ _CHUNK_ELEMENTS = 1 << 23  # bound on temporaries of the batched Gram products
 _CAT_ELEMENTS = 1 << 20  # row sets up to this size are concatenated into one Gram product
 
 
+_SYM_BLOCK = 256  # symmetric products wider than this are computed block-wise, lower block triangle only
+
+
 def _gram(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(M, d) -> (d, d)``: ``rows^T rows``, added onto ``out`` in place if given."""
     return rows.T @ rows if out is None else out.addmm_(rows.T, rows)
+
+
+def _block_edges(d: int) -> list[int]:
+    """Boundaries of about ``_SYM_BLOCK``-wide blocks of ``range(d)``."""
+    n_blocks = -(-d // _SYM_BLOCK)
+    return [round(i * d / n_blocks) for i in range(n_blocks + 1)]
+
+
+def _lower_gram(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Add the lower block triangle of ``rows^T rows`` for ``rows (M, d)`` (any row stride) onto ``out (d, d)``
+    (zeros if ``None``) in place; blocks strictly above the diagonal are left untouched (see :func:`_mirror_lower`).
+
+    The result is symmetric, so for ``k`` blocks only ``k (k + 1) / 2`` of the ``k^2`` block products are needed
+    (62.5% of the operations for ``k = 4``); every block product reads column slices of ``rows`` in place.
+    """
+    d = rows.shape[1]
+    out = rows.new_zeros(d, d) if out is None else out
+    edges = _block_edges(d)
+    for i in range(len(edges) - 1):
+        rows_i = rows[:, edges[i] : edges[i + 1]]
+        for j in range(i + 1):
+            block = out[edges[i] : edges[i + 1], edges[j] : edges[j + 1]]
+            block.addmm_(rows_i.T, rows[:, edges[j] : edges[j + 1]])
+    return out
+
+
+def _mirror_lower(out: torch.Tensor) -> torch.Tensor:
+    """Complete ``(..., d, d)`` matrices of which :func:`_lower_gram` filled the lower block triangle, in place."""
+    edges = _block_edges(out.shape[-1])
+    for i in range(len(edges) - 1):
+        for j in range(i):
+            lower = out[..., edges[i] : edges[i + 1], edges[j] : edges[j + 1]]
+            out[..., edges[j] : edges[j + 1], edges[i] : edges[i + 1]] = lower.transpose(-1, -2)
+    return out
 
 
 def _batched_gram(grads: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -356,13 +393,14 @@ def _sample_factor(patches: Patches, weights: SampleWeights) -> torch.Tensor:
 
 def _rows_gram(rows: list[torch.Tensor]) -> torch.Tensor:
     """``sum_i rows[i]^T rows[i]`` for ``(M_i, d)`` row sets: one product of the concatenation when it is
-    small (per-chunk products of a few hundred rows are dominated by call overhead), else accumulated."""
+    small (per-chunk products of a few hundred rows are dominated by call overhead), else accumulated; lower
+    block triangle only, then mirrored."""
     if len(rows) > 1 and sum(r.numel() for r in rows) <= _CAT_ELEMENTS:
-        return _gram(torch.cat(rows))
+        rows = [torch.cat(rows)]
     total = None
     for part in rows:
-        total = _gram(part, total)
-    return total
+        total = _lower_gram(part, total)
+    return _mirror_lower(total)
 
 
 def output_factor(grads: DirectionChunks) -> torch.Tensor:
@@ -498,8 +536,18 @@ def conv2d_rule(prefix: str, module: nn.Conv2d, x: torch.Tensor, grads: Directio
 
 
 def _per_group_gram(grads: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """``(D, B, G, O) -> (G, O, O)``: ``sum_{d,n} g g^T`` per group, added onto ``out`` in place if given."""
+    """``(D, B, G, O) -> (G, O, O)``: ``sum_{d,n} g g^T`` per group, added onto ``out`` in place if given.
+
+    Wide outputs (``O > _SYM_BLOCK``): lower block triangle only (:func:`_lower_gram`, on each group's column
+    slice in place; the caller mirrors); narrow ones: one batched product of a group-major copy (complete).
+    """
     n_dirs, batch, groups, d_out = grads.shape
+    if d_out > _SYM_BLOCK:
+        rows = grads.reshape(n_dirs * batch, groups, d_out)
+        out = grads.new_zeros(groups, d_out, d_out) if out is None else out
+        for g in range(groups):
+            _lower_gram(rows[:, g], out[g])
+        return out
     gg = grads.permute(2, 0, 1, 3).reshape(groups, n_dirs * batch, d_out)
     return torch.bmm(gg.transpose(1, 2), gg) if out is None else out.baddbmm_(gg.transpose(1, 2), gg)
 
@@ -513,7 +561,7 @@ def grouped_linear_rule(
     if weight.requires_grad:
         xg = x.transpose(0, 1)  # (G, B, I)
         a = torch.bmm(xg.transpose(1, 2), xg)  # (G, I, I)
-        b = grads.fold(_per_group_gram)  # (G, O, O)
+        b = _mirror_lower(grads.fold(_per_group_gram))  # (G, O, O)
         if options.grouped_mode == "per_group":
             blocks[f"{prefix}weight"] = KronBlock(f"{prefix}weight", weight.shape, "direct_sum", b, a)
         else:

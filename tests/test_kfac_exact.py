@@ -16,7 +16,17 @@ from ella.layers.group import GroupConv, LiftingConv, lift
 from ella.layers.relaxed import RelaxedLayer
 from ella.layers.sparse import SparseConv, SparseFC
 from kfac.capture import DirectionChunks
-from kfac.rules import ConvWindows, SampleWeights, input_factor, periodic_gram, position_weights, used_positions
+from kfac.rules import (
+    ConvWindows,
+    SampleWeights,
+    _mirror_lower,
+    _per_group_gram,
+    _rows_gram,
+    input_factor,
+    periodic_gram,
+    position_weights,
+    used_positions,
+)
 from kfac.sqrt_hessian import hessian_sqrt
 from kfac_utils import exact_ggn_blocks, loss_hessians, rel_err
 
@@ -199,6 +209,32 @@ def test_grouped_linear_biases_exact_for_many_samples(layer_cls):
     x = torch.randn(5, 2, 4, 4, dtype=DT)
     names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
     _check_all_blocks(model, x, _labels(5, 3), names=names)
+
+
+def test_wide_symmetric_products_are_complete():
+    """Products wider than one block are computed from the lower block triangle: the mirrored result equals
+    the plain product, for row chunks (bias / linear factors) and for per-group column slices."""
+    torch.manual_seed(37)
+    rows = [torch.randn(70, 600, dtype=DT), torch.randn(5, 700, dtype=DT)[:, 50:650]]  # one with a row stride
+    expected = sum(r.T @ r for r in rows)
+    assert rel_err(_rows_gram(rows), expected) < 1e-14
+    grads = torch.randn(2, 3, 4, 530, dtype=DT)  # (D, B, G, O)
+    got = _mirror_lower(_per_group_gram(grads[1:], _per_group_gram(grads[:1], None)))
+    assert rel_err(got, torch.einsum("dngo,dngp->gop", grads, grads)) < 1e-14
+
+
+def test_grouped_linear_with_wide_output_is_exact_for_one_sample():
+    """Per-group blocks of an F-FC path whose V stage has 289 outputs (lower-triangle products) are exact."""
+    torch.manual_seed(38)
+    model = nn.Sequential(FactoredFC(2, 3, 4, 17, dtype=DT), FlattenHead(3 * 289))
+    x = torch.randn(1, 2, 4, 4, dtype=DT)
+    curv = kfac_batch(model, x, _labels(1, 3))
+    exact = exact_ggn_blocks(model, x)
+    name = "0.stage_v.weight"
+    for g in range(3):
+        want = _group_block(exact[name], curv.blocks[name].param_shape, g)
+        assert rel_err(_group_block(curv.dense(name), curv.blocks[name].param_shape, g), want) < TOL
+    assert rel_err(curv.dense("0.stage_v.bias"), exact["0.stage_v.bias"]) < TOL
 
 
 def test_grouped_linear_reference_mode_shares_the_average_output_factor():
