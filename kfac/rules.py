@@ -1,9 +1,10 @@
 """Per-module Kronecker factor rules (input side ``A``, output-gradient side ``B``), one block per parameter.
 
 Notation: ``x`` is the module input recorded in the forward pass, ``G`` the output gradients of all ``D``
-loss-Hessian square-root directions, ``(D, *output.shape)``, held as :class:`~kfac.capture.DirectionChunks`
-(rules reshape them chunk by chunk and sum or "any" over chunks, concatenating only small row sets). All
-factors are *raw sums over the batch* (see :mod:`kfac.curvature` for how ``1 / n_data`` is applied).
+loss-Hessian square-root directions, ``(D, *output.shape)``. A rule applied to a module is a
+:class:`FactorBuilder`: it receives ``G`` in chunks ``(D_i, *output.shape)`` while the backward runs and keeps
+only sums (output and bias factors) and "any"s (used positions) over them; the input factors are formed at the
+end. All factors are *raw sums over the batch* (see :mod:`kfac.curvature` for how ``1 / n_data`` is applied).
 
 Weight-sharing layers (convolutions, linear layers on inputs with extra leading axes, rotations of group
 convolutions) use KFAC-expand (Grosse & Martens 2016; Eschenhagen et al. 2023): every output position is
@@ -43,6 +44,7 @@ Rules:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -149,29 +151,50 @@ def _nonzero_somewhere(grads: torch.Tensor) -> torch.Tensor:
     return ((grads.amax(2) != 0) | (grads.amin(2) != 0)).any(0)
 
 
-def used_positions(grads: DirectionChunks) -> torch.Tensor:
-    """``(B, P)`` bool: positions where some direction or output channel of ``grads (D, B, O, P)`` is non-zero.
+class UsedPositions:
+    """``(B, P)`` bool, accumulated chunk by chunk: positions where some direction or output channel of the
+    output gradients ``(D, B, O, P)`` is non-zero.
 
-    Scans the first direction only; the positions that are zero there (usually none, unless sites are
-    discarded downstream) are then looked up in the other directions: gathered when they are few, scanned
-    when they are many.
+    The first direction is scanned; the positions that are zero there (usually none, unless sites are discarded
+    downstream) are then looked up in the later directions: gathered when they are few, scanned when they are
+    many.
     """
-    first, *rest = grads.parts
-    used = _nonzero_somewhere(first[:1])
-    others = [first[1:], *rest]
-    unknown = (~used).nonzero()  # (U, 2): sample and position
-    if unknown.numel() == 0:
+
+    def __init__(self) -> None:
+        self._used: torch.Tensor | None = None
+        self._scan = False
+        self._sample = self._site = self._found = None
+
+    def add(self, grads: torch.Tensor) -> None:
+        """Take the gradients ``(D_i, B, O, P)`` of some more directions."""
+        if self._used is None:
+            self._used = _nonzero_somewhere(grads[:1])
+            unknown = (~self._used).nonzero()  # (U, 2): sample and position
+            self._scan = 8 * unknown.shape[0] > self._used.numel()
+            self._sample, self._site = unknown[:, 0], unknown[:, 1]
+            self._found = torch.zeros(unknown.shape[0], dtype=torch.bool, device=grads.device)
+            grads = grads[1:]
+        if grads.shape[0] == 0 or self._sample.numel() == 0:
+            return
+        if self._scan:
+            self._used |= _nonzero_somewhere(grads)
+        else:
+            self._found |= grads[:, self._sample, :, self._site].ne(0).any(2).any(1)  # (U, D_i, O) -> (U,)
+
+    def result(self) -> torch.Tensor:
+        """The used positions ``(B, P)`` of all directions added so far."""
+        used = self._used.clone()
+        if not self._scan and self._sample.numel():
+            used[self._sample, self._site] = self._found
         return used
-    if 8 * unknown.shape[0] > used.numel():
-        for part in others:
-            used |= _nonzero_somewhere(part)
-        return used
-    sample, site = unknown[:, 0], unknown[:, 1]
-    found = torch.zeros(sample.shape[0], dtype=torch.bool, device=used.device)
-    for part in others:
-        found |= part[:, sample, :, site].ne(0).any(2).any(1)  # (U, D_i, O) -> (U,)
-    used[sample, site] = found
-    return used
+
+
+def used_positions(grads: DirectionChunks) -> torch.Tensor:
+    """``(B, P)`` bool: positions where some direction or output channel of ``grads (D, B, O, P)`` is non-zero."""
+    used = UsedPositions()
+    for part in grads.parts:
+        used.add(part)
+    return used.result()
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,23 +210,28 @@ class SampleWeights:
         return self.used.to(self.scale.dtype) * self.scale[:, None]
 
 
-def position_weights(grads: DirectionChunks, position_norm: str) -> SampleWeights | None:
-    """Per-sample position weights from output gradients ``(D, B, O, P)``, or ``None`` if uniform (``1/P``).
-
-    ``w[n, t] = 1/|T_n|`` on the positions counted for sample ``n`` (see ``position_norm``), else 0; a sample
-    without such positions counts all of them.
-    """
-    n_pos = grads.shape[3]
-    if position_norm == "all" or n_pos == 1:
-        return None
-    used = used_positions(grads)  # (B, P)
+def sample_weights(used: torch.Tensor, dtype: torch.dtype) -> SampleWeights | None:
+    """Position weights ``1/|T_n|`` on the used positions ``used (B, P)`` of each sample (a sample without used
+    positions counts all of them), or ``None`` when every position is used (uniform ``1/P``)."""
+    n_pos = used.shape[1]
     count = used.sum(1)
     if bool((count == n_pos).all()):
         return None
     empty = count == 0
     used = used | empty[:, None]
     count = torch.where(empty, torch.full_like(count, n_pos), count)
-    return SampleWeights(1.0 / count.to(grads.parts[0].dtype), used)
+    return SampleWeights(1.0 / count.to(dtype), used)
+
+
+def position_weights(grads: DirectionChunks, position_norm: str) -> SampleWeights | None:
+    """Per-sample position weights from output gradients ``(D, B, O, P)``, or ``None`` if uniform (``1/P``).
+
+    ``w[n, t] = 1/|T_n|`` on the positions counted for sample ``n`` (see ``position_norm``), else 0; a sample
+    without such positions counts all of them.
+    """
+    if position_norm == "all" or grads.shape[3] == 1:
+        return None
+    return sample_weights(used_positions(grads), grads.parts[0].dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -391,45 +419,95 @@ def _sample_factor(patches: Patches, weights: SampleWeights) -> torch.Tensor:
     return full
 
 
+class RowsGram:
+    """``sum_i rows_i^T rows_i`` over row sets ``(M_i, d)`` added one by one: small sets are held and joined into
+    one product (products of a few hundred rows are dominated by call overhead), at most ``_CAT_ELEMENTS``
+    elements at a time; lower block triangle only, mirrored in :meth:`result`."""
+
+    def __init__(self) -> None:
+        self._held: list[torch.Tensor] = []
+        self._size = 0
+        self._total: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Take one more row set ``(M_i, d)``."""
+        self._held.append(rows)
+        self._size += rows.numel()
+        if self._size > _CAT_ELEMENTS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._held:
+            rows = self._held[0] if len(self._held) == 1 else torch.cat(self._held)
+            self._total = _lower_gram(rows, self._total)
+            self._held, self._size = [], 0
+
+    def result(self) -> torch.Tensor:
+        """The ``(d, d)`` sum of all row sets added."""
+        self._flush()
+        return _mirror_lower(self._total)
+
+
 def _rows_gram(rows: list[torch.Tensor]) -> torch.Tensor:
-    """``sum_i rows[i]^T rows[i]`` for ``(M_i, d)`` row sets: one product of the concatenation when it is
-    small (per-chunk products of a few hundred rows are dominated by call overhead), else accumulated; lower
-    block triangle only, then mirrored."""
-    if len(rows) > 1 and sum(r.numel() for r in rows) <= _CAT_ELEMENTS:
-        rows = [torch.cat(rows)]
-    total = None
+    """``sum_i rows[i]^T rows[i]`` for a list of ``(M_i, d)`` row sets (see :class:`RowsGram`)."""
+    total = RowsGram()
     for part in rows:
-        total = _lower_gram(part, total)
-    return _mirror_lower(total)
+        total.add(part)
+    return total.result()
 
 
-def output_factor(grads: DirectionChunks) -> torch.Tensor:
-    """``B = sum_{d,n,t} g g^T`` from output gradients ``(D, B, O, P)``."""
-    n_dirs, batch, d_out, n_pos = grads.shape
-    if n_pos == 1:
-        return _rows_gram([p.reshape(-1, d_out) for p in grads.parts])
-    return grads.fold(lambda p, acc: _batched_gram(p.reshape(-1, d_out, n_pos), acc))
+class ExpandStats:
+    """What KFAC-expand needs from the output gradients ``(D, B, O, P)``, accumulated chunk by chunk: the output
+    factor ``B = sum_{d,n,t} g g^T`` and the used positions (``position_norm="used"``) for the weight, the rows
+    ``sum_t g`` of the exact bias block ``sum_{d,n} (sum_t g)(sum_t g)^T``."""
+
+    def __init__(self, weight: bool, bias: bool, position_norm: str) -> None:
+        self.weight, self.bias = weight, bias
+        self._used = UsedPositions() if weight and position_norm == "used" else None
+        self._out: torch.Tensor | RowsGram | None = None
+        self._bias_rows = RowsGram() if bias else None
+        self._n_pos = 0
+        self._dtype: torch.dtype | None = None
+
+    def add(self, grads: torch.Tensor) -> None:
+        """Take the gradients ``(D_i, B, O, P)`` of some more directions."""
+        _, _, d_out, n_pos = grads.shape
+        self._n_pos, self._dtype = n_pos, grads.dtype
+        if self.weight:
+            if n_pos == 1:  # no positions: the rows themselves
+                self._out = RowsGram() if self._out is None else self._out
+                self._out.add(grads.reshape(-1, d_out))
+            else:
+                if self._used is not None:
+                    self._used.add(grads)
+                self._out = _batched_gram(grads.reshape(-1, d_out, n_pos), self._out)
+        if self.bias:
+            self._bias_rows.add(grads.sum(3).reshape(-1, d_out))
+
+    def weights(self) -> SampleWeights | None:
+        """Position weights of the input factor (``None``: uniform ``1/P``)."""
+        if self._used is None or self._n_pos == 1:
+            return None
+        return sample_weights(self._used.result(), self._dtype)
+
+    def blocks(self, prefix: str, module: nn.Module, patches: Callable[[], Patches]) -> dict[str, KronBlock]:
+        """Weight (KFAC-expand, input factor from ``patches() (B, Din, P)``) and exact bias blocks."""
+        blocks: dict[str, KronBlock] = {}
+        if self.weight:
+            a = input_factor(patches(), self.weights())
+            b = self._out.result() if isinstance(self._out, RowsGram) else self._out
+            blocks[f"{prefix}weight"] = KronBlock(f"{prefix}weight", module.weight.shape, "kron", b[None], a[None])
+        if self.bias:
+            blocks[f"{prefix}bias"] = KronBlock(
+                f"{prefix}bias", module.bias.shape, "single", self._bias_rows.result()[None]
+            )
+        return blocks
 
 
-def bias_factor(grads: DirectionChunks) -> torch.Tensor:
-    """Exact bias block ``sum_{d,n} (sum_t g)(sum_t g)^T`` from ``(D, B, O, P)``."""
-    d_out = grads.shape[2]
-    return _rows_gram([p.sum(3).reshape(-1, d_out) for p in grads.parts])
-
-
-def expand_blocks(
-    prefix: str, module: nn.Module, patches: Patches, grads: DirectionChunks, position_norm: str
-) -> dict[str, KronBlock]:
-    """Weight (KFAC-expand) and exact bias blocks from patches ``(B, Din, P)`` and grads ``(D, B, O, P)``."""
-    blocks: dict[str, KronBlock] = {}
-    weight, bias = module.weight, getattr(module, "bias", None)
-    if weight.requires_grad:
-        a = input_factor(patches, position_weights(grads, position_norm))
-        b = output_factor(grads)
-        blocks[f"{prefix}weight"] = KronBlock(f"{prefix}weight", weight.shape, "kron", b[None], a[None])
-    if bias is not None and bias.requires_grad:
-        blocks[f"{prefix}bias"] = KronBlock(f"{prefix}bias", bias.shape, "single", bias_factor(grads)[None])
-    return blocks
+def _trainable(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` has a parameter ``name`` that requires a gradient."""
+    param = getattr(module, name, None)
+    return param is not None and param.requires_grad
 
 
 # ----------------------------------------------------------------------------------------------- patches
@@ -488,50 +566,116 @@ def full_group_patches(patches: torch.Tensor, channels: int, k: int) -> torch.Te
     return torch.stack(slices, dim=1)
 
 
-def _rotation_blocks(
-    prefix: str, module: nn.Module, patches: torch.Tensor, grads: DirectionChunks, options: RuleOptions
-) -> dict[str, KronBlock]:
-    """Blocks of a p4 conv from patches ``(B, 4, Din, L)`` and grads ``(D, B, 4C', H, W)``."""
-    batch, c_out = grads.shape[1], module.out_channels
-    g = grads.map(lambda t: t.reshape(t.shape[0], batch, N_ROTATIONS, c_out, -1))  # (D, B, 4, C', L)
-    sites_and_rotations = g.map(lambda t: t.transpose(2, 3).reshape(t.shape[0], batch, c_out, -1))
-    if options.rotation_mode == "expand":
-        pat = patches.transpose(1, 2).reshape(batch, patches.shape[2], -1)  # positions (4, L)
-        return expand_blocks(prefix, module, pat, sites_and_rotations, options.position_norm)
-    blocks = expand_blocks(prefix, module, patches.sum(1), g.map(lambda t: t.mean(2)), options.position_norm)
-    bias = getattr(module, "bias", None)
-    if bias is not None and bias.requires_grad:  # exact bias: sum over rotations *and* sites
-        blocks[f"{prefix}bias"] = KronBlock(
-            f"{prefix}bias", bias.shape, "single", bias_factor(sites_and_rotations)[None]
-        )
-    return blocks
-
-
 # ----------------------------------------------------------------------------------------------- rules
 
-Rule = Callable[[str, nn.Module, torch.Tensor, DirectionChunks, RuleOptions], dict[str, KronBlock]]
+
+class FactorBuilder(ABC):
+    """A rule applied to one recorded module: :meth:`add` takes the output gradients of some directions,
+    ``(D_i, *output.shape)``, as the backward produces them (any number of chunks, in any order);
+    :meth:`blocks` returns the module's curvature blocks."""
+
+    @abstractmethod
+    def add(self, grads: torch.Tensor) -> None:
+        """Take the output gradients of some more directions."""
+
+    @abstractmethod
+    def blocks(self) -> dict[str, KronBlock]:
+        """The curvature blocks of the module's trainable parameters."""
 
 
-def _sites_last(grads: DirectionChunks, batch: int, channels: int) -> DirectionChunks:
-    """``(D, B, C, *sites) -> (D, B, C, P)`` chunk by chunk."""
-    return grads.map(lambda t: t.reshape(t.shape[0], batch, channels, -1))
+Rule = Callable[[str, nn.Module, torch.Tensor, RuleOptions], FactorBuilder]  # (prefix, module, input, options)
 
 
-def linear_rule(prefix: str, module: nn.Linear, x: torch.Tensor, grads: DirectionChunks, options: RuleOptions):
+class ExpandBuilder(FactorBuilder):
+    """KFAC-expand with an exact bias: ``to_sites`` maps a gradient chunk to ``(D_i, B, O, P)`` (positions last),
+    ``patches()`` gives the matching patches ``(B, Din, P)`` when the blocks are formed (lazily: after the
+    backward)."""
+
+    def __init__(
+        self,
+        prefix: str,
+        module: nn.Module,
+        patches: Callable[[], Patches],
+        to_sites: Callable[[torch.Tensor], torch.Tensor],
+        position_norm: str,
+    ) -> None:
+        self.prefix, self.module, self.patches, self.to_sites = prefix, module, patches, to_sites
+        self.stats = ExpandStats(_trainable(module, "weight"), _trainable(module, "bias"), position_norm)
+
+    def add(self, grads: torch.Tensor) -> None:
+        self.stats.add(self.to_sites(grads))
+
+    def blocks(self) -> dict[str, KronBlock]:
+        return self.stats.blocks(self.prefix, self.module, self.patches)
+
+
+class RotationReduceBuilder(FactorBuilder):
+    """p4 convolutions with ``rotation_mode="reduce"``: KFAC-expand over sites of ``a = sum_g a_g``,
+    ``g = mean_g g_g``, and the exact bias summed over rotations *and* sites. Gradient chunks
+    ``(D_i, B, 4C', H, W)``, patches ``(B, 4, Din, L)``."""
+
+    def __init__(
+        self, prefix: str, module: nn.Module, patches: Callable[[], torch.Tensor], batch: int, options: RuleOptions
+    ) -> None:
+        self.prefix, self.module, self.patches, self.batch = prefix, module, patches, batch
+        self.stats = ExpandStats(_trainable(module, "weight"), False, options.position_norm)
+        self._bias_rows = RowsGram() if _trainable(module, "bias") else None
+
+    def add(self, grads: torch.Tensor) -> None:
+        c_out = self.module.out_channels
+        g = grads.reshape(grads.shape[0], self.batch, N_ROTATIONS, c_out, -1)  # (D, B, 4, C', L)
+        self.stats.add(g.mean(2))
+        if self._bias_rows is not None:
+            self._bias_rows.add(g.sum((2, 4)).reshape(-1, c_out))
+
+    def blocks(self) -> dict[str, KronBlock]:
+        blocks = self.stats.blocks(self.prefix, self.module, lambda: self.patches().sum(1))
+        if self._bias_rows is not None:
+            bias = self.module.bias
+            factor = self._bias_rows.result()[None]
+            blocks[f"{self.prefix}bias"] = KronBlock(f"{self.prefix}bias", bias.shape, "single", factor)
+        return blocks
+
+
+def _rotation_builder(
+    prefix: str, module: nn.Module, patches: Callable[[], torch.Tensor], batch: int, options: RuleOptions
+) -> FactorBuilder:
+    """Builder of a p4 conv from patches ``(B, 4, Din, L)`` and grads ``(D, B, 4C', H, W)``."""
+    if options.rotation_mode == "reduce":
+        return RotationReduceBuilder(prefix, module, patches, batch, options)
+    c_out = module.out_channels
+
+    def to_sites(t: torch.Tensor) -> torch.Tensor:  # positions (4, L)
+        rotations = t.reshape(t.shape[0], batch, N_ROTATIONS, c_out, -1)
+        return rotations.transpose(2, 3).reshape(t.shape[0], batch, c_out, -1)
+
+    def expanded() -> torch.Tensor:
+        pat = patches()
+        return pat.transpose(1, 2).reshape(batch, pat.shape[2], -1)
+
+    return ExpandBuilder(prefix, module, expanded, to_sites, options.position_norm)
+
+
+def _sites_last(batch: int, channels: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``(D, B, C, *sites) -> (D, B, C, P)``."""
+    return lambda t: t.reshape(t.shape[0], batch, channels, -1)
+
+
+def linear_rule(prefix: str, module: nn.Linear, x: torch.Tensor, options: RuleOptions) -> FactorBuilder:
     """``nn.Linear`` on ``(B, ..., I)``; extra leading axes are positions."""
-    batch, d_out = x.shape[0], grads.shape[-1]
+    batch, d_out = x.shape[0], module.out_features
     patches = x.reshape(batch, -1, x.shape[-1]).transpose(1, 2)
-    grd = grads.map(lambda t: t.reshape(t.shape[0], batch, -1, d_out).transpose(2, 3))
-    return expand_blocks(prefix, module, patches, grd, options.position_norm)
+    to_sites = lambda t: t.reshape(t.shape[0], batch, -1, d_out).transpose(2, 3)  # noqa: E731
+    return ExpandBuilder(prefix, module, lambda: patches, to_sites, options.position_norm)
 
 
-def conv2d_rule(prefix: str, module: nn.Conv2d, x: torch.Tensor, grads: DirectionChunks, options: RuleOptions):
+def conv2d_rule(prefix: str, module: nn.Conv2d, x: torch.Tensor, options: RuleOptions) -> FactorBuilder:
     """Stock ``nn.Conv2d`` (``groups=1``), KFAC-expand over output sites."""
     if module.groups != 1:
         raise NotImplementedError(f"module {prefix.rstrip('.')} (Conv2d): groups={module.groups} is not supported")
-    batch, c_out = grads.shape[1:3]
-    return expand_blocks(
-        prefix, module, conv_patches(x, module), _sites_last(grads, batch, c_out), options.position_norm
+    return ExpandBuilder(
+        prefix, module, lambda: conv_patches(x, module), _sites_last(x.shape[0], module.out_channels),
+        options.position_norm,
     )
 
 
@@ -552,62 +696,79 @@ def _per_group_gram(grads: torch.Tensor, out: torch.Tensor | None) -> torch.Tens
     return torch.bmm(gg.transpose(1, 2), gg) if out is None else out.baddbmm_(gg.transpose(1, 2), gg)
 
 
-def grouped_linear_rule(
-    prefix: str, module: nn.Module, x: torch.Tensor, grads: DirectionChunks, options: RuleOptions
-):
-    """``GroupedLinear`` ``(B, G, I) -> (B, G, O)``, weight ``(O, G, I)``: per-group or reference blocks."""
-    blocks: dict[str, KronBlock] = {}
-    weight, bias = module.weight, module.bias
-    if weight.requires_grad:
-        xg = x.transpose(0, 1)  # (G, B, I)
-        a = torch.bmm(xg.transpose(1, 2), xg)  # (G, I, I)
-        b = _mirror_lower(grads.fold(_per_group_gram))  # (G, O, O)
-        if options.grouped_mode == "per_group":
-            blocks[f"{prefix}weight"] = KronBlock(f"{prefix}weight", weight.shape, "direct_sum", b, a)
-        else:
-            b_shared = b.mean(0, keepdim=True)
-            blocks[f"{prefix}weight"] = KronBlock(f"{prefix}weight", weight.shape, "shared_out", b_shared, a)
-    if bias is not None and bias.requires_grad:
-        blocks[f"{prefix}bias"] = KronBlock(
-            f"{prefix}bias", bias.shape, "single", bias_factor(grads.map(lambda t: t.transpose(2, 3)))[None]
-        )
-    return blocks
+class GroupedLinearBuilder(FactorBuilder):
+    """``GroupedLinear`` ``(B, G, I) -> (B, G, O)``, weight ``(O, G, I)``: per-group or reference blocks.
+    Gradient chunks ``(D_i, B, G, O)``."""
+
+    def __init__(self, prefix: str, module: nn.Module, x: torch.Tensor, options: RuleOptions) -> None:
+        self.prefix, self.module, self.x, self.mode = prefix, module, x, options.grouped_mode
+        self._out: torch.Tensor | None = None
+        self._bias_rows = RowsGram() if _trainable(module, "bias") else None
+
+    def add(self, grads: torch.Tensor) -> None:
+        if self.module.weight.requires_grad:
+            self._out = _per_group_gram(grads, self._out)
+        if self._bias_rows is not None:  # the bias is shared by the groups: sum over them first
+            self._bias_rows.add(grads.sum(2).reshape(-1, grads.shape[3]))
+
+    def blocks(self) -> dict[str, KronBlock]:
+        blocks: dict[str, KronBlock] = {}
+        weight, bias, name = self.module.weight, self.module.bias, self.prefix
+        if weight.requires_grad:
+            xg = self.x.transpose(0, 1)  # (G, B, I)
+            a = torch.bmm(xg.transpose(1, 2), xg)  # (G, I, I)
+            b = _mirror_lower(self._out)  # (G, O, O)
+            if self.mode == "per_group":
+                blocks[f"{name}weight"] = KronBlock(f"{name}weight", weight.shape, "direct_sum", b, a)
+            else:
+                shared = b.mean(0, keepdim=True)
+                blocks[f"{name}weight"] = KronBlock(f"{name}weight", weight.shape, "shared_out", shared, a)
+        if self._bias_rows is not None:
+            blocks[f"{name}bias"] = KronBlock(f"{name}bias", bias.shape, "single", self._bias_rows.result()[None])
+        return blocks
 
 
-def sparse_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, grads: DirectionChunks, options: RuleOptions):
+def grouped_linear_rule(prefix: str, module: nn.Module, x: torch.Tensor, options: RuleOptions) -> FactorBuilder:
+    """``GroupedLinear`` ``(B, G, I) -> (B, G, O)``: see :class:`GroupedLinearBuilder`."""
+    return GroupedLinearBuilder(prefix, module, x, options)
+
+
+def sparse_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, options: RuleOptions) -> FactorBuilder:
     """``SparseConv``: conv rule on the induced filter, patches projected tap-wise onto the anchors."""
     k = module.kernel_size
-    patches = _circular_patches(x, k, module.padding)
-    batch, _, n_loc = patches.shape
-    taps = patches.reshape(batch, module.in_channels, k * k, n_loc)
-    projected = torch.einsum("bctl,mt->bcml", taps, module.basis.detach().to(taps.dtype))
-    return expand_blocks(
-        prefix,
-        module,
-        projected.reshape(batch, -1, n_loc),
-        _sites_last(grads, batch, grads.shape[2]),
-        options.position_norm,
-    )
+
+    def projected() -> torch.Tensor:
+        patches = _circular_patches(x, k, module.padding)
+        batch, _, n_loc = patches.shape
+        taps = patches.reshape(batch, module.in_channels, k * k, n_loc)
+        proj = torch.einsum("bctl,mt->bcml", taps, module.basis.detach().to(taps.dtype))
+        return proj.reshape(batch, -1, n_loc)
+
+    return ExpandBuilder(prefix, module, projected, _sites_last(x.shape[0], module.out_channels), options.position_norm)
 
 
-def lifting_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, grads: DirectionChunks, options: RuleOptions):
+def lifting_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, options: RuleOptions) -> FactorBuilder:
     """``LiftingConv`` ``(B, C, H, W) -> (B, 4C', H, W)``: rotations as positions (or reduced)."""
     k = module.kernel_size
-    patches = _circular_patches(x, k)
-    lifted = patches[:, None].expand(-1, N_ROTATIONS, -1, -1)
-    return _rotation_blocks(prefix, module, unrotated_patches(lifted, module.in_channels, k), grads, options)
+
+    def patches() -> torch.Tensor:
+        lifted = _circular_patches(x, k)[:, None].expand(-1, N_ROTATIONS, -1, -1)
+        return unrotated_patches(lifted, module.in_channels, k)
+
+    return _rotation_builder(prefix, module, patches, x.shape[0], options)
 
 
-def group_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, grads: DirectionChunks, options: RuleOptions):
+def group_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, options: RuleOptions) -> FactorBuilder:
     """``GroupConv`` ``(B, 4C, H, W) -> (B, 4C', H, W)``, pointwise or full."""
     k, c_in = module.kernel_size, module.in_channels
-    patches = _circular_patches(x, k)  # (B, 4C*k*k, L), channels group-major
-    if module.mode == "pointwise":
-        per_slice = patches.reshape(patches.shape[0], N_ROTATIONS, c_in * k * k, -1)
-        pat = unrotated_patches(per_slice, c_in, k)
-    else:
-        pat = full_group_patches(patches, c_in, k)
-    return _rotation_blocks(prefix, module, pat, grads, options)
+
+    def patches() -> torch.Tensor:
+        flat = _circular_patches(x, k)  # (B, 4C*k*k, L), channels group-major
+        if module.mode == "pointwise":
+            return unrotated_patches(flat.reshape(flat.shape[0], N_ROTATIONS, c_in * k * k, -1), c_in, k)
+        return full_group_patches(flat, c_in, k)
+
+    return _rotation_builder(prefix, module, patches, x.shape[0], options)
 
 
 def _ella_rules() -> dict[type, Rule]:
