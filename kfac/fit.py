@@ -93,7 +93,7 @@ def fit_kfac(
     total: KronCurvature | None = None
     for x, y in _batches(loader):
         part = kfac_batch(model, x.to(device), y.to(device), likelihood, curvature, **options)
-        total = part if total is None else total + part
+        total = part if total is None else total.add_(part)  # in place: no new factor tensors per batch
     if total is None:
         raise ValueError("fit_kfac: the loader yielded no batches")
     return total

@@ -561,10 +561,13 @@ def test_batches_add_up_to_the_full_batch():
     model = nn.Sequential(FactoredFC(2, 3, 4, 4, dtype=DT), Conv(3, 3).to(DT), FlattenHead(3 * 16))
     x, y = torch.randn(6, 2, 4, 4, dtype=DT), _labels(6, 3)
     whole = kfac_batch(model, x, y)
-    parts = fit_kfac(model, [(x[:2], y[:2]), (x[2:], y[2:])])
-    assert parts.n_data == 6 and abs(float(parts.loss - whole.loss)) < 1e-10
+    parts = fit_kfac(model, [(x[:2], y[:2]), (x[2:3], y[2:3]), (x[3:], y[3:])])  # accumulated in place
+    first, rest = kfac_batch(model, x[:2], y[:2]), kfac_batch(model, x[2:], y[2:])
+    summed = first + rest
+    assert parts.n_data == summed.n_data == 6 and abs(float(parts.loss - whole.loss)) < 1e-10
     for name in whole.block_names:
         assert rel_err(parts.dense(name), whole.dense(name)) < 1e-12
+        assert rel_err(summed.dense(name), whole.dense(name)) < 1e-12
 
 
 def test_unsupported_module_with_parameters_raises_naming_it():
