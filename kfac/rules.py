@@ -679,21 +679,26 @@ def conv2d_rule(prefix: str, module: nn.Conv2d, x: torch.Tensor, options: RuleOp
     )
 
 
-def _per_group_gram(grads: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """``(D, B, G, O) -> (G, O, O)``: ``sum_{d,n} g g^T`` per group, added onto ``out`` in place if given.
+def _group_grams(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(N, G, d) -> (G, d, d)``: ``sum_n rows[n, g] rows[n, g]^T`` per group, added onto ``out`` in place if given.
 
-    Wide outputs (``O > _SYM_BLOCK``): lower block triangle only (:func:`_lower_gram`, on each group's column
-    slice in place; the caller mirrors); narrow ones: one batched product of a group-major copy (complete).
+    Wide (``d > _SYM_BLOCK``): lower block triangle only (:func:`_lower_gram` on each group's column slice in
+    place; complete it with :func:`_mirror_lower`); narrow: one batched product of a group-major copy (complete).
     """
-    n_dirs, batch, groups, d_out = grads.shape
-    if d_out > _SYM_BLOCK:
-        rows = grads.reshape(n_dirs * batch, groups, d_out)
-        out = grads.new_zeros(groups, d_out, d_out) if out is None else out
+    n_rows, groups, d = rows.shape
+    if d > _SYM_BLOCK:
+        out = rows.new_zeros(groups, d, d) if out is None else out
         for g in range(groups):
             _lower_gram(rows[:, g], out[g])
         return out
-    gg = grads.permute(2, 0, 1, 3).reshape(groups, n_dirs * batch, d_out)
+    gg = rows.transpose(0, 1)  # (G, N, d)
     return torch.bmm(gg.transpose(1, 2), gg) if out is None else out.baddbmm_(gg.transpose(1, 2), gg)
+
+
+def _per_group_gram(grads: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``(D, B, G, O) -> (G, O, O)``: ``sum_{d,n} g g^T`` per group (:func:`_group_grams`; wide ones to mirror)."""
+    n_dirs, batch, groups, d_out = grads.shape
+    return _group_grams(grads.reshape(n_dirs * batch, groups, d_out), out)
 
 
 class GroupedLinearBuilder(FactorBuilder):
@@ -715,7 +720,7 @@ class GroupedLinearBuilder(FactorBuilder):
         blocks: dict[str, KronBlock] = {}
         weight, bias, name = self.module.weight, self.module.bias, self.prefix
         if weight.requires_grad:
-            xg = self.x.transpose(0, 1)  # (G, B, I)
+            xg = self.x.transpose(0, 1)  # (G, B, I): one product over few rows (no block split)
             a = torch.bmm(xg.transpose(1, 2), xg)  # (G, I, I)
             b = _mirror_lower(self._out)  # (G, O, O)
             if self.mode == "per_group":
