@@ -691,7 +691,7 @@ def _group_grams(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
         for g in range(groups):
             _lower_gram(rows[:, g], out[g])
         return out
-    gg = rows.transpose(0, 1)  # (G, N, d)
+    gg = rows.transpose(0, 1).contiguous()  # (G, N, d): bmm copies strided batch entries one by one otherwise
     return torch.bmm(gg.transpose(1, 2), gg) if out is None else out.baddbmm_(gg.transpose(1, 2), gg)
 
 
