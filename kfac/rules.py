@@ -21,11 +21,16 @@ counted; a sample with no such position averages over all positions); ``"all"`` 
 Biases are always exact: ``B_bias = sum_{d,n} (sum_t g_{d,n,t}) (sum_t g_{d,n,t})^T``, summing the output
 gradient over every position (and group / rotation) that shares the bias before the outer product.
 
+Symmetric products wider than ``_SYM_BLOCK`` (F-FC output and bias factors) are accumulated block-wise, lower
+block triangle only, and mirrored.
+
 Rules:
 
 - ``nn.Linear``: ``a`` = input rows (extra leading axes are positions).
 - ``nn.Conv2d`` (``groups=1``; any stride/dilation/padding, any ``padding_mode``): ``a`` = im2col patches of
   the input padded exactly as the module pads it, layout ``(C, kh, kw)`` matching ``weight (O, C, kh, kw)``.
+  When the (padded) input of a stride-1 conv is periodic with the output's period (circular padding, checked
+  exactly), ``A`` comes from the input's circular cross-correlations (:func:`periodic_gram`) without patches.
 - ``GroupedLinear`` ``weight (O, G, I)``: ``grouped_mode="per_group"`` (default): direct sum over groups of
   ``A_g = sum_n x_{n,g} x_{n,g}^T`` and ``B_g = sum_{d,n} g_{d,n,g} g_{d,n,g}^T``;
   ``"reference"``: block-diagonal ``A = blockdiag(A_g)`` with the shared output factor ``(1/G) sum_g B_g``
