@@ -5,8 +5,10 @@ backward then produces the gradients of ``sum_n S[d, n]^T f(x_n)`` w.r.t. every 
 loss-Hessian square-root directions, either one backward per direction (``"loop"``, the default: every op runs
 at full speed and no ``(D, ...)`` tensor is ever materialised) or one vmapped backward (``"batched"``,
 ``is_grads_batched``). Only gradients w.r.t. the recorded outputs are requested, so autograd prunes weight
-gradients and everything before the first recorded output. The result per module is a
-:class:`DirectionChunks` of logical shape ``(D, *output.shape)``.
+gradients and everything before the first recorded output. The gradients are handed to a consumer as they
+are computed, in chunks of logical shape ``(D_i, *output.shape)`` along the direction axis (every KFAC
+quantity is a sum or an "any" over directions), so large per-direction gradients are reduced while they are
+fresh in cache and freed before the next direction instead of being kept for all ``D`` directions.
 """
 
 from __future__ import annotations
@@ -34,11 +36,7 @@ class Record:
 
 @dataclass(frozen=True, eq=False)
 class DirectionChunks:
-    """Per-direction tensors ``(D, *S)`` stored as chunks ``(D_i, *S)`` along the direction axis.
-
-    Every KFAC quantity is a sum (factors) or an "any" (used positions) over directions, so rules transform the
-    chunks one by one (:meth:`map`) and accumulate over them (:meth:`fold`) instead of concatenating them.
-    """
+    """Per-direction tensors ``(D, *S)`` stored as chunks ``(D_i, *S)`` along the direction axis."""
 
     parts: tuple[torch.Tensor, ...]
 
@@ -50,18 +48,6 @@ class DirectionChunks:
     def shape(self) -> torch.Size:
         """Logical shape ``(D, *S)``."""
         return torch.Size((sum(p.shape[0] for p in self.parts), *self.parts[0].shape[1:]))
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> DirectionChunks:
-        """Apply ``fn`` (which must keep the leading direction axis) to every chunk."""
-        return DirectionChunks(tuple(fn(p) for p in self.parts))
-
-    def fold(self, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
-        """Accumulate over chunks: ``acc = fn(chunk, acc)``, starting from ``acc = None`` (``fn`` may update
-        ``acc`` in place and return it)."""
-        acc = None
-        for part in self.parts:
-            acc = fn(part, acc)
-        return acc
 
 
 class Recorder:
@@ -108,44 +94,53 @@ def _check_records(records: list[Record]) -> None:
             )
 
 
-def output_gradients(
-    logits: torch.Tensor, records: list[Record], seeds: torch.Tensor, mode: str = "loop"
-) -> list[DirectionChunks]:
-    """Gradients of ``<seeds[d], logits>`` w.r.t. every record's output, ``(D, *output.shape)`` each.
+Consumer = Callable[[int, torch.Tensor], None]
 
-    ``seeds`` is ``(D, B, K)``. ``mode="loop"`` runs ``D`` ordinary backward passes (chunks of one direction);
-    ``mode="batched"`` runs one vmapped backward (``is_grads_batched``, a single chunk); small gradients are
-    joined into one chunk in either mode. Both give the same gradients; the loop is faster on CPU because
-    several batching rules fall back to per-direction loops plus a concatenation, and large fresh ``(D, ...)``
-    allocations are expensive (page faults).
+
+def output_gradients(
+    logits: torch.Tensor, records: list[Record], seeds: torch.Tensor, consume: Consumer, mode: str = "loop"
+) -> None:
+    """Gradients of ``<seeds[d], logits>`` w.r.t. every record's output, handed to ``consume(i, chunk)`` with
+    ``chunk (D_i, *records[i].output.shape)`` (detached; called without gradient tracking).
+
+    ``seeds`` is ``(D, B, K)``. ``mode="loop"`` runs ``D`` ordinary backward passes: an output whose ``D``
+    gradients have more than ``_MERGE_ELEMENTS`` elements in all gets one chunk per direction as soon as that
+    direction is computed; smaller ones are joined and handed over in one chunk after the last pass (fewer
+    tiny kernels). ``mode="batched"`` runs one vmapped backward (``is_grads_batched``): one chunk per output.
+    Both give the same gradients; the loop is faster on CPU because several batching rules fall back to
+    per-direction loops plus a concatenation, and large fresh ``(D, ...)`` allocations are expensive (page
+    faults). Outputs the logits do not depend on get zeros.
     """
     if mode not in BACKWARD_MODES:
         raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, got {mode!r}")
     _check_records(records)
     outputs = [record.output for record in records]
     n_dirs = seeds.shape[0]
-    if n_dirs == 0:
-        return [DirectionChunks((out.new_zeros((0, *out.shape)),)) for out in outputs]
     seeds = seeds.to(logits.dtype)
-    if mode == "batched":
+    if mode == "batched" and n_dirs > 0:
         grads = torch.autograd.grad(logits, outputs, grad_outputs=seeds, is_grads_batched=True, allow_unused=True)
-        per_dir = [tuple(None if g is None else g.detach() for g in grads)]
-    else:
-        per_dir = [
-            tuple(
-                None if g is None else g.detach()[None]
-                for g in torch.autograd.grad(
-                    logits, outputs, grad_outputs=seeds[d], retain_graph=d < n_dirs - 1, allow_unused=True
-                )
-            )
-            for d in range(n_dirs)
-        ]
-    chunks = []
-    for i, out in enumerate(outputs):
-        parts = tuple(grads[i] for grads in per_dir)
-        if parts[0] is None:  # unused output: zero gradient in every direction
-            parts = (out.new_zeros((n_dirs, *out.shape)),)
-        elif len(parts) > 1 and n_dirs * out.numel() <= _MERGE_ELEMENTS:  # small: one chunk, fewer tiny kernels
-            parts = (torch.cat(parts),)
-        chunks.append(DirectionChunks(parts))
-    return chunks
+        with torch.no_grad():
+            for i, (out, grad) in enumerate(zip(outputs, grads)):
+                consume(i, out.new_zeros((n_dirs, *out.shape)) if grad is None else grad.detach())
+        return
+    streamed = [n_dirs * out.numel() > _MERGE_ELEMENTS for out in outputs]
+    held: list[list[torch.Tensor]] = [[] for _ in outputs]
+    unused = [n_dirs == 0] * len(outputs)
+    for d in range(n_dirs):
+        grads = torch.autograd.grad(
+            logits, outputs, grad_outputs=seeds[d], retain_graph=d < n_dirs - 1, allow_unused=True
+        )
+        with torch.no_grad():
+            for i, grad in enumerate(grads):
+                if grad is None:
+                    unused[i] = True
+                elif streamed[i]:
+                    consume(i, grad.detach()[None])
+                else:
+                    held[i].append(grad.detach()[None])
+    with torch.no_grad():
+        for i, out in enumerate(outputs):
+            if unused[i]:
+                consume(i, out.new_zeros((n_dirs, *out.shape)))
+            elif held[i]:
+                consume(i, held[i][0] if len(held[i]) == 1 else torch.cat(held[i]))

@@ -47,11 +47,22 @@ class KronBlock:
         if (self.in_factors is None) != (self.layout == "single"):
             raise ValueError(f"block {self.name}: layout {self.layout!r} and in_factors do not agree")
 
-    def __add__(self, other: KronBlock) -> KronBlock:
+    def _check_addable(self, other: KronBlock) -> None:
         if (self.name, self.layout, tuple(self.param_shape)) != (other.name, other.layout, tuple(other.param_shape)):
             raise ValueError(f"cannot add block {other.name} ({other.layout}) to {self.name} ({self.layout})")
+
+    def __add__(self, other: KronBlock) -> KronBlock:
+        self._check_addable(other)
         in_factors = None if self.in_factors is None else self.in_factors + other.in_factors
         return KronBlock(self.name, self.param_shape, self.layout, self.out_factors + other.out_factors, in_factors)
+
+    def add_(self, other: KronBlock) -> KronBlock:
+        """Add ``other``'s factors onto this block's own, in place (no new factor tensors); returns ``self``."""
+        self._check_addable(other)
+        self.out_factors += other.out_factors
+        if self.in_factors is not None:
+            self.in_factors += other.in_factors
+        return self
 
     def num_params(self) -> int:
         return int(torch.Size(self.param_shape).numel())
@@ -97,6 +108,16 @@ class KronCurvature:
             raise ValueError("cannot add curvatures over different parameter sets")
         blocks = {name: block + other.blocks[name] for name, block in self.blocks.items()}
         return KronCurvature(blocks, self.n_data + other.n_data, self.loss + other.loss)
+
+    def add_(self, other: KronCurvature) -> KronCurvature:
+        """Accumulate ``other`` into this curvature's own factor tensors (as ``+``, without new tensors)."""
+        if list(self.blocks) != list(other.blocks):
+            raise ValueError("cannot add curvatures over different parameter sets")
+        for name, block in self.blocks.items():
+            block.add_(other.blocks[name])
+        self.n_data += other.n_data
+        self.loss = self.loss + other.loss
+        return self
 
     @property
     def block_names(self) -> list[str]:

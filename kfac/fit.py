@@ -40,9 +40,10 @@ def kfac_batch(
 
     One forward pass with recording hooks, a backward of the loss-Hessian square roots to all recorded layer
     outputs (``backward="loop"``: one pass per direction, default; ``"batched"``: one vmapped pass; see
-    :mod:`kfac.capture`, :mod:`kfac.sqrt_hessian`), then the per-module rules
-    (:mod:`kfac.rules`). Blocks are returned for every trainable parameter in ``model.named_parameters()``
-    order; an unsupported module owning trainable parameters raises ``NotImplementedError``.
+    :mod:`kfac.capture`, :mod:`kfac.sqrt_hessian`) whose gradients the per-module rules (:mod:`kfac.rules`)
+    reduce as they come, then the rules' blocks. Blocks are returned for every trainable parameter in
+    ``model.named_parameters()`` order; an unsupported module owning trainable parameters raises
+    ``NotImplementedError``.
     ``factor_dtype`` casts the batch's factors (e.g. ``torch.float64`` to accumulate float32 models safely).
     """
     options = RuleOptions(grouped_mode, rotation_mode, position_norm)
@@ -52,15 +53,17 @@ def kfac_batch(
     records = list(recorder.records.values())
     with torch.no_grad():
         loss = summed_loss(logits.detach(), y, likelihood)
+        builders = [
+            modules[record.name][1](f"{record.name}." if record.name else "", record.module, record.input, options)
+            for record in records
+        ]
     seeds = hessian_sqrt(logits, y, likelihood, curvature, mc_samples, rank_reduced, generator)
     with torch.enable_grad():
-        grads = output_gradients(logits, records, seeds, backward)
+        output_gradients(logits, records, seeds, lambda i, grads: builders[i].add(grads), backward)
     found: dict[str, KronBlock] = {}
     with torch.no_grad():
-        for record, grad in zip(records, grads):
-            prefix = f"{record.name}." if record.name else ""
-            rule = modules[record.name][1]
-            found.update(rule(prefix, record.module, record.input, grad, options))
+        for builder in builders:
+            found.update(builder.blocks())
     order = [name for name, p in model.named_parameters() if p.requires_grad]
     blocks = {name: _cast(found[name], factor_dtype) for name in order}
     return KronCurvature(blocks, x.shape[0], loss)
@@ -90,7 +93,7 @@ def fit_kfac(
     total: KronCurvature | None = None
     for x, y in _batches(loader):
         part = kfac_batch(model, x.to(device), y.to(device), likelihood, curvature, **options)
-        total = part if total is None else total + part
+        total = part if total is None else total.add_(part)  # in place: no new factor tensors per batch
     if total is None:
         raise ValueError("fit_kfac: the loader yielded no batches")
     return total

@@ -16,7 +16,17 @@ from ella.layers.group import GroupConv, LiftingConv, lift
 from ella.layers.relaxed import RelaxedLayer
 from ella.layers.sparse import SparseConv, SparseFC
 from kfac.capture import DirectionChunks
-from kfac.rules import ConvWindows, input_factor, used_positions
+from kfac.rules import (
+    ConvWindows,
+    SampleWeights,
+    _mirror_lower,
+    _per_group_gram,
+    _rows_gram,
+    input_factor,
+    periodic_gram,
+    position_weights,
+    used_positions,
+)
 from kfac.sqrt_hessian import hessian_sqrt
 from kfac_utils import exact_ggn_blocks, loss_hessians, rel_err
 
@@ -199,6 +209,32 @@ def test_grouped_linear_biases_exact_for_many_samples(layer_cls):
     x = torch.randn(5, 2, 4, 4, dtype=DT)
     names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
     _check_all_blocks(model, x, _labels(5, 3), names=names)
+
+
+def test_wide_symmetric_products_are_complete():
+    """Products wider than one block are computed from the lower block triangle: the mirrored result equals
+    the plain product, for row chunks (bias / linear factors) and for per-group column slices."""
+    torch.manual_seed(37)
+    rows = [torch.randn(70, 600, dtype=DT), torch.randn(5, 700, dtype=DT)[:, 50:650]]  # one with a row stride
+    expected = sum(r.T @ r for r in rows)
+    assert rel_err(_rows_gram(rows), expected) < 1e-14
+    grads = torch.randn(2, 3, 4, 530, dtype=DT)  # (D, B, G, O)
+    got = _mirror_lower(_per_group_gram(grads[1:], _per_group_gram(grads[:1], None)))
+    assert rel_err(got, torch.einsum("dngo,dngp->gop", grads, grads)) < 1e-14
+
+
+def test_grouped_linear_with_wide_output_is_exact_for_one_sample():
+    """Per-group blocks of an F-FC path whose V stage has 289 outputs (lower-triangle products) are exact."""
+    torch.manual_seed(38)
+    model = nn.Sequential(FactoredFC(2, 3, 4, 17, dtype=DT), FlattenHead(3 * 289))
+    x = torch.randn(1, 2, 4, 4, dtype=DT)
+    curv = kfac_batch(model, x, _labels(1, 3))
+    exact = exact_ggn_blocks(model, x)
+    name = "0.stage_v.weight"
+    for g in range(3):
+        want = _group_block(exact[name], curv.blocks[name].param_shape, g)
+        assert rel_err(_group_block(curv.dense(name), curv.blocks[name].param_shape, g), want) < TOL
+    assert rel_err(curv.dense("0.stage_v.bias"), exact["0.stage_v.bias"]) < TOL
 
 
 def test_grouped_linear_reference_mode_shares_the_average_output_factor():
@@ -434,6 +470,73 @@ def test_conv_input_factor_from_windows_matches_unfold(stride, density):
     assert rel_err(input_factor(windows, None), uniform) < 1e-12
 
 
+def _rolled_patches(core: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Independent circular im2col: ``(B, C*kh*kw, H*W)`` with ``a[(c, u, v)] = core[c, (i + u) % H, (j + v) % W]``."""
+    taps = [torch.roll(core, shifts=(-u, -v), dims=(2, 3)) for u in range(kh) for v in range(kw)]
+    stacked = torch.stack(taps, dim=2)  # (B, C, kh*kw, H, W)
+    return stacked.reshape(core.shape[0], -1, core.shape[2] * core.shape[3])
+
+
+@pytest.mark.parametrize("dtype,tol", [(DT, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("kernel,size", [((3, 3), (5, 7)), ((1, 1), (4, 4)), ((5, 3), (6, 5)), ((3, 3), (2, 2))])
+def test_periodic_gram_equals_the_product_of_circular_patches(dtype, tol, kernel, size):
+    """The spectral input factor of a circular stride-1 conv against the patch product in float64 (float32:
+    the spectral route stays within float32 rounding of the exact value)."""
+    torch.manual_seed(33)
+    core = torch.randn(6, 3, *size, dtype=DT)
+    scale = torch.rand(6, dtype=DT)
+    patches = _rolled_patches(core, *kernel)
+    expected = torch.einsum("n,nip,njp->ij", scale, patches, patches)
+    got = periodic_gram(core.to(dtype), scale.to(dtype), kernel)
+    assert got.dtype == dtype
+    assert rel_err(got.to(DT), expected) < tol
+    assert torch.equal(got, got.T)
+
+
+def test_periodic_core_accepts_exactly_the_circular_stride_one_inputs():
+    torch.manual_seed(34)
+    x = torch.randn(2, 3, 5, 6, dtype=DT)
+    circular = F.pad(x, (1, 1, 1, 1), mode="circular")
+    core = ConvWindows(circular, (3, 3), (1, 1)).periodic_core()
+    assert core is not None and torch.equal(core, torch.roll(x, shifts=(1, 1), dims=(2, 3)))
+    assert ConvWindows(F.pad(x, (1, 1, 1, 1)), (3, 3), (1, 1)).periodic_core() is None  # zero padding
+    assert ConvWindows(circular, (3, 3), (2, 2)).periodic_core() is None  # strided
+    assert ConvWindows(torch.randn(2, 3, 7, 8, dtype=DT), (3, 3), (1, 1)).periodic_core() is None
+    broken = circular.clone()
+    broken[1, 2, 0, 3] += 1.0  # one wrapped pixel differs from the pixel it should copy
+    assert ConvWindows(broken, (3, 3), (1, 1)).periodic_core() is None
+
+
+@pytest.mark.parametrize("circular", [True, False])
+@pytest.mark.parametrize("unused_fraction", [0.0, 0.05, 0.75, 1.0])
+def test_sample_weighted_input_factor_matches_the_weighted_patch_product(circular, unused_fraction):
+    """Per-sample weights on the used positions (spectral/scaled full product minus the unused positions, or
+    the used ones gathered), for windows and for dense patches, against the dense weighted sum over F.unfold."""
+    torch.manual_seed(35)
+    x = torch.randn(5, 2, 6, 6, dtype=DT)
+    padded = F.pad(x, (1, 1, 1, 1), mode="circular") if circular else torch.randn(5, 2, 8, 8, dtype=DT)
+    patches = F.unfold(padded, 3)  # (B, 18, 36)
+    used = torch.rand(5, 36) >= unused_fraction
+    used[0] = True  # one sample with every position, one (if any are dropped) with none but one
+    weights = SampleWeights(torch.rand(5, dtype=DT) + 0.1, used)
+    expected = torch.einsum("bp,bip,bjp->ij", weights.dense(), patches, patches)
+    assert rel_err(input_factor(ConvWindows(padded, (3, 3), (1, 1)), weights), expected) < 1e-12
+    assert rel_err(input_factor(patches, weights), expected) < 1e-12
+
+
+def test_position_weights_count_the_used_positions_of_each_sample():
+    torch.manual_seed(36)
+    grads = torch.randn(3, 4, 2, 10, dtype=DT)
+    grads[:, 1, :, 3:] = 0  # sample 1 uses positions 0..2 only
+    grads[:, 2] = 0  # sample 2 uses none: it counts all
+    grads[1:, 3, :, 5] = 0  # sample 3: position 5 used by the first direction only
+    weights = position_weights(DirectionChunks((grads,)), "used").dense()
+    expected = torch.full((4, 10), 0.1, dtype=DT)
+    expected[1] = torch.tensor([1 / 3] * 3 + [0.0] * 7, dtype=DT)
+    assert rel_err(weights, expected) < 1e-15
+    assert position_weights(DirectionChunks((grads,)), "all") is None
+
+
 def test_polyphase_and_circular_pad_backward_match_torch_references_when_vmapped():
     """Custom backward formulas vs autograd of F.pad(circular) and of advanced indexing, per direction batch."""
     torch.manual_seed(27)
@@ -458,10 +561,13 @@ def test_batches_add_up_to_the_full_batch():
     model = nn.Sequential(FactoredFC(2, 3, 4, 4, dtype=DT), Conv(3, 3).to(DT), FlattenHead(3 * 16))
     x, y = torch.randn(6, 2, 4, 4, dtype=DT), _labels(6, 3)
     whole = kfac_batch(model, x, y)
-    parts = fit_kfac(model, [(x[:2], y[:2]), (x[2:], y[2:])])
-    assert parts.n_data == 6 and abs(float(parts.loss - whole.loss)) < 1e-10
+    parts = fit_kfac(model, [(x[:2], y[:2]), (x[2:3], y[2:3]), (x[3:], y[3:])])  # accumulated in place
+    first, rest = kfac_batch(model, x[:2], y[:2]), kfac_batch(model, x[2:], y[2:])
+    summed = first + rest
+    assert parts.n_data == summed.n_data == 6 and abs(float(parts.loss - whole.loss)) < 1e-10
     for name in whole.block_names:
         assert rel_err(parts.dense(name), whole.dense(name)) < 1e-12
+        assert rel_err(summed.dense(name), whole.dense(name)) < 1e-12
 
 
 def test_unsupported_module_with_parameters_raises_naming_it():
