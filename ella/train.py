@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field

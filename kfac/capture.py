@@ -34,22 +34,6 @@ class Record:
     version: int = -1
 
 
-@dataclass(frozen=True, eq=False)
-class DirectionChunks:
-    """Per-direction tensors ``(D, *S)`` stored as chunks ``(D_i, *S)`` along the direction axis."""
-
-    parts: tuple[torch.Tensor, ...]
-
-    def __post_init__(self) -> None:
-        if not self.parts:
-            raise ValueError("DirectionChunks needs at least one chunk")
-
-    @property
-    def shape(self) -> torch.Size:
-        """Logical shape ``(D, *S)``."""
-        return torch.Size((sum(p.shape[0] for p in self.parts), *self.parts[0].shape[1:]))
-
-
 class Recorder:
     """Context manager installing forward hooks on ``modules`` (name -> module)."""
 

@@ -57,7 +57,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfac.capture import DirectionChunks
 from kfac.curvature import KronBlock
 
 N_ROTATIONS = 4
@@ -89,8 +88,6 @@ class RuleOptions:
 
 _CHUNK_ELEMENTS = 1 << 23  # bound on temporaries of the batched Gram products
 _CAT_ELEMENTS = 1 << 20  # row sets up to this size are concatenated into one Gram product
-
-
 _SYM_BLOCK = 256  # symmetric products wider than this are computed block-wise, lower block triangle only
 
 
@@ -194,14 +191,6 @@ class UsedPositions:
         return used
 
 
-def used_positions(grads: DirectionChunks) -> torch.Tensor:
-    """``(B, P)`` bool: positions where some direction or output channel of ``grads (D, B, O, P)`` is non-zero."""
-    used = UsedPositions()
-    for part in grads.parts:
-        used.add(part)
-    return used.result()
-
-
 @dataclass(frozen=True, eq=False)
 class SampleWeights:
     """Position weights that are constant over the counted positions of each sample:
@@ -226,17 +215,6 @@ def sample_weights(used: torch.Tensor, dtype: torch.dtype) -> SampleWeights | No
     used = used | empty[:, None]
     count = torch.where(empty, torch.full_like(count, n_pos), count)
     return SampleWeights(1.0 / count.to(dtype), used)
-
-
-def position_weights(grads: DirectionChunks, position_norm: str) -> SampleWeights | None:
-    """Per-sample position weights from output gradients ``(D, B, O, P)``, or ``None`` if uniform (``1/P``).
-
-    ``w[n, t] = 1/|T_n|`` on the positions counted for sample ``n`` (see ``position_norm``), else 0; a sample
-    without such positions counts all of them.
-    """
-    if position_norm == "all" or grads.shape[3] == 1:
-        return None
-    return sample_weights(used_positions(grads), grads.parts[0].dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -371,7 +349,7 @@ def input_factor(patches: Patches, weights: torch.Tensor | SampleWeights | None)
     """``A = sum_{n,t} w[n,t] a_{n,t} a_{n,t}^T`` from patches ``(B, Din, P)`` and weights ``(B, P)``.
 
     ``weights=None`` means ``w = 1/P`` everywhere. :class:`SampleWeights` (constant per sample on the counted
-    positions, as :func:`position_weights` gives) take :func:`_sample_factor`. General weights: one matrix
+    positions, as :meth:`ExpandStats.weights` gives) take :func:`_sample_factor`. General weights: one matrix
     product over the ``(Din, B*P)`` columns, which is a free view when the patches are stored ``(Din, B, P)``
     (as :meth:`ConvWindows.dense` stores them) or ``(B, P, Din)`` (linear layers); when at most half the
     positions have non-zero weight (e.g. after polyphase subsampling) only the others enter the product
@@ -451,14 +429,6 @@ class RowsGram:
         """The ``(d, d)`` sum of all row sets added."""
         self._flush()
         return _mirror_lower(self._total)
-
-
-def _rows_gram(rows: list[torch.Tensor]) -> torch.Tensor:
-    """``sum_i rows[i]^T rows[i]`` for a list of ``(M_i, d)`` row sets (see :class:`RowsGram`)."""
-    total = RowsGram()
-    for part in rows:
-        total.add(part)
-    return total.result()
 
 
 class ExpandStats:

@@ -15,17 +15,17 @@ from ella.layers.factored import FactoredFC
 from ella.layers.group import GroupConv, LiftingConv, lift
 from ella.layers.relaxed import RelaxedLayer
 from ella.layers.sparse import SparseConv, SparseFC
-from kfac.capture import DirectionChunks
 from kfac.rules import (
     ConvWindows,
+    ExpandStats,
+    RowsGram,
     SampleWeights,
+    UsedPositions,
     _mirror_lower,
     _per_group_gram,
-    _rows_gram,
     input_factor,
     periodic_gram,
-    position_weights,
-    used_positions,
+    sample_weights,
 )
 from kfac.sqrt_hessian import hessian_sqrt
 from kfac_utils import exact_ggn_blocks, loss_hessians, rel_err
@@ -217,7 +217,10 @@ def test_wide_symmetric_products_are_complete():
     torch.manual_seed(37)
     rows = [torch.randn(70, 600, dtype=DT), torch.randn(5, 700, dtype=DT)[:, 50:650]]  # one with a row stride
     expected = sum(r.T @ r for r in rows)
-    assert rel_err(_rows_gram(rows), expected) < 1e-14
+    total = RowsGram()
+    for part in rows:
+        total.add(part)
+    assert rel_err(total.result(), expected) < 1e-14
     grads = torch.randn(2, 3, 4, 530, dtype=DT)  # (D, B, G, O)
     got = _mirror_lower(_per_group_gram(grads[1:], _per_group_gram(grads[:1], None)))
     assert rel_err(got, torch.einsum("dngo,dngp->gop", grads, grads)) < 1e-14
@@ -409,7 +412,10 @@ def test_used_positions_find_sites_that_only_later_directions_use(zero_fraction)
     grads[4, :, 1] *= ~(dead & ~never)  # one channel of the last direction zero too: the rest still count
     expected = grads.ne(0).any(0).any(1)
     for parts in ((grads,), (grads[:2], grads[2:3], grads[3:])):
-        assert torch.equal(used_positions(DirectionChunks(parts)), expected)
+        used = UsedPositions()
+        for part in parts:
+            used.add(part)
+        assert torch.equal(used.result(), expected)
 
 
 def test_polyphase_conv_used_positions_match_the_chosen_phase_in_both_backward_modes():
@@ -530,11 +536,15 @@ def test_position_weights_count_the_used_positions_of_each_sample():
     grads[:, 1, :, 3:] = 0  # sample 1 uses positions 0..2 only
     grads[:, 2] = 0  # sample 2 uses none: it counts all
     grads[1:, 3, :, 5] = 0  # sample 3: position 5 used by the first direction only
-    weights = position_weights(DirectionChunks((grads,)), "used").dense()
+    stats = {norm: ExpandStats(weight=True, bias=False, position_norm=norm) for norm in ("used", "all")}
+    for part in (grads[:1], grads[1:]):
+        for each in stats.values():
+            each.add(part)
     expected = torch.full((4, 10), 0.1, dtype=DT)
     expected[1] = torch.tensor([1 / 3] * 3 + [0.0] * 7, dtype=DT)
-    assert rel_err(weights, expected) < 1e-15
-    assert position_weights(DirectionChunks((grads,)), "all") is None
+    assert rel_err(stats["used"].weights().dense(), expected) < 1e-15
+    assert stats["all"].weights() is None
+    assert sample_weights(torch.ones(4, 10, dtype=torch.bool), DT) is None  # every position used: uniform
 
 
 def test_polyphase_and_circular_pad_backward_match_torch_references_when_vmapped():
