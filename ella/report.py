@@ -59,30 +59,28 @@ def path_reports(prior: Prior, n_eff: torch.Tensor, n_params: torch.Tensor) -> l
     position = {name: i for i, name in enumerate(prior.param_names)}
     tensor_precision = prior.tensor_precisions().detach().cpu().tolist()
     eff, size = n_eff.detach().double().cpu().tolist(), n_params.double().cpu().tolist()
-    paths: dict[tuple[str, str | None], dict] = {}
+    members: dict[tuple[str, str | None], tuple[str, list[int]]] = {}  # (layer, path) -> (kind, tensor indices)
     for group in prior.groups:
-        row = paths.setdefault((group.layer, group.path), {"kind": group.kind, "index": []})
-        row["index"].extend(position[name] for name in group.param_names)
-    normalised = {
-        key: sum(eff[i] for i in row["index"]) / sum(size[i] for i in row["index"]) for key, row in paths.items()
-    }
+        kind, index = members.setdefault((group.layer, group.path), (group.kind, []))
+        index.extend(position[name] for name in group.param_names)
+    totals = {key: (sum(eff[i] for i in index), sum(size[i] for i in index)) for key, (_, index) in members.items()}
     layer_total: dict[str, float] = {}
-    for (layer, _), value in normalised.items():
-        layer_total[layer] = layer_total.get(layer, 0.0) + value
+    for (layer, _), (path_eff, path_size) in totals.items():
+        layer_total[layer] = layer_total.get(layer, 0.0) + path_eff / path_size
     rows = []
-    for (layer, path), row in paths.items():
-        index = sorted(row["index"])
-        total = layer_total[layer]
+    for (layer, path), (kind, index) in members.items():
+        path_eff, path_size = totals[(layer, path)]
+        normalised = path_eff / path_size
         rows.append(
             PathReport(
                 layer=layer,
                 path=path,
-                kind=row["kind"],
-                precisions=tuple(tensor_precision[i] for i in index),
-                n_params=int(sum(size[i] for i in index)),
-                n_eff=float(sum(eff[i] for i in index)),
-                normalised=normalised[(layer, path)],
-                relative=normalised[(layer, path)] / total if total > 0 else float("nan"),
+                kind=kind,
+                precisions=tuple(tensor_precision[i] for i in sorted(index)),
+                n_params=int(path_size),
+                n_eff=path_eff,
+                normalised=normalised,
+                relative=normalised / layer_total[layer] if layer_total[layer] > 0 else float("nan"),
             )
         )
     return rows
