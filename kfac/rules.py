@@ -654,26 +654,21 @@ def conv2d_rule(prefix: str, module: nn.Conv2d, x: torch.Tensor, options: RuleOp
     )
 
 
-def _group_grams(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``(N, G, d) -> (G, d, d)``: ``sum_n rows[n, g] rows[n, g]^T`` per group, added onto ``out`` in place if given.
+def _per_group_gram(grads: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``(D, B, G, O) -> (G, O, O)``: ``sum_{d,n} g g^T`` per group, added onto ``out`` in place if given.
 
-    Wide (``d > _SYM_BLOCK``): lower block triangle only (:func:`_lower_gram` on each group's column slice in
+    Wide (``O > _SYM_BLOCK``): lower block triangle only (:func:`_lower_gram` on each group's column slice in
     place; complete it with :func:`_mirror_lower`); narrow: one batched product of a group-major copy (complete).
     """
-    n_rows, groups, d = rows.shape
-    if d > _SYM_BLOCK:
-        out = rows.new_zeros(groups, d, d) if out is None else out
+    n_dirs, batch, groups, d_out = grads.shape
+    rows = grads.reshape(n_dirs * batch, groups, d_out)
+    if d_out > _SYM_BLOCK:
+        out = rows.new_zeros(groups, d_out, d_out) if out is None else out
         for g in range(groups):
             _lower_gram(rows[:, g], out[g])
         return out
-    gg = rows.transpose(0, 1).contiguous()  # (G, N, d): bmm copies strided batch entries one by one otherwise
+    gg = rows.transpose(0, 1).contiguous()  # (G, N, O): bmm copies strided batch entries one by one otherwise
     return torch.bmm(gg.transpose(1, 2), gg) if out is None else out.baddbmm_(gg.transpose(1, 2), gg)
-
-
-def _per_group_gram(grads: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """``(D, B, G, O) -> (G, O, O)``: ``sum_{d,n} g g^T`` per group (:func:`_group_grams`; wide ones to mirror)."""
-    n_dirs, batch, groups, d_out = grads.shape
-    return _group_grams(grads.reshape(n_dirs * batch, groups, d_out), out)
 
 
 class GroupedLinearBuilder(FactorBuilder):
@@ -706,11 +701,6 @@ class GroupedLinearBuilder(FactorBuilder):
         if self._bias_rows is not None:
             blocks[f"{name}bias"] = KronBlock(f"{name}bias", bias.shape, "single", self._bias_rows.result()[None])
         return blocks
-
-
-def grouped_linear_rule(prefix: str, module: nn.Module, x: torch.Tensor, options: RuleOptions) -> FactorBuilder:
-    """``GroupedLinear`` ``(B, G, I) -> (B, G, O)``: see :class:`GroupedLinearBuilder`."""
-    return GroupedLinearBuilder(prefix, module, x, options)
 
 
 def sparse_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, options: RuleOptions) -> FactorBuilder:
@@ -758,7 +748,7 @@ def _ella_rules() -> dict[type, Rule]:
     from ella.layers.sparse import SparseConv
 
     return {
-        GroupedLinear: grouped_linear_rule,
+        GroupedLinear: GroupedLinearBuilder,
         SparseConv: sparse_conv_rule,
         LiftingConv: lifting_conv_rule,
         GroupConv: group_conv_rule,
