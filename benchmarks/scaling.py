@@ -83,7 +83,7 @@ def _worker(rank: int, port: int, world: int, args: argparse.Namespace, out: str
         summary = {"local": local, "total": total, "loss": float(kron.loss), "n_data": kron.n_data,
                    "traces": traces, "n_params": sum(p.numel() for p in model.parameters())}
         Path(out, f"world{world}.json").write_text(json.dumps(summary))
-    distributed.cleanup()
+    distributed.finish()
 
 
 def _max_relative_difference(a: list[float], b: list[float]) -> float:

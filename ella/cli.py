@@ -101,11 +101,12 @@ def figure_dir(out: Path) -> Path:
 
 
 def run_script(main: Callable[[], None]) -> None:
-    """Run an experiment's ``main``; a user error (bad option, missing data, a marginal likelihood or a
-    curvature that cannot be computed) ends with its message and exit status 2 instead of a traceback
-    (``-v`` / ``--verbose`` shows the traceback too)."""
+    """Run an experiment's ``main``, then :func:`ella.distributed.finish` (a no-op in a single process); a user
+    error (bad option, missing data, a marginal likelihood or a curvature that cannot be computed) ends with its
+    message and exit status 2 instead of a traceback (``-v`` / ``--verbose`` shows the traceback too)."""
     try:
         main()
+        distributed.finish()
     except (ValueError, FileNotFoundError, MarglikError, CurvatureError) as error:
         if "-v" in sys.argv or "--verbose" in sys.argv:
             raise

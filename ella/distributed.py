@@ -75,9 +75,21 @@ def setup(device: str | torch.device) -> torch.device:
 
 
 def cleanup() -> None:
-    """Leave and destroy the process group (safe to call when there is none)."""
+    """Leave and destroy the process group (safe to call when there is none). Registered at exit, where other
+    processes may already be gone; a run that ends normally calls :func:`finish` instead."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish() -> None:
+    """End of a successful run on every rank: wait for all processes, then destroy the process group.
+
+    Without the barrier a rank that finishes early (ranks other than 0 write nothing) tears down its
+    connections while rank 0 is still writing, and gloo's shutdown then now and then aborts a process at
+    interpreter exit ("terminate called without an active exception").
+    """
+    barrier()
+    cleanup()
 
 
 def is_distributed() -> bool:

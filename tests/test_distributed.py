@@ -244,7 +244,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     root_path = Path(root)
     _kfac_part(rank, root_path)
     _resume_part(rank, root_path, _tiny_config(root_path / "data", epochs=3, batch_size=8, augment=True))
-    distributed.cleanup()
+    distributed.finish()
 
 
 @pytest.fixture(scope="module")
