@@ -5,7 +5,8 @@ Example (the README's figures come from this command; data from --data-dir, else
     OMP_NUM_THREADS=1 python benchmarks/kfac_speed.py --n-images 1024 --alpha 4 --repeats 5 --threads 1 --skip-variant
 
 For each network (``conv`` and ``ffc_conv`` from ``ella.models.build_model``) it prints median wall-clock
-times over ``--repeats`` runs of: one SGD epoch (batch 128, momentum 0.9); our exact-GGN KFAC pass
+times over ``--repeats`` interleaved rounds (each round runs every step once, so a slow phase of a noisy machine
+slows all of them; ratios are medians of the same-round ratios) of: one SGD epoch (batch 128, momentum 0.9); our exact-GGN KFAC pass
 (default: one backward per direction) and, unless ``--skip-variant``, the same with one vmapped backward
 (``backward="batched"``); curvlinops' ``KFACLinearOperator`` (type-2 = exact GGN, expand) on the CONV network
 (it supports only stock modules); the ratios; and the peak extra resident memory of each step (sampled from
@@ -19,6 +20,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -75,19 +77,39 @@ class PeakMemory:
         self.peak_mb = (peak - self._base) / 2**20
 
 
-def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float]:
-    """Median seconds and max peak extra memory (MiB) of ``fn`` over ``repeats`` runs (after one warm-up)."""
-    fn()
-    times, peaks = [], []
+@dataclass
+class Timing:
+    """Seconds of every repeat, and the largest peak extra memory (MiB), of one step."""
+
+    seconds: list[float] = field(default_factory=list)
+    peak_mb: float = 0.0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def measure(steps: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, Timing]:
+    """Time every step ``repeats`` times, interleaved (round ``r`` runs each step once, in order) after one
+    warm-up of each, so that slow phases of a noisy machine hit all steps alike; see :func:`median_ratio`."""
+    timings = {label: Timing() for label in steps}
+    for fn in steps.values():
+        fn()
     for _ in range(repeats):
-        with PeakMemory(device) as mem:
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        peaks.append(mem.peak_mb)
-    return statistics.median(times), max(peaks)
+        for label, fn in steps.items():
+            with PeakMemory(device) as mem:
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                timings[label].seconds.append(time.perf_counter() - start)
+            timings[label].peak_mb = max(timings[label].peak_mb, mem.peak_mb)
+    return timings
+
+
+def median_ratio(a: Timing, b: Timing) -> float:
+    """Median over rounds of ``a``'s time over ``b``'s time in the same round."""
+    return statistics.median(x / y for x, y in zip(a.seconds, b.seconds))
 
 
 def sgd_epoch(model: nn.Module, data: Images, batch_size: int) -> Callable[[], None]:
@@ -160,23 +182,19 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(name, in_channels=3, n_classes=10, alpha=args.alpha).to(device)
         n_params = sum(p.numel() for p in model.parameters())
-        rows = {"sgd epoch": measure(sgd_epoch(model, data, args.batch_size), args.repeats, device)}
-        model.eval()
-        rows["ours"] = measure(ours(model, data, args.batch_size), args.repeats, device)
+        steps = {"sgd epoch": sgd_epoch(model, data, args.batch_size), "ours": ours(model, data, args.batch_size)}
         if not args.skip_variant:
-            rows["ours (vmapped)"] = measure(
-                ours(model, data, args.batch_size, backward="batched"), args.repeats, device
-            )
+            steps["ours (vmapped)"] = ours(model, data, args.batch_size, backward="batched")
         if name == "conv":
-            rows["curvlinops"] = measure(curvlinops_kfac(model, data, args.batch_size), args.repeats, device)
-        epoch = rows["sgd epoch"][0]
-        print(f"\n[{name}] {n_params:,} parameters")
-        for label, (seconds, peak) in rows.items():
-            print(f"  {label:16s} {seconds:8.3f} s  ({seconds / epoch:5.2f} x epoch)  peak +{peak:8.1f} MiB")
+            steps["curvlinops"] = curvlinops_kfac(model, data, args.batch_size)
+        rows = measure(steps, args.repeats, device)
+        epoch = rows["sgd epoch"]
+        print(f"\n[{name}] {n_params:,} parameters (times: medians; ratios: medians of same-round ratios)")
+        for label, timing in rows.items():
+            print(f"  {label:16s} {timing.median:8.3f} s  ({median_ratio(timing, epoch):5.2f} x epoch)  "
+                  f"peak +{timing.peak_mb:8.1f} MiB")
         if "curvlinops" in rows:
-            ratio = rows["ours"][0] / rows["curvlinops"][0]
-            print(f"  ours / curvlinops = {ratio:.2f}")
-
+            print(f"  ours / curvlinops = {median_ratio(rows['ours'], rows['curvlinops']):.2f}")
 
 if __name__ == "__main__":
     main()

@@ -288,20 +288,23 @@ class ConvWindows:
             return None
         return x[..., :h_out, :w_out]
 
-    def sample_gram(self, scale: torch.Tensor) -> torch.Tensor:
-        """``sum_n scale[n] sum_t a_{n,t} a_{n,t}^T`` over every position, ``scale (B,) >= 0`` -> ``(Din, Din)``.
+    def sample_gram(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum_n scale[n] sum_t a_{n,t} a_{n,t}^T`` over every position, ``scale (B,) >= 0`` -> ``(Din, Din)``;
+        ``scale=None`` means ``1/L`` for every sample (``L`` output positions: the uniform expand weights).
 
         Circular stride-1 convolutions (:meth:`periodic_core`) use :func:`periodic_gram` (no patches); others
-        scale each sample's input by ``sqrt(scale[n])`` before one product of the patches.
+        scale each sample's input by ``sqrt(scale[n])`` (``None``: the product by ``1/L``) before one product of
+        the patches.
         """
+        n_pos = self.dense_shape()[2]
         core = self.periodic_core()
         if core is not None:
+            scale = core.new_full((core.shape[0],), 1.0 / n_pos) if scale is None else scale
             return periodic_gram(core, scale, self.kernel_size)
-        root = scale.sqrt().to(self.x.dtype)[:, None, None, None]
-        dense = ConvWindows(self.x * root, self.kernel_size, self.stride).dense()
-        batch, d_in, n_pos = dense.shape
-        cols = dense.permute(1, 0, 2).reshape(d_in, batch * n_pos)
-        return cols @ cols.T
+        x = self.x if scale is None else self.x * scale.sqrt().to(self.x.dtype)[:, None, None, None]
+        dense = ConvWindows(x, self.kernel_size, self.stride).dense()
+        cols = dense.permute(1, 0, 2).reshape(dense.shape[1], -1)
+        return cols @ cols.T / n_pos if scale is None else cols @ cols.T
 
 
 def _cross_correlations(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -358,8 +361,7 @@ def input_factor(patches: Patches, weights: torch.Tensor | SampleWeights | None)
     if isinstance(weights, SampleWeights):
         return _sample_factor(patches, weights)
     if weights is None and isinstance(patches, ConvWindows):
-        n_pos = patches.dense_shape()[2]
-        return patches.sample_gram(patches.x.new_full((patches.x.shape[0],), 1.0 / n_pos))
+        return patches.sample_gram()
     flat = None if weights is None else weights.reshape(-1)
     keep = None if flat is None else flat.nonzero()[:, 0]
     if keep is not None and 2 * keep.numel() <= flat.numel():
@@ -448,14 +450,15 @@ class ExpandStats:
         """Take the gradients ``(D_i, B, O, P)`` of some more directions."""
         _, _, d_out, n_pos = grads.shape
         self._n_pos, self._dtype = n_pos, grads.dtype
-        if self.weight:
-            if n_pos == 1:  # no positions: the rows themselves
-                self._out = RowsGram() if self._out is None else self._out
-                self._out.add(grads.reshape(-1, d_out))
-            else:
-                if self._used is not None:
-                    self._used.add(grads)
-                self._out = _batched_gram(grads.reshape(-1, d_out, n_pos), self._out)
+        if self.weight and n_pos == 1 and self.bias:  # one position: the bias rows are the weight's rows
+            self._out = self._bias_rows
+        elif self.weight and n_pos == 1:  # no positions: the rows themselves
+            self._out = RowsGram() if self._out is None else self._out
+            self._out.add(grads.reshape(-1, d_out))
+        elif self.weight:
+            if self._used is not None:
+                self._used.add(grads)
+            self._out = _batched_gram(grads.reshape(-1, d_out, n_pos), self._out)
         if self.bias:
             self._bias_rows.add(grads.sum(3).reshape(-1, d_out))
 
@@ -468,14 +471,16 @@ class ExpandStats:
     def blocks(self, prefix: str, module: nn.Module, patches: Callable[[], Patches]) -> dict[str, KronBlock]:
         """Weight (KFAC-expand, input factor from ``patches() (B, Din, P)``) and exact bias blocks."""
         blocks: dict[str, KronBlock] = {}
+        bias = self._bias_rows.result() if self.bias else None
         if self.weight:
             a = input_factor(patches(), self.weights())
-            b = self._out.result() if isinstance(self._out, RowsGram) else self._out
+            if self._out is self._bias_rows:
+                b = bias.clone()  # the same rows (one position): formed once, stored apart
+            else:
+                b = self._out.result() if isinstance(self._out, RowsGram) else self._out
             blocks[f"{prefix}weight"] = KronBlock(f"{prefix}weight", module.weight.shape, "kron", b[None], a[None])
         if self.bias:
-            blocks[f"{prefix}bias"] = KronBlock(
-                f"{prefix}bias", module.bias.shape, "single", self._bias_rows.result()[None]
-            )
+            blocks[f"{prefix}bias"] = KronBlock(f"{prefix}bias", module.bias.shape, "single", bias[None])
         return blocks
 
 
