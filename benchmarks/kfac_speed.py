@@ -2,14 +2,14 @@
 
 Example (the README's figures come from this command; data from --data-dir, else $ELLA_DATA, else ./data):
 
-    OMP_NUM_THREADS=1 python benchmarks/kfac_speed.py --n-images 1024 --alpha 4 --repeats 5 --threads 1 --skip-variant
+    OMP_NUM_THREADS=1 python benchmarks/kfac_speed.py --n-images 2048 --alpha 4 --repeats 7 --threads 1 --skip-variant
 
 For each network (``conv`` and ``ffc_conv`` from ``ella.models.build_model``) it prints median wall-clock
 times over ``--repeats`` interleaved rounds (each round runs every step once, so a slow phase of a noisy machine
-slows all of them; ratios are medians of the same-round ratios) of: one SGD epoch (batch 128, momentum 0.9); our exact-GGN KFAC pass
-(default: one backward per direction) and, unless ``--skip-variant``, the same with one vmapped backward
-(``backward="batched"``); curvlinops' ``KFACLinearOperator`` (type-2 = exact GGN, expand) on the CONV network
-(it supports only stock modules); the ratios; and the peak extra resident memory of each step (sampled from
+slows all of them; ratios are medians of the same-round ratios) of: one SGD epoch (batch 128, momentum 0.9);
+our exact-GGN KFAC pass (default: one backward per direction) and, unless ``--skip-variant``, the same with one
+vmapped backward (``backward="batched"``); curvlinops' ``KFACLinearOperator`` (type-2 = exact GGN, expand) on the
+CONV network (it supports only stock modules); the ratios; and the peak extra resident memory of each step (sampled from
 /proc, CPU) or ``torch.cuda.max_memory_allocated`` (CUDA).
 """
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ella.cli import run_script
 from ella.data import TensorLoader, load_dataset
 from ella.models import build_model
 from kfac.fit import fit_kfac
@@ -159,14 +160,16 @@ def curvlinops_kfac(model: nn.Module, data: Images, batch_size: int) -> Callable
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--data-dir", default=None, help="folder with cifar10.npz (default: $ELLA_DATA, then ./data)")
-    parser.add_argument("--n-images", type=int, default=2048)
-    parser.add_argument("--alpha", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--networks", default="conv,ffc_conv")
+    parser.add_argument("--n-images", type=int, default=2048, help="class-balanced CIFAR-10 images (default: 2048)")
+    parser.add_argument("--alpha", type=int, default=4, help="network width alpha (default: 4; the paper uses 10)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up (default: 3)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size of both steps (default: 128)")
+    parser.add_argument(
+        "--networks", default="conv,ffc_conv", help="comma-separated ella.models layer names (default: conv,ffc_conv)"
+    )
     parser.add_argument(
         "--skip-variant", "--skip-loop", action="store_true",
         help="skip the vmapped-backward variant (--skip-loop is the old name, from when the loop was the variant)",
@@ -197,4 +200,4 @@ def main() -> None:
             print(f"  ours / curvlinops = {median_ratio(rows['ours'], rows['curvlinops']):.2f}")
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ella import distributed
+from ella.cli import run_script
 from ella.data import TensorLoader, load_dataset
 from ella.models import build_model
 from kfac import fit_kfac
@@ -125,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
