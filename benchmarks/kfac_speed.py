@@ -9,8 +9,8 @@ times over ``--repeats`` interleaved rounds (each round runs every step once, so
 slows all of them; ratios are medians of the same-round ratios) of: one SGD epoch (batch 128, momentum 0.9);
 our exact-GGN KFAC pass (default: one backward per direction) and, unless ``--skip-variant``, the same with one
 vmapped backward (``backward="batched"``); curvlinops' ``KFACLinearOperator`` (type-2 = exact GGN, expand) on the
-CONV network (it supports only stock modules); the ratios; and the peak extra resident memory of each step (sampled from
-/proc, CPU) or ``torch.cuda.max_memory_allocated`` (CUDA).
+CONV network (it supports only stock modules); the ratios; and the peak extra resident memory of each step
+(sampled from /proc, CPU) or ``torch.cuda.max_memory_allocated`` (CUDA).
 """
 
 from __future__ import annotations
@@ -198,6 +198,7 @@ def main() -> None:
                   f"peak +{timing.peak_mb:8.1f} MiB")
         if "curvlinops" in rows:
             print(f"  ours / curvlinops = {median_ratio(rows['ours'], rows['curvlinops']):.2f}")
+
 
 if __name__ == "__main__":
     run_script(main)

@@ -436,7 +436,8 @@ class RowsGram:
 class ExpandStats:
     """What KFAC-expand needs from the output gradients ``(D, B, O, P)``, accumulated chunk by chunk: the output
     factor ``B = sum_{d,n,t} g g^T`` and the used positions (``position_norm="used"``) for the weight, the rows
-    ``sum_t g`` of the exact bias block ``sum_{d,n} (sum_t g)(sum_t g)^T``."""
+    ``sum_t g`` of the exact bias block ``sum_{d,n} (sum_t g)(sum_t g)^T``. With one position (``P = 1``) and a
+    bias, the weight's output factor is the bias block (the same rows), formed once."""
 
     def __init__(self, weight: bool, bias: bool, position_norm: str) -> None:
         self.weight, self.bias = weight, bias
@@ -450,15 +451,13 @@ class ExpandStats:
         """Take the gradients ``(D_i, B, O, P)`` of some more directions."""
         _, _, d_out, n_pos = grads.shape
         self._n_pos, self._dtype = n_pos, grads.dtype
-        if self.weight and n_pos == 1 and self.bias:  # one position: the bias rows are the weight's rows
-            self._out = self._bias_rows
-        elif self.weight and n_pos == 1:  # no positions: the rows themselves
-            self._out = RowsGram() if self._out is None else self._out
-            self._out.add(grads.reshape(-1, d_out))
-        elif self.weight:
+        if self.weight and n_pos > 1:
             if self._used is not None:
                 self._used.add(grads)
             self._out = _batched_gram(grads.reshape(-1, d_out, n_pos), self._out)
+        elif self.weight and not self.bias:  # one position: the rows themselves (with a bias: its rows, below)
+            self._out = RowsGram() if self._out is None else self._out
+            self._out.add(grads.reshape(-1, d_out))
         if self.bias:
             self._bias_rows.add(grads.sum(3).reshape(-1, d_out))
 
@@ -474,8 +473,8 @@ class ExpandStats:
         bias = self._bias_rows.result() if self.bias else None
         if self.weight:
             a = input_factor(patches(), self.weights())
-            if self._out is self._bias_rows:
-                b = bias.clone()  # the same rows (one position): formed once, stored apart
+            if self._n_pos == 1 and self.bias:
+                b = bias.clone()  # one position: the bias's rows, formed once, stored apart
             else:
                 b = self._out.result() if isinstance(self._out, RowsGram) else self._out
             blocks[f"{prefix}weight"] = KronBlock(f"{prefix}weight", module.weight.shape, "kron", b[None], a[None])

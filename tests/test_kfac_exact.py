@@ -85,10 +85,13 @@ def _labels(n: int, k: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ dense layers
 
 
-def test_linear_single_sample_is_exact():
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_single_sample_is_exact(bias):
+    """With a bias the weight's output factor is formed from the bias's rows; without, from its own."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
-    _check_all_blocks(model, torch.randn(1, 4, dtype=DT), _labels(1, 3))
+    model = nn.Sequential(nn.Linear(4, 5, bias=bias), nn.Tanh(), nn.Linear(5, 3, bias=bias)).to(DT)
+    curv, _ = _check_all_blocks(model, torch.randn(1, 4, dtype=DT), _labels(1, 3))
+    assert len(curv.block_names) == (4 if bias else 2)
 
 
 def test_deep_linear_network_with_mse_is_exact_for_many_samples():
