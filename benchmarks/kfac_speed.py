@@ -10,7 +10,8 @@ slows all of them; ratios are medians of the same-round ratios) of: one SGD epoc
 our exact-GGN KFAC pass (default: one backward per direction) and, unless ``--skip-variant``, the same with one
 vmapped backward (``backward="batched"``); curvlinops' ``KFACLinearOperator`` (type-2 = exact GGN, expand) on the
 CONV network (it supports only stock modules); the ratios; and the peak extra resident memory of each step
-(sampled from /proc, CPU) or ``torch.cuda.max_memory_allocated`` (CUDA).
+(sampled from /proc, CPU) or ``torch.cuda.max_memory_allocated`` (CUDA). ``--stages`` adds two parts of our pass
+(indented): its recording forward alone, and with the backward of every square-root direction.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from torch import nn
 from ella.cli import run_script
 from ella.data import TensorLoader, load_dataset
 from ella.models import build_model
+from kfac.capture import Recorder, output_gradients
 from kfac.fit import fit_kfac
+from kfac.rules import curvature_modules
+from kfac.sqrt_hessian import hessian_sqrt
 
 Images = tuple[torch.Tensor, torch.Tensor]
 
@@ -134,6 +138,24 @@ def ours(model: nn.Module, data: Images, batch_size: int, **options) -> Callable
     return lambda: fit_kfac(model, loader, "classification", "ggn", **options)
 
 
+def ours_without_factors(model: nn.Module, data: Images, batch_size: int, backward: bool) -> Callable[[], None]:
+    """Our pass up to the factors: the recording forward of every batch, and with ``backward`` the backward of
+    every loss-Hessian square-root direction to the recorded outputs, the gradients discarded (what is left of
+    ``ours`` is the factor work)."""
+    loader = TensorLoader(*data, batch_size)
+    modules = {name: module for name, (module, _) in curvature_modules(model).items()}
+
+    def run() -> None:
+        for x, y in loader:
+            with torch.enable_grad(), Recorder(modules) as recorder:
+                logits = model(x)
+            if backward:
+                seeds = hessian_sqrt(logits, y, "classification", "ggn")
+                output_gradients(logits, list(recorder.records.values()), seeds, lambda i, grads: None)
+
+    return run
+
+
 def curvlinops_kfac(model: nn.Module, data: Images, batch_size: int) -> Callable[[], object]:
     from curvlinops import KFACLinearOperator
 
@@ -174,6 +196,11 @@ def main() -> None:
         "--skip-variant", "--skip-loop", action="store_true",
         help="skip the vmapped-backward variant (--skip-loop is the old name, from when the loop was the variant)",
     )
+    parser.add_argument(
+        "--stages", action="store_true",
+        help="also time our pass's recording forward alone and with the backward of every direction (gradients "
+        "discarded); the rest of the pass is the factor work",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -188,6 +215,9 @@ def main() -> None:
         steps = {"sgd epoch": sgd_epoch(model, data, args.batch_size), "ours": ours(model, data, args.batch_size)}
         if not args.skip_variant:
             steps["ours (vmapped)"] = ours(model, data, args.batch_size, backward="batched")
+        if args.stages:
+            steps["  forward"] = ours_without_factors(model, data, args.batch_size, backward=False)
+            steps["  + backward"] = ours_without_factors(model, data, args.batch_size, backward=True)
         if name == "conv":
             steps["curvlinops"] = curvlinops_kfac(model, data, args.batch_size)
         rows = measure(steps, args.repeats, device)
