@@ -28,6 +28,7 @@ from torch import nn
 
 from ella.cli import run_script
 from ella.data import TensorLoader, load_dataset
+from ella.distributed import parse_device
 from ella.models import build_model
 from kfac.capture import Recorder, output_gradients
 from kfac.fit import fit_kfac
@@ -204,7 +205,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     data = load_cifar(args.n_images, args.data_dir, device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"{args.n_images} CIFAR-10 images, alpha {args.alpha}, batch {args.batch_size}, repeats {args.repeats}")

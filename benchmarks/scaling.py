@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=2048, help="CIFAR-10 training images in the KFAC pass")
     parser.add_argument("--alpha", type=int, default=4, help="network width (the paper uses 10)")
     parser.add_argument("--layer", default="ffc_conv", help="relaxed layer of every block")
-    parser.add_argument("--kfac-batch-size", type=int, default=150)
+    parser.add_argument("--kfac-batch-size", type=int, default=150, help="batch size of the KFAC pass (default: 150, the paper's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes after one warm-up")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     parser.add_argument("--data-dir", default=None, help="folder with cifar10.npz (default: $ELLA_DATA, then ./data)")

@@ -102,12 +102,13 @@ def figure_dir(out: Path) -> Path:
 
 def run_script(main: Callable[[], None]) -> None:
     """Run an experiment's ``main``, then :func:`ella.distributed.finish` (a no-op in a single process); a user
-    error (bad option, missing data, a marginal likelihood or a curvature that cannot be computed) ends with its
-    message and exit status 2 instead of a traceback (``-v`` / ``--verbose`` shows the traceback too)."""
+    error (bad option, missing data, an output folder that already holds a run without ``--resume``, a marginal
+    likelihood or a curvature that cannot be computed) ends with its message and exit status 2 instead of a
+    traceback (``-v`` / ``--verbose`` shows the traceback too)."""
     try:
         main()
         distributed.finish()
-    except (ValueError, FileNotFoundError, MarglikError, CurvatureError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, MarglikError, CurvatureError) as error:
         if "-v" in sys.argv or "--verbose" in sys.argv:
             raise
         print(f"error: {error}\n(run with -v for the traceback)", file=sys.stderr)

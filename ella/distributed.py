@@ -49,13 +49,25 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` usable on this machine; a malformed name, or a device this machine lacks
+    (``cuda`` without a GPU, ``cuda:3`` with one), raises ValueError saying so."""
+    try:
+        parsed = torch.device(device)
+        torch.empty(0, device=parsed)  # initialises the backend: fails for a missing driver or device ordinal
+    except (RuntimeError, AssertionError, TypeError) as error:
+        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"device {str(device)!r} cannot be used here: {reason} (use e.g. --device cpu)") from error
+    return parsed
+
+
 def setup(device: str | torch.device) -> torch.device:
     """Join the process group described by torchrun's variables (once) and return this process's device.
 
     CUDA devices become ``cuda:$LOCAL_RANK`` (one GPU per process) with the NCCL backend; anything else uses
     gloo. Without a multi-process launcher the device is returned unchanged and nothing is initialised.
     """
-    device = torch.device(device)
+    device = parse_device(device)
     if env_world_size() == 1:
         return device
     if device.type == "cuda":

@@ -175,6 +175,8 @@ class Trainer:
         self.last_marglik: float | None = None
         if resume and distributed.on_main(self.checkpoint_path.exists):
             self._load_checkpoint()
+        elif resume and distributed.is_main():
+            log.warning("--resume: no checkpoint in %s yet, so this starts a new run", self.out_dir)
 
     def _check_config_file(self, resume: bool) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ella.cli import run_script
+from ella.distributed import parse_device
 from ella.msr.evaluate import start_run
 from ella.msr import (
     Conv1dFlat,
@@ -85,14 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hyperparameters: paper (3/9 inner steps, inner lr 0.02, outer lr 5e-4, latent k = 70, Table 5 "
                         "task counts) or reference code (1/1 inner steps, inner lr 0.1, outer lr 1e-3, k = 3/6/30, "
                         "8000/2000 tasks with 20 examples each)")
-    p.add_argument("--tables", nargs="+", choices=("translation", "rotation"), default=["translation", "rotation"])
+    p.add_argument("--tables", nargs="+", choices=("translation", "rotation"), default=["translation", "rotation"],
+                   help="which tables to run: translation (paper Table 1), rotation (paper Table 2); default both")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"subset of {TRANSLATION_METHODS} (translation) and {ROTATION_METHODS} (rotation); default all")
     p.add_argument("--ks", nargs="+", type=int, choices=(1, 2, 5), default=[1, 2, 5], help="ranks of Table 1")
-    p.add_argument("--regimes", nargs="+", choices=("small", "large"), default=["small", "large"])
+    p.add_argument("--regimes", nargs="+", choices=("small", "large"), default=["small", "large"],
+                   help="Table 1 data regimes: small or large training sets per task (paper Table 5); default both")
     p.add_argument("--groups", nargs="+", choices=("C4", "D4"), default=["C4", "D4"], help="groups of Table 2")
     p.add_argument("--outer-steps", type=int, default=None, help="override the preset's outer steps (both tables)")
-    p.add_argument("--meta-batch", type=int, default=32)
+    p.add_argument("--meta-batch", type=int, default=32, help="tasks per outer step (default: 32, the paper's)")
     p.add_argument("--latent-size", type=int, default=None,
                    help="latent size of the dense MSR-FC/MTSR/MSR-Joint U (default: 70 for MSR-FC/MSR-Joint with the "
                         "paper settings; 3/6/30 for k = 1/2/5 with the reference settings and always for MTSR)")
@@ -105,8 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=12, help="rotation inputs are 1 x S x S")
     p.add_argument("--n-fields", type=int, default=3, help="regular output fields of the rotation generator")
     p.add_argument("--first-order", action="store_true", help="first-order meta-gradients (default: second order)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task generators and of the initialisations (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (default 1: these ops are tiny and thread spin-waiting dominates otherwise)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/msr_synthetic/<timestamp>)")
@@ -153,7 +156,7 @@ def meta_config(args: argparse.Namespace, rotation: bool, joint: bool = False) -
 
 def run_one(model, inner, problem, cfg: MetaConfig, mtsr: bool, args, seed: int, desc: str) -> dict:
     """Train one method on one problem and evaluate it on the test tasks."""
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     model = model.to(device)
     eval_tasks = PRESETS[args.preset]["rot_eval_tasks" if isinstance(problem, RotationProblem) else "eval_tasks"]
     test_batches = [b.to(device) for b in problem.test_batches(64, eval_tasks)]
@@ -245,6 +248,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    parse_device(args.device)  # an unusable --device fails here, before any work
     out = start_run(args, "runs/msr_synthetic", preset_values=PRESETS[args.preset], threads=args.threads,
                     translation_meta=asdict(meta_config(args, False)), rotation_meta=asdict(meta_config(args, True)))
     start = time.time()

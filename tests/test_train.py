@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from ella import distributed
 from ella.train import TrainConfig, Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,6 +141,7 @@ def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
         (["--layer", "conv", "--data-dir", "MISSING"], "Could not find CIFAR-10"),
         (["--layer", "conv", "--combine", "avg"], "invalid choice: 'avg'"),
         (["--layer", "convv"], "invalid choice: 'convv'"),
+        (["--layer", "conv", "--device", "tpu"], "device 'tpu' cannot be used here"),
     ],
 )
 def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: list[str], message: str) -> None:
@@ -149,6 +152,24 @@ def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: li
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_existing_run_without_resume_ends_with_a_message(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    command = [sys.executable, str(REPO / "experiments" / "cifar10.py"), "--layer", "conv", "--out", str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "ELLA_DATA": str(tmp_path / "missing")})
+    assert result.returncode == 2
+    assert "already holds a run; pass --resume" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="device 'cuda' cannot be used here"):
+        distributed.parse_device("cuda")
+    assert distributed.parse_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "experiments").glob("*.py")))
