@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ella.cli import run_script
+from ella.cli import positive_int, run_script
 from ella.data import TensorLoader, load_dataset
 from ella.distributed import parse_device
 from ella.models import build_model
@@ -185,11 +185,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--data-dir", default=None, help="folder with cifar10.npz (default: $ELLA_DATA, then ./data)")
-    parser.add_argument("--n-images", type=int, default=2048, help="class-balanced CIFAR-10 images (default: 2048)")
-    parser.add_argument("--alpha", type=int, default=4, help="network width alpha (default: 4; the paper uses 10)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up (default: 3)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
-    parser.add_argument("--batch-size", type=int, default=128, help="batch size of both steps (default: 128)")
+    parser.add_argument("--n-images", type=positive_int, default=2048, help="class-balanced CIFAR-10 images (default: 2048)")
+    parser.add_argument("--alpha", type=positive_int, default=4, help="network width alpha (default: 4; the paper uses 10)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds after a warm-up (default: 3)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads (default: 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="batch size of both steps (default: 128)")
     parser.add_argument(
         "--networks", default="conv,ffc_conv", help="comma-separated ella.models layer names (default: conv,ffc_conv)"
     )

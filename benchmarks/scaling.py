@@ -31,9 +31,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ella import distributed
-from ella.cli import run_script
+from ella.cli import positive_int, run_script
 from ella.data import TensorLoader, load_dataset
-from ella.models import build_model
+from ella.models import LAYER_NAMES, build_model
 from kfac import fit_kfac
 
 
@@ -93,18 +93,20 @@ def _max_relative_difference(a: list[float], b: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-images", type=int, default=2048, help="CIFAR-10 training images in the KFAC pass")
-    parser.add_argument("--alpha", type=int, default=4, help="network width (the paper uses 10)")
-    parser.add_argument("--layer", default="ffc_conv", help="relaxed layer of every block")
-    parser.add_argument("--kfac-batch-size", type=int, default=150, help="batch size of the KFAC pass (default: 150, the paper's)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes after one warm-up")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    parser.add_argument("--n-images", type=positive_int, default=2048, help="CIFAR-10 training images in the KFAC pass")
+    parser.add_argument("--alpha", type=positive_int, default=4, help="network width (the paper uses 10)")
+    parser.add_argument("--layer", default="ffc_conv", choices=LAYER_NAMES, help="relaxed layer of every block")
+    parser.add_argument("--kfac-batch-size", type=positive_int, default=150, help="batch size of the KFAC pass (default: 150, the paper's)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed passes after one warm-up")
+    parser.add_argument("--threads", type=positive_int, default=1, help="intra-op threads per process")
     parser.add_argument("--data-dir", default=None, help="folder with cifar10.npz (default: $ELLA_DATA, then ./data)")
     args = parser.parse_args()
 
     print(f"KFAC pass ({args.layer}, alpha={args.alpha}) on {args.n_images} CIFAR-10 images, "
           f"KFAC batch {args.kfac_batch_size}, {args.threads} thread(s) per process, {os.cpu_count()} cores")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    # missing data or a bad --n-images fail here, with a message, rather than inside the spawned workers
+    load_dataset("cifar10", args.data_dir, n_train=args.n_images, n_valid=10, seed=0)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for world in (1, 2):

@@ -54,6 +54,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` for counts and sizes: an integer >= 1 (argparse reports anything else with the flag)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
     """Add the flags every training experiment shares."""
     parser.add_argument("--laplace", action="store_true", help="learn the prior precisions by the Laplace marginal likelihood (otherwise MAP)")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ella.cli import run_script
+from ella.cli import positive_int, run_script
 from ella.distributed import parse_device
 from ella.msr.evaluate import start_run
 from ella.msr import (
@@ -94,9 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--regimes", nargs="+", choices=("small", "large"), default=["small", "large"],
                    help="Table 1 data regimes: small or large training sets per task (paper Table 5); default both")
     p.add_argument("--groups", nargs="+", choices=("C4", "D4"), default=["C4", "D4"], help="groups of Table 2")
-    p.add_argument("--outer-steps", type=int, default=None, help="override the preset's outer steps (both tables)")
-    p.add_argument("--meta-batch", type=int, default=32, help="tasks per outer step (default: 32, the paper's)")
-    p.add_argument("--latent-size", type=int, default=None,
+    p.add_argument("--outer-steps", type=positive_int, default=None, help="override the preset's outer steps (both tables)")
+    p.add_argument("--meta-batch", type=positive_int, default=32, help="tasks per outer step (default: 32, the paper's)")
+    p.add_argument("--latent-size", type=positive_int, default=None,
                    help="latent size of the dense MSR-FC/MTSR/MSR-Joint U (default: 70 for MSR-FC/MSR-Joint with the "
                         "paper settings; 3/6/30 for k = 1/2/5 with the reference settings and always for MTSR)")
     p.add_argument("--fc-structure", choices=("dense", "kron"), default="dense", help="MSR-FC symmetry matrix form")
@@ -105,12 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "n_fields * 9: one base filter per output field)")
     p.add_argument("--u-init-std", type=float, default=0.01,
                    help="std of the Gaussian init of dense symmetry matrices U (MSR-FC/MTSR/MSR-Joint and dense MSR-Conv)")
-    p.add_argument("--image-size", type=int, default=12, help="rotation inputs are 1 x S x S")
-    p.add_argument("--n-fields", type=int, default=3, help="regular output fields of the rotation generator")
+    p.add_argument("--image-size", type=positive_int, default=12, help="rotation inputs are 1 x S x S")
+    p.add_argument("--n-fields", type=positive_int, default=3, help="regular output fields of the rotation generator")
     p.add_argument("--first-order", action="store_true", help="first-order meta-gradients (default: second order)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task generators and of the initialisations (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch.set_num_threads (default 1: these ops are tiny and thread spin-waiting dominates otherwise)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/msr_synthetic/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
@@ -146,7 +146,7 @@ def translation_model(method: str, k: int, args: argparse.Namespace) -> tuple[to
 def meta_config(args: argparse.Namespace, rotation: bool, joint: bool = False) -> MetaConfig:
     preset = PRESETS[args.preset]
     key = "rot_outer_steps" if rotation else ("joint_outer_steps" if joint else "outer_steps")
-    steps = args.outer_steps or preset[key]
+    steps = preset[key] if args.outer_steps is None else args.outer_steps
     if args.settings == "reference":
         return MetaConfig(1, 1, 0.1, True, 1e-3, steps, args.meta_batch, args.first_order)
     if rotation:  # paper App. D.2: 1 inner step at train and test, inner lr init 0.1

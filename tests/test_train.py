@@ -154,10 +154,32 @@ def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: li
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("script", "flags", "message"),
+    [
+        ("benchmarks/scaling.py", ["--layer", "convv"], "invalid choice: 'convv'"),
+        ("benchmarks/scaling.py", ["--n-images", "8"], "Could not find CIFAR-10"),
+        ("benchmarks/kfac_speed.py", ["--device", "tpu"], "device 'tpu' cannot be used here"),
+        ("benchmarks/kfac_speed.py", ["--repeats", "0"], "--repeats: must be an integer >= 1, got 0"),
+        ("experiments/msr_synthetic.py", ["--outer-steps", "0"], "--outer-steps: must be an integer >= 1, got 0"),
+        ("experiments/compare_msr.py", ["--rounds", "-1"], "--rounds: must be an integer >= 1, got -1"),
+    ],
+)
+def test_other_scripts_reject_bad_input_with_a_message(
+    tmp_path: Path, script: str, flags: list[str], message: str
+) -> None:
+    result = subprocess.run([sys.executable, str(REPO / script), *flags], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "ELLA_DATA": str(tmp_path / "missing")})
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_existing_run_without_resume_ends_with_a_message(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
-    command = [sys.executable, str(REPO / "experiments" / "cifar10.py"), "--layer", "conv", "--out", str(tmp_path / "run")]
+    script = REPO / "experiments" / "cifar10.py"
+    command = [sys.executable, str(script), "--layer", "conv", "--out", str(tmp_path / "run")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO), "ELLA_DATA": str(tmp_path / "missing")})
     assert result.returncode == 2
