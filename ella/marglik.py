@@ -59,10 +59,10 @@ def fit_laplace(
     ``n_data``) is summed over all processes before the eigendecomposition, so every process gets the fit of
     the whole data set (see :mod:`ella.distributed`).
     """
-    kron = fit_kfac(model, loader, likelihood=likelihood, curvature=curvature, **kfac_options)
-    if sharded:
-        kron = all_reduce_curvature(kron)
     try:
+        kron = fit_kfac(model, loader, likelihood=likelihood, curvature=curvature, **kfac_options)
+        if sharded:
+            kron = all_reduce_curvature(kron)
         decomposition = kron.decompose()
     except CurvatureError as error:
         raise MarglikError(f"the Laplace approximation failed: {error}") from error

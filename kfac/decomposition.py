@@ -26,7 +26,8 @@ _CHUNK = 1 << 22  # eigenvalue products evaluated per step (bounds memory for ve
 
 
 class CurvatureError(RuntimeError):
-    """A curvature factor could not be eigendecomposed (the message names the block)."""
+    """The curvature cannot be computed: the model output of a batch is not finite, or a factor could not be
+    eigendecomposed (the message names the block)."""
 
 
 def _eigh(matrix: torch.Tensor, what: str, jitter: float) -> tuple[torch.Tensor, torch.Tensor]:

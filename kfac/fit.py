@@ -9,8 +9,9 @@ from torch import nn
 
 from kfac.capture import Recorder, output_gradients
 from kfac.curvature import KronBlock, KronCurvature
+from kfac.decomposition import CurvatureError
 from kfac.rules import RuleOptions, curvature_modules
-from kfac.sqrt_hessian import hessian_sqrt, summed_loss
+from kfac.sqrt_hessian import check_batch, hessian_sqrt, summed_loss
 
 
 def _cast(block: KronBlock, dtype: torch.dtype | None) -> KronBlock:
@@ -51,6 +52,10 @@ def kfac_batch(
     with torch.enable_grad(), Recorder({name: module for name, (module, _) in modules.items()}) as recorder:
         logits = model(x)
     records = list(recorder.records.values())
+    check_batch(logits.detach(), y, likelihood)
+    if not bool(torch.isfinite(logits).all()):
+        raise CurvatureError("the model output holds NaN or inf values (check the inputs and the parameters), so "
+                             "the curvature of this batch would not be finite")
     with torch.no_grad():
         loss = summed_loss(logits.detach(), y, likelihood)
         builders = [

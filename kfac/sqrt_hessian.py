@@ -35,6 +35,25 @@ def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
 
 
+def check_batch(logits: torch.Tensor, y: torch.Tensor, likelihood: str) -> None:
+    """Raise a ValueError saying what is wrong unless the targets ``y`` fit ``logits (B, K)``: class indices
+    ``(B,)`` in ``[0, K)`` (classification) or ``B * K`` values, ``(B, K)`` or ``(B,)`` for ``K = 1``
+    (regression)."""
+    check_choice(likelihood, LIKELIHOODS, "likelihood")
+    if logits.dim() != 2:
+        raise ValueError(f"the model output must be (B, K), got {tuple(logits.shape)}")
+    batch, k = logits.shape
+    if likelihood == "classification":
+        if y.shape != (batch,) or y.is_floating_point() or y.is_complex():
+            raise ValueError(f"classification targets must be {batch} class indices (integers), got {y.dtype} "
+                             f"{tuple(y.shape)}")
+        if batch and (int(y.min()) < 0 or int(y.max()) >= k):
+            raise ValueError(f"classification targets must lie in [0, {k}), got {int(y.min())}..{int(y.max())}")
+    elif y.numel() != logits.numel() or y.shape[:1] != (batch,):
+        raise ValueError(f"regression targets must have the model output's shape {tuple(logits.shape)}, got "
+                         f"{tuple(y.shape)}")
+
+
 def summed_loss(logits: torch.Tensor, y: torch.Tensor, likelihood: str) -> torch.Tensor:
     """Summed negative log likelihood (without Gaussian constants) of ``logits (B, K)`` at targets ``y``."""
     check_choice(likelihood, LIKELIHOODS, "likelihood")

@@ -595,6 +595,27 @@ def test_grouped_stock_conv_raises():
         kfac_batch(model, torch.randn(2, 2, 5, 5), _labels(2, 3))
 
 
+@pytest.mark.parametrize(
+    ("x", "y", "likelihood", "message"),
+    [
+        (torch.randn(4, 5), torch.tensor([0, 1, 2, 3]), "classification", r"must lie in \[0, 3\), got 0\.\.3"),
+        (torch.randn(4, 5), torch.zeros(4), "classification", "must be 4 class indices"),
+        (torch.randn(4, 5), torch.zeros(4, 1, dtype=torch.long), "classification", "must be 4 class indices"),
+        (torch.randn(4, 5), torch.zeros(4, 2), "regression", r"output's shape \(4, 3\), got \(4, 2\)"),
+    ],
+)
+def test_bad_targets_raise_saying_what_is_wrong(x, y, likelihood, message):
+    model = nn.Sequential(nn.Linear(5, 3))
+    with pytest.raises(ValueError, match=message):
+        kfac_batch(model, x, y, likelihood)
+
+
+def test_non_finite_model_output_is_a_curvature_error():
+    model = nn.Sequential(nn.Linear(5, 3))
+    with pytest.raises(CurvatureError, match="NaN or inf"):
+        kfac_batch(model, torch.full((4, 5), float("nan")), torch.zeros(4, dtype=torch.long))
+
+
 # ------------------------------------------------------------------------------------ decomposition
 
 

@@ -131,6 +131,15 @@ def test_non_finite_marglik_is_a_clear_error() -> None:
         optimise_prior(fit, prior, torch.optim.Adam(prior.parameters(), lr=0.1), steps=2)
 
 
+def test_non_finite_model_output_makes_the_laplace_fit_a_marglik_error() -> None:
+    model = _tiny_mlp()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("inf"))
+    x, y = torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 1])
+    with pytest.raises(MarglikError, match="NaN or inf"):  # so that training skips the round instead of stopping
+        fit_laplace(model, TensorLoader(x, y, 2), Prior(model).double())
+
+
 def test_prior_groups_are_paths() -> None:
     model = build_model("ffc_conv", in_channels=3, n_classes=10, alpha=1, device="meta")
     groups = prior_groups(model)
