@@ -27,6 +27,8 @@ import gzip
 import logging
 import os
 import pickle
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,11 +124,16 @@ def read_npz(path: str | Path, image_shape: tuple[int, ...], keys: tuple[str, ..
     Images must be uint8 ``(N, *image_shape)``, labels 1-d integers in ``[0, n_classes)`` (returned as uint8).
     """
     path = Path(path)
-    with np.load(path, allow_pickle=False) as data:
-        missing = [k for k in keys if k not in data.files]
-        if missing:
-            raise ValueError(f"{path}: missing key(s) {missing}; expected {list(keys)}, found {data.files}")
-        arrays = [data[k] for k in keys]
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz archive (not a zip file); replace it with a good copy")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise ValueError(f"{path}: missing key(s) {missing}; expected {list(keys)}, found {data.files}")
+            arrays = [data[k] for k in keys]
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise ValueError(f"{path} is damaged ({error}); replace it with a good copy") from error
     for i in range(0, len(keys), 2):
         _check_pair(arrays[i], arrays[i + 1], image_shape, f"{path} [{keys[i]}, {keys[i + 1]}]", n_classes)
         arrays[i + 1] = arrays[i + 1].astype(np.uint8)

@@ -210,6 +210,19 @@ def test_bad_npz_gives_clear_errors(tmp_path):
         D.read_cifar10(tmp_path)
 
 
+def test_damaged_or_foreign_npz_files_give_clear_errors(tmp_path):
+    (tmp_path / "mnist.npz").write_text("an HTML error page saved under the data's name")
+    with pytest.raises(ValueError, match="not an .npz archive"):
+        D.read_mnist(tmp_path)
+    x_tr, y_tr, x_te, y_te = tiny_mnist()
+    np.savez_compressed(tmp_path / "mnist.npz", x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+    data = bytearray((tmp_path / "mnist.npz").read_bytes())
+    data[100:400] = bytes(b ^ 0x5A for b in data[100:400])  # inside the first member's compressed bytes
+    (tmp_path / "mnist.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is damaged"):
+        D.read_mnist(tmp_path)
+
+
 def test_unknown_name_and_task(tmp_path):
     with pytest.raises(ValueError) as err:
         D.load_dataset("svhn", tmp_path)
