@@ -23,6 +23,7 @@ from ella.layers.relaxed import COMBINE_MODES
 from ella.marglik import MarglikError
 from ella.train import TrainConfig
 from kfac.decomposition import CurvatureError
+from kfac.rules import KFAC_APPROXES
 from kfac.sqrt_hessian import CURVATURES
 
 # flag name -> (type, help). Defaults are None so that "not given" can be told apart from a preset value.
@@ -40,6 +41,7 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "hyper_lr": (float, "learning rate of the precision updates"),
     "kfac_batch_size": (int, "batch size of the KFAC pass"),
     "curvature": (str, "KFAC curvature: 'ggn' (exact), 'mc' (Monte-Carlo) or 'ef' (empirical Fisher)"),
+    "kfac_approx": (str, "KFAC for weights shared over positions (convolution sites, rotations): 'expand' (default) or 'reduce'"),
     "prior_init": (float, "initial prior precision of every group"),
     "n_train": (int, "use a class-balanced subset of this many training images"),
     "cifar_test": (str, "CIFAR-10 test set: 'exact' (the 1,000 bit-exact official images) or 'jpeg10k' (all 10,000, lossy JPEG)"),
@@ -51,6 +53,7 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
 # flags whose values come from a fixed list (argparse rejects anything else with the list)
 _CHOICES: dict[str, tuple[str, ...]] = {
     "combine": COMBINE_MODES, "optimizer": ("sgd", "adam"), "curvature": CURVATURES, "cifar_test": CIFAR_TEST_CHOICES,
+    "kfac_approx": KFAC_APPROXES,
 }
 
 
@@ -110,13 +113,13 @@ def figure_dir(out: Path) -> Path:
 
 def run_script(main: Callable[[], None]) -> None:
     """Run an experiment's ``main``, then :func:`ella.distributed.finish` (a no-op in a single process); a user
-    error (bad option, missing data, an output folder that already holds a run without ``--resume``, a marginal
-    likelihood or a curvature that cannot be computed) ends with its message and exit status 2 instead of a
+    error (bad option, missing data, an output folder that already holds a run without ``--resume``, a training
+    loss that diverged, a marginal likelihood or a curvature that cannot be computed) ends with its message and exit status 2 instead of a
     traceback (``-v`` / ``--verbose`` shows the traceback too)."""
     try:
         main()
         distributed.finish()
-    except (ValueError, FileNotFoundError, FileExistsError, MarglikError, CurvatureError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, MarglikError, CurvatureError) as error:
         if "-v" in sys.argv or "--verbose" in sys.argv:
             raise
         print(f"error: {error}\n(run with -v for the traceback)", file=sys.stderr)

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -42,6 +42,8 @@ from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_lap
 from ella.models import build_model
 from ella.priors import Prior
 from ella.report import effective_layer_types, path_reports, plot_relative, write_report
+from kfac.rules import KFAC_APPROXES
+from kfac.sqrt_hessian import CURVATURES, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class TrainConfig:
     hyper_lr: float = 0.1
     kfac_batch_size: int = 150
     curvature: str = "ggn"
+    kfac_approx: str = "expand"  # KFAC over the positions a weight is shared across: "expand" or "reduce"
     prior_init: float = 1.0
     per_tensor_prior: bool = False
     report: bool = False  # effective-parameter report after a MAP run too
@@ -83,6 +86,8 @@ class TrainConfig:
     def check(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        check_choice(self.curvature, CURVATURES, "curvature")
+        check_choice(self.kfac_approx, KFAC_APPROXES, "kfac_approx")
         for name in ("epochs", "batch_size", "marglik_every", "kfac_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -184,7 +189,13 @@ class Trainer:
         current = asdict(self.config)
         if resume and path.exists():
             saved = json.loads(path.read_text())
-            changed = {k: (saved.get(k), v) for k, v in current.items() if k != "device" and saved.get(k) != v}
+            defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+            # a field added after the run started counts as its default
+            changed = {
+                k: (saved.get(k, defaults.get(k)), v)
+                for k, v in current.items()
+                if k != "device" and saved.get(k, defaults.get(k)) != v
+            }
             if changed:
                 raise ValueError(f"--resume with a different configuration than {path}: {changed}")
         elif not resume and (self.out_dir / "checkpoint.pt").exists():
@@ -245,7 +256,7 @@ class Trainer:
     def laplace_fit(self) -> LaplaceFit:
         """KFAC-Laplace at the current parameters on the unaugmented training data."""
         return fit_laplace(self.model, self.marglik_loader, self.prior, curvature=self.config.curvature,
-                           sharded=distributed.is_distributed())
+                           sharded=distributed.is_distributed(), kfac_approx=self.config.kfac_approx)
 
     def hyper_round(self) -> dict:
         """Fit KFAC-Laplace, then take the hyper-steps; a failed round is skipped (precisions kept), not fatal.

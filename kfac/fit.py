@@ -32,6 +32,7 @@ def kfac_batch(
     grouped_mode: str = "per_group",
     rotation_mode: str = "expand",
     position_norm: str = "used",
+    kfac_approx: str = "expand",
     rank_reduced: bool = True,
     generator: torch.Generator | None = None,
     backward: str = "loop",
@@ -44,10 +45,11 @@ def kfac_batch(
     :mod:`kfac.capture`, :mod:`kfac.sqrt_hessian`) whose gradients the per-module rules (:mod:`kfac.rules`)
     reduce as they come, then the rules' blocks. Blocks are returned for every trainable parameter in
     ``model.named_parameters()`` order; an unsupported module owning trainable parameters raises
-    ``NotImplementedError``.
+    ``NotImplementedError``. ``grouped_mode``, ``rotation_mode``, ``position_norm`` and ``kfac_approx``
+    (``"expand"`` or ``"reduce"`` over the positions a weight is shared across) are the rules' options.
     ``factor_dtype`` casts the batch's factors (e.g. ``torch.float64`` to accumulate float32 models safely).
     """
-    options = RuleOptions(grouped_mode, rotation_mode, position_norm)
+    options = RuleOptions(grouped_mode, rotation_mode, position_norm, kfac_approx)
     modules = curvature_modules(model)
     with torch.enable_grad(), Recorder({name: module for name, (module, _) in modules.items()}) as recorder:
         logits = model(x)

@@ -18,6 +18,16 @@ is non-zero in some direction/channel (so sites discarded downstream, e.g. by po
 counted; a sample with no such position averages over all positions); ``"all"`` takes every output position
 (identical to curvlinops' ``expand``). With a single (used) position and one sample the rule is exact.
 
+``kfac_approx="reduce"`` (KFAC-reduce, Eschenhagen et al. 2023) instead reduces the positions before the outer
+products, over every position axis the rule would expand over (all ``P`` positions; ``position_norm`` does not
+apply):
+
+    A = sum_n abar_n abar_n^T,  abar_n = mean_t a_{n,t},        B = sum_{d,n} gsum_{d,n} gsum_{d,n}^T,  gsum = sum_t g,
+
+identical to curvlinops' ``reduce``. ``B`` is then the exact bias block (formed once for both). It is exact
+where every position's output gradient is the same linear map of the loss, e.g. a deep linear network of
+circular stride-1 convolutions followed by global pooling, with the MSE loss.
+
 Biases are always exact: ``B_bias = sum_{d,n} (sum_t g_{d,n,t}) (sum_t g_{d,n,t})^T``, summing the output
 gradient over every position (and group / rotation) that shares the bias before the outer product.
 
@@ -63,6 +73,7 @@ N_ROTATIONS = 4
 GROUPED_MODES = ("per_group", "reference")
 ROTATION_MODES = ("expand", "reduce")
 POSITION_NORMS = ("used", "all")
+KFAC_APPROXES = ("expand", "reduce")
 
 
 @dataclass(frozen=True)
@@ -72,12 +83,14 @@ class RuleOptions:
     grouped_mode: str = "per_group"
     rotation_mode: str = "expand"
     position_norm: str = "used"
+    kfac_approx: str = "expand"
 
     def __post_init__(self) -> None:
         for value, allowed, what in (
             (self.grouped_mode, GROUPED_MODES, "grouped_mode"),
             (self.rotation_mode, ROTATION_MODES, "rotation_mode"),
             (self.position_norm, POSITION_NORMS, "position_norm"),
+            (self.kfac_approx, KFAC_APPROXES, "kfac_approx"),
         ):
             if value not in allowed:
                 raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
@@ -238,6 +251,11 @@ class ConvWindows:
         batch, channels, height, width = self.x.shape
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         return batch, channels * kh * kw, ((height - kh) // sh + 1) * ((width - kw) // sw + 1)
+
+    def mean(self) -> torch.Tensor:
+        """The mean patch of every sample over the output positions, ``(B, C*kh*kw)`` (no patch copy)."""
+        windows = self._windows()
+        return windows.mean((2, 3)).reshape(windows.shape[0], -1)
 
     def dense(self) -> torch.Tensor:
         """All patches ``(B, C*kh*kw, L)``, layout ``(C, kh, kw)``, stored in ``(C*kh*kw, B, L)`` memory order."""
@@ -483,6 +501,40 @@ class ExpandStats:
         return blocks
 
 
+class ReduceStats:
+    """What KFAC-reduce needs from the output gradients ``(D, B, O, P)``: the rows ``sum_t g`` of every direction
+    and sample, whose Gram matrix is both the weight's output factor and the exact bias block (formed once)."""
+
+    def __init__(self, weight: bool, bias: bool) -> None:
+        self.weight, self.bias = weight, bias
+        self._rows = RowsGram()
+
+    def add(self, grads: torch.Tensor) -> None:
+        """Take the gradients ``(D_i, B, O, P)`` of some more directions."""
+        self._rows.add(grads.sum(3).reshape(-1, grads.shape[2]))
+
+    def blocks(self, prefix: str, module: nn.Module, patches: Callable[[], Patches]) -> dict[str, KronBlock]:
+        """Weight (input factor from the mean of ``patches() (B, Din, P)`` over positions) and exact bias blocks."""
+        rows = self._rows.result()
+        blocks: dict[str, KronBlock] = {}
+        if self.weight:
+            found = patches()
+            mean = found.mean() if isinstance(found, ConvWindows) else found.mean(2)  # (B, Din)
+            b = rows.clone() if self.bias else rows
+            a = mean.T @ mean
+            blocks[f"{prefix}weight"] = KronBlock(f"{prefix}weight", module.weight.shape, "kron", b[None], a[None])
+        if self.bias:
+            blocks[f"{prefix}bias"] = KronBlock(f"{prefix}bias", module.bias.shape, "single", rows[None])
+        return blocks
+
+
+def position_stats(weight: bool, bias: bool, options: RuleOptions) -> ExpandStats | ReduceStats:
+    """The statistics of a weight shared over positions: KFAC-expand or KFAC-reduce (``options.kfac_approx``)."""
+    if options.kfac_approx == "reduce":
+        return ReduceStats(weight, bias)
+    return ExpandStats(weight, bias, options.position_norm)
+
+
 def _trainable(module: nn.Module, name: str) -> bool:
     """Whether ``module`` has a parameter ``name`` that requires a gradient."""
     param = getattr(module, name, None)
@@ -565,10 +617,10 @@ class FactorBuilder(ABC):
 Rule = Callable[[str, nn.Module, torch.Tensor, RuleOptions], FactorBuilder]  # (prefix, module, input, options)
 
 
-class ExpandBuilder(FactorBuilder):
-    """KFAC-expand with an exact bias: ``to_sites`` maps a gradient chunk to ``(D_i, B, O, P)`` (positions last),
-    ``patches()`` gives the matching patches ``(B, Din, P)`` when the blocks are formed (lazily: after the
-    backward)."""
+class SharedWeightBuilder(FactorBuilder):
+    """A weight shared over positions, KFAC-expand or -reduce (``options.kfac_approx``), with an exact bias:
+    ``to_sites`` maps a gradient chunk to ``(D_i, B, O, P)`` (positions last), ``patches()`` gives the matching
+    patches ``(B, Din, P)`` when the blocks are formed (lazily: after the backward)."""
 
     def __init__(
         self,
@@ -576,10 +628,10 @@ class ExpandBuilder(FactorBuilder):
         module: nn.Module,
         patches: Callable[[], Patches],
         to_sites: Callable[[torch.Tensor], torch.Tensor],
-        position_norm: str,
+        options: RuleOptions,
     ) -> None:
         self.prefix, self.module, self.patches, self.to_sites = prefix, module, patches, to_sites
-        self.stats = ExpandStats(_trainable(module, "weight"), _trainable(module, "bias"), position_norm)
+        self.stats = position_stats(_trainable(module, "weight"), _trainable(module, "bias"), options)
 
     def add(self, grads: torch.Tensor) -> None:
         self.stats.add(self.to_sites(grads))
@@ -589,15 +641,15 @@ class ExpandBuilder(FactorBuilder):
 
 
 class RotationReduceBuilder(FactorBuilder):
-    """p4 convolutions with ``rotation_mode="reduce"``: KFAC-expand over sites of ``a = sum_g a_g``,
-    ``g = mean_g g_g``, and the exact bias summed over rotations *and* sites. Gradient chunks
-    ``(D_i, B, 4C', H, W)``, patches ``(B, 4, Din, L)``."""
+    """p4 convolutions with ``rotation_mode="reduce"``: KFAC-expand (or -reduce, ``options.kfac_approx``) over
+    sites of ``a = sum_g a_g``, ``g = mean_g g_g``, and the exact bias summed over rotations *and* sites.
+    Gradient chunks ``(D_i, B, 4C', H, W)``, patches ``(B, 4, Din, L)``."""
 
     def __init__(
         self, prefix: str, module: nn.Module, patches: Callable[[], torch.Tensor], batch: int, options: RuleOptions
     ) -> None:
         self.prefix, self.module, self.patches, self.batch = prefix, module, patches, batch
-        self.stats = ExpandStats(_trainable(module, "weight"), False, options.position_norm)
+        self.stats = position_stats(_trainable(module, "weight"), False, options)
         self._bias_rows = RowsGram() if _trainable(module, "bias") else None
 
     def add(self, grads: torch.Tensor) -> None:
@@ -632,7 +684,7 @@ def _rotation_builder(
         pat = patches()
         return pat.transpose(1, 2).reshape(batch, pat.shape[2], -1)
 
-    return ExpandBuilder(prefix, module, expanded, to_sites, options.position_norm)
+    return SharedWeightBuilder(prefix, module, expanded, to_sites, options)
 
 
 def _sites_last(batch: int, channels: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -645,16 +697,15 @@ def linear_rule(prefix: str, module: nn.Linear, x: torch.Tensor, options: RuleOp
     batch, d_out = x.shape[0], module.out_features
     patches = x.reshape(batch, -1, x.shape[-1]).transpose(1, 2)
     to_sites = lambda t: t.reshape(t.shape[0], batch, -1, d_out).transpose(2, 3)  # noqa: E731
-    return ExpandBuilder(prefix, module, lambda: patches, to_sites, options.position_norm)
+    return SharedWeightBuilder(prefix, module, lambda: patches, to_sites, options)
 
 
 def conv2d_rule(prefix: str, module: nn.Conv2d, x: torch.Tensor, options: RuleOptions) -> FactorBuilder:
-    """Stock ``nn.Conv2d`` (``groups=1``), KFAC-expand over output sites."""
+    """Stock ``nn.Conv2d`` (``groups=1``), KFAC-expand (or -reduce) over output sites."""
     if module.groups != 1:
         raise NotImplementedError(f"module {prefix.rstrip('.')} (Conv2d): groups={module.groups} is not supported")
-    return ExpandBuilder(
-        prefix, module, lambda: conv_patches(x, module), _sites_last(x.shape[0], module.out_channels),
-        options.position_norm,
+    return SharedWeightBuilder(
+        prefix, module, lambda: conv_patches(x, module), _sites_last(x.shape[0], module.out_channels), options
     )
 
 
@@ -718,7 +769,7 @@ def sparse_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, options: R
         proj = torch.einsum("bctl,mt->bcml", taps, module.basis.detach().to(taps.dtype))
         return proj.reshape(batch, -1, n_loc)
 
-    return ExpandBuilder(prefix, module, projected, _sites_last(x.shape[0], module.out_channels), options.position_norm)
+    return SharedWeightBuilder(prefix, module, projected, _sites_last(x.shape[0], module.out_channels), options)
 
 
 def lifting_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, options: RuleOptions) -> FactorBuilder:

@@ -1,4 +1,4 @@
-"""Our factors for stock Linear / Conv2d (ella's circular Conv) equal curvlinops' KFAC (expand)."""
+"""Our factors for stock Linear / Conv2d (ella's circular Conv) equal curvlinops' KFAC (expand and reduce)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _model() -> nn.Module:
     )
 
 
-def _curvlinops_factors(model, x, y, fisher_type, seed=2147483647):
+def _curvlinops_factors(model, x, y, fisher_type, seed=2147483647, kfac_approx="expand"):
     params = [p for p in model.parameters()]
     op = KFACLinearOperator(
         model,
@@ -32,7 +32,7 @@ def _curvlinops_factors(model, x, y, fisher_type, seed=2147483647):
         params,
         [(x, y)],
         fisher_type=fisher_type,
-        kfac_approx="expand",
+        kfac_approx=kfac_approx,
         separate_weight_and_bias=True,
         check_deterministic=False,
         seed=seed,
@@ -41,18 +41,20 @@ def _curvlinops_factors(model, x, y, fisher_type, seed=2147483647):
     return op._input_covariances, op._gradient_covariances
 
 
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
 @pytest.mark.parametrize("fisher_type", ["type-2", "mc"])
-def test_factors_match_curvlinops(fisher_type):
+def test_factors_match_curvlinops(fisher_type, kfac_approx):
     torch.manual_seed(0)
     model = _model()
     x, y = torch.randn(6, 2, 6, 6, dtype=DT), torch.arange(6) % 5
-    a_ref, b_ref = _curvlinops_factors(model, x, y, fisher_type, seed=123)
+    a_ref, b_ref = _curvlinops_factors(model, x, y, fisher_type, seed=123, kfac_approx=kfac_approx)
     ours = kfac_batch(
         model,
         x,
         y,
         curvature="ggn" if fisher_type == "type-2" else "mc",
         position_norm="all",
+        kfac_approx=kfac_approx,
         generator=torch.Generator().manual_seed(123),
     )
     for module_name, weight in (("0.conv", "0.conv.weight"), ("2", "2.weight"), ("5", "5.weight")):

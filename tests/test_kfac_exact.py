@@ -175,6 +175,61 @@ def test_used_positions_skip_subsampled_sites():
     assert rel_err(kfac_batch(model, x, _labels(3, 3)).dense("0.conv.bias"), exact["0.conv.bias"]) < TOL
 
 
+class GlobalMeanHead(nn.Module):
+    """Mean over every axis after the channels (sites, rotations folded into channels stay apart), then Linear."""
+
+    def __init__(self, n_in: int, n_out: int = 2, rotations: int = 1) -> None:
+        super().__init__()
+        self.rotations = rotations
+        self.head = nn.Linear(n_in, n_out, dtype=DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.reshape(x.shape[0], self.rotations, -1, x.shape[2] * x.shape[3]).mean((1, 3))
+        return self.head(pooled)
+
+
+def _deep_linear_circular_nets() -> dict[str, nn.Module]:
+    """Linear networks of circular stride-1 (group) convolutions ending in global mean pooling: every position's
+    output gradient is the same map of the loss, which makes KFAC-reduce exact for any number of samples (MSE)."""
+    return {
+        "conv": nn.Sequential(Conv(2, 3).to(DT), SparseConv(3, 3, dtype=DT), Conv(3, 4).to(DT), GlobalMeanHead(4)),
+        "p4": nn.Sequential(
+            LiftingConv(2, 2, dtype=DT), GroupConv(2, 3, mode="full", dtype=DT), GroupConv(3, 2, dtype=DT),
+            GlobalMeanHead(2, rotations=4),
+        ),
+    }
+
+
+@pytest.mark.parametrize("net", ["conv", "p4"])
+@pytest.mark.parametrize("rotation_mode", ["expand", "reduce"])
+def test_reduce_is_exact_for_deep_linear_circular_nets_with_global_pooling(net, rotation_mode):
+    torch.manual_seed(9)
+    model = _deep_linear_circular_nets()[net]
+    x, y = torch.randn(5, 2, 5, 5, dtype=DT), torch.randn(5, 2, dtype=DT)
+    _check_all_blocks(model, x, y, "regression", kfac_approx="reduce", rotation_mode=rotation_mode)
+    # teeth: KFAC-expand is not exact here (it treats the positions as independent samples)
+    expand = kfac_batch(model, x, y, "regression", position_norm="all")
+    first_weight = next(name for name in expand.block_names if name.endswith("weight"))
+    assert rel_err(expand.dense(first_weight), exact_ggn_blocks(model, x, "regression")[first_weight]) > 1e-2
+
+
+def test_reduce_factors_are_mean_patches_and_summed_gradients():
+    """``A = sum_n abar abar^T`` (mean patch over positions), ``B`` = the exact bias block, for a stride-2 layer."""
+    torch.manual_seed(10)
+    conv = nn.Conv2d(3, 2, 3, stride=2, padding=1, dtype=DT)
+    model = nn.Sequential(Conv(2, 3).to(DT), nn.ReLU(), conv, FlattenHead(2 * 9))
+    x = torch.randn(4, 2, 6, 6, dtype=DT)
+    curv = kfac_batch(model, x, _labels(4, 3), kfac_approx="reduce")
+    with torch.no_grad():
+        patches = F.unfold(model[1](model[0](x)), 3, padding=1, stride=2)  # (B, 27, 9)
+    mean = patches.mean(2)
+    b, a = curv.blocks["2.weight"].out_factors[0], curv.blocks["2.weight"].in_factors[0]
+    assert rel_err(a, mean.T @ mean) < 1e-12
+    assert rel_err(b, curv.blocks["2.bias"].out_factors[0]) < 1e-12
+    exact = exact_ggn_blocks(model, x)
+    assert rel_err(curv.dense("2.bias"), exact["2.bias"]) < TOL
+
+
 # ------------------------------------------------------------------------------------ grouped / factored
 
 
@@ -379,7 +434,7 @@ def test_loop_and_batched_backward_agree():
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"rotation_mode": "reduce"}, {"grouped_mode": "reference"}, {"position_norm": "all"}],
+    [{}, {"rotation_mode": "reduce"}, {"grouped_mode": "reference"}, {"position_norm": "all"}, {"kfac_approx": "reduce"}],
 )
 def test_per_direction_chunks_give_the_single_vmapped_chunk_result_for_every_rule(monkeypatch, options):
     """Loop mode with one chunk per direction (merging disabled) equals one vmapped backward, on every rule."""

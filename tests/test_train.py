@@ -17,6 +17,7 @@ import torch
 
 from ella import distributed
 from ella.train import TrainConfig, Trainer, train
+from kfac import fit_kfac
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,6 +103,24 @@ def test_existing_run_needs_resume_and_the_same_config(tmp_path: Path) -> None:
         train(config, tmp_path / "run")
     with pytest.raises(ValueError, match="different configuration"):
         train(replace(config, lr=0.5), tmp_path / "run", resume=True)
+    # a run saved before an option existed resumes when the option has its default, and not otherwise
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["kfac_approx"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="kfac_approx"):
+        train(replace(config, kfac_approx="reduce"), tmp_path / "run", resume=True)
+    train(config, tmp_path / "run", resume=True)
+
+
+def test_kfac_reduce_option_reaches_the_laplace_fit(tmp_path: Path) -> None:
+    data = _write_tiny_cifar(tmp_path / "data")
+    trainer = Trainer(_tiny_config(data, kfac_approx="reduce"), tmp_path / "run")
+    logdet = trainer.laplace_fit().decomposition.logdet(torch.tensor(1.0))
+    for approx, same in (("reduce", True), ("expand", False)):
+        expected = fit_kfac(trainer.model, trainer.marglik_loader, kfac_approx=approx).decompose()
+        assert torch.allclose(logdet, expected.logdet(torch.tensor(1.0))) == same
+    with pytest.raises(ValueError, match="kfac_approx must be one of"):
+        TrainConfig(kfac_approx="sum").check()
 
 
 def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
@@ -173,6 +192,22 @@ def test_other_scripts_reject_bad_input_with_a_message(
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("error", [FloatingPointError("training loss became nan in epoch 3"), FileExistsError("x")])
+def test_run_script_turns_user_errors_into_a_message(
+    error: Exception, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ella.cli import run_script
+
+    def main() -> None:
+        raise error
+
+    monkeypatch.setattr(sys, "argv", ["script.py"])
+    with pytest.raises(SystemExit) as stop:
+        run_script(main)
+    assert stop.value.code == 2
+    assert f"error: {error}" in capsys.readouterr().err
 
 
 def test_existing_run_without_resume_ends_with_a_message(tmp_path: Path) -> None:
