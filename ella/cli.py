@@ -114,8 +114,8 @@ def figure_dir(out: Path) -> Path:
 def run_script(main: Callable[[], None]) -> None:
     """Run an experiment's ``main``, then :func:`ella.distributed.finish` (a no-op in a single process); a user
     error (bad option, missing data, an output folder that already holds a run without ``--resume``, a training
-    loss that diverged, a marginal likelihood or a curvature that cannot be computed) ends with its message and exit status 2 instead of a
-    traceback (``-v`` / ``--verbose`` shows the traceback too)."""
+    loss that diverged, a marginal likelihood or a curvature that cannot be computed) ends with its message and
+    exit status 2 instead of a traceback (``-v`` / ``--verbose`` shows the traceback too)."""
     try:
         main()
         distributed.finish()

@@ -56,7 +56,8 @@ def parse_device(device: str | torch.device) -> torch.device:
         parsed = torch.device(device)
         torch.empty(0, device=parsed)  # initialises the backend: fails for a missing driver or device ordinal
     except (RuntimeError, AssertionError, TypeError) as error:
-        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
+        text = str(error).strip()
+        reason = text.splitlines()[0].split(". ")[0] if text else type(error).__name__  # its first sentence
         raise ValueError(f"device {str(device)!r} cannot be used here: {reason} (use e.g. --device cpu)") from error
     return parsed
 

@@ -156,7 +156,7 @@ def meta_config(args: argparse.Namespace, rotation: bool, joint: bool = False) -
 
 def run_one(model, inner, problem, cfg: MetaConfig, mtsr: bool, args, seed: int, desc: str) -> dict:
     """Train one method on one problem and evaluate it on the test tasks."""
-    device = parse_device(args.device)
+    device = torch.device(args.device)  # checked by parse_device in main
     model = model.to(device)
     eval_tasks = PRESETS[args.preset]["rot_eval_tasks" if isinstance(problem, RotationProblem) else "eval_tasks"]
     test_batches = [b.to(device) for b in problem.test_batches(64, eval_tasks)]
