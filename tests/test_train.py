@@ -112,6 +112,13 @@ def test_existing_run_needs_resume_and_the_same_config(tmp_path: Path) -> None:
     train(config, tmp_path / "run", resume=True)
 
 
+def test_resume_without_a_checkpoint_says_it_starts_a_new_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = _write_tiny_cifar(tmp_path / "data")
+    with caplog.at_level("WARNING", logger="ella.train"):
+        Trainer(_tiny_config(data), tmp_path / "run", resume=True)
+    assert "no checkpoint" in caplog.text and "starts a new run" in caplog.text
+
+
 def test_kfac_reduce_option_reaches_the_laplace_fit(tmp_path: Path) -> None:
     data = _write_tiny_cifar(tmp_path / "data")
     trainer = Trainer(_tiny_config(data, kfac_approx="reduce"), tmp_path / "run")
