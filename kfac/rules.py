@@ -502,30 +502,25 @@ class ExpandStats:
 
 
 class ReduceStats:
-    """What KFAC-reduce needs from the output gradients ``(D, B, O, P)``: the rows ``sum_t g`` of every direction
-    and sample, whose Gram matrix is both the weight's output factor and the exact bias block (formed once)."""
+    """KFAC-reduce: the output gradients ``(D, B, O, P)`` are summed and the patches averaged over the positions
+    first, then :class:`ExpandStats` forms the one-position blocks (there the weight's output factor is the exact
+    bias block, formed once)."""
 
     def __init__(self, weight: bool, bias: bool) -> None:
-        self.weight, self.bias = weight, bias
-        self._rows = RowsGram()
+        self._one_position = ExpandStats(weight, bias, "all")
 
     def add(self, grads: torch.Tensor) -> None:
         """Take the gradients ``(D_i, B, O, P)`` of some more directions."""
-        self._rows.add(grads.sum(3).reshape(-1, grads.shape[2]))
+        self._one_position.add(grads.sum(3, keepdim=True))
 
     def blocks(self, prefix: str, module: nn.Module, patches: Callable[[], Patches]) -> dict[str, KronBlock]:
         """Weight (input factor from the mean of ``patches() (B, Din, P)`` over positions) and exact bias blocks."""
-        rows = self._rows.result()
-        blocks: dict[str, KronBlock] = {}
-        if self.weight:
+
+        def mean_patches() -> torch.Tensor:  # (B, Din, 1)
             found = patches()
-            mean = found.mean() if isinstance(found, ConvWindows) else found.mean(2)  # (B, Din)
-            b = rows.clone() if self.bias else rows
-            a = mean.T @ mean
-            blocks[f"{prefix}weight"] = KronBlock(f"{prefix}weight", module.weight.shape, "kron", b[None], a[None])
-        if self.bias:
-            blocks[f"{prefix}bias"] = KronBlock(f"{prefix}bias", module.bias.shape, "single", rows[None])
-        return blocks
+            return found.mean()[:, :, None] if isinstance(found, ConvWindows) else found.mean(2, keepdim=True)
+
+        return self._one_position.blocks(prefix, module, mean_patches)
 
 
 def position_stats(weight: bool, bias: bool, options: RuleOptions) -> ExpandStats | ReduceStats:
