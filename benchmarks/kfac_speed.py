@@ -9,7 +9,9 @@ times over ``--repeats`` interleaved rounds (each round runs every step once, so
 slows all of them; ratios are medians of the same-round ratios) of: one SGD epoch (batch 128, momentum 0.9);
 our exact-GGN KFAC pass (default: one backward per direction) and, unless ``--skip-variant``, the same with one
 vmapped backward (``backward="batched"``); curvlinops' ``KFACLinearOperator`` (type-2 = exact GGN, expand) on the
-CONV network (it supports only stock modules); the ratios; and the peak extra resident memory of each step
+CONV network (it supports only stock modules, so it runs the network's stock form,
+``ella.layers.with_stock_strided_convs``: the stride-2 CONV paths as ``nn.Conv2d(stride=2)`` on phase windows
+instead of stride-1 convolutions of phase stacks; same function and factors); the ratios; and the peak extra resident memory of each step
 (sampled from /proc, CPU) or ``torch.cuda.max_memory_allocated`` (CUDA). ``--stages`` adds two parts of our pass
 (indented): its recording forward alone, and with the backward of every square-root direction.
 """
@@ -29,6 +31,7 @@ from torch import nn
 from ella.cli import positive_int, run_script
 from ella.data import TensorLoader, load_dataset
 from ella.distributed import parse_device
+from ella.layers import with_stock_strided_convs
 from ella.models import build_model
 from kfac.capture import Recorder, output_gradients
 from kfac.fit import fit_kfac
@@ -220,7 +223,7 @@ def main() -> None:
             steps["  forward"] = ours_without_factors(model, data, args.batch_size, backward=False)
             steps["  + backward"] = ours_without_factors(model, data, args.batch_size, backward=True)
         if name == "conv":
-            steps["curvlinops"] = curvlinops_kfac(model, data, args.batch_size)
+            steps["curvlinops"] = curvlinops_kfac(with_stock_strided_convs(model), data, args.batch_size)
         rows = measure(steps, args.repeats, device)
         epoch = rows["sgd epoch"]
         print(f"\n[{name}] {n_params:,} parameters (times: medians; ratios: medians of same-round ratios)")

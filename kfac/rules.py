@@ -45,6 +45,8 @@ Rules:
   ``A_g = sum_n x_{n,g} x_{n,g}^T`` and ``B_g = sum_{d,n} g_{d,n,g} g_{d,n,g}^T``;
   ``"reference"``: block-diagonal ``A = blockdiag(A_g)`` with the shared output factor ``(1/G) sum_g B_g``
   (one Kronecker product, as laplace-torch needs).
+- ``StackedConv2d`` (the stride-2 child of a downsampling CONV path) on a polyphase stack: the ``nn.Conv2d``
+  rule at stride 2 on the windows the stack holds (:func:`ella.layers.polyphase.stacked_windows`).
 - ``SparseConv`` ``weight (C', C, M)``: the conv rule on the induced filter with the patches projected tap-wise
   onto the anchors, ``a[c, m] = sum_t basis[m, t] patch[c, t]``, i.e. ``A_u = (I_C (x) Psi) A_conv (I_C (x) Psi)^T``.
 - ``LiftingConv`` / ``GroupConv(mode="pointwise")`` ``weight (C', C, k, k)``: output slice ``g`` uses the
@@ -753,6 +755,18 @@ class GroupedLinearBuilder(FactorBuilder):
         return blocks
 
 
+def stacked_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, options: RuleOptions) -> FactorBuilder:
+    """``StackedConv2d`` on a polyphase stack ``(B, 4C, h, w)``: the stride-2 conv rule on the stack's windows
+    (rebuilt once, when the blocks are formed)."""
+    from ella.layers.polyphase import stacked_windows
+
+    k = module.kernel_size
+    return SharedWeightBuilder(
+        prefix, module, lambda: ConvWindows(stacked_windows(x), (k, k), (2, 2)),
+        _sites_last(x.shape[0], module.weight.shape[0]), options,
+    )
+
+
 def sparse_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, options: RuleOptions) -> FactorBuilder:
     """``SparseConv``: conv rule on the induced filter, patches projected tap-wise onto the anchors."""
     k = module.kernel_size
@@ -793,11 +807,13 @@ def group_conv_rule(prefix: str, module: nn.Module, x: torch.Tensor, options: Ru
 
 def _ella_rules() -> dict[type, Rule]:
     """Rules for ella's primitives (imported lazily so that kfac works on stock models without ella)."""
+    from ella.layers.conv import StackedConv2d
     from ella.layers.group import GroupConv, LiftingConv
     from ella.layers.grouped_linear import GroupedLinear
     from ella.layers.sparse import SparseConv
 
     return {
+        StackedConv2d: stacked_conv_rule,
         GroupedLinear: GroupedLinearBuilder,
         SparseConv: sparse_conv_rule,
         LiftingConv: lifting_conv_rule,

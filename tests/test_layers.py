@@ -24,8 +24,10 @@ from ella.layers import (
     grid_coordinates,
     interpolation_basis,
     project_onto_basis,
+    with_stock_strided_convs,
 )
-from ella.layers.polyphase import phase_windows, polyphase_select
+from ella.layers.conv import StackedConv2d
+from ella.layers.polyphase import phase_stack, phase_windows, polyphase_select, stacked_windows
 
 DT = torch.float64
 
@@ -118,20 +120,26 @@ def test_conv_is_circular_and_pads_before_stock_module():
     assert seen == [torch.Size([2, 3, 7, 8])]
 
 
-def test_phase_windows_follow_their_definition():
+def test_phase_windows_and_stack_follow_their_definitions():
     torch.manual_seed(0)
     x = torch.randn(4, 2, 6, 8, dtype=DT)
     index = torch.tensor([0, 1, 2, 3])
     for k in (1, 3, 5):
         windows = phase_windows(x, index, k)
         assert windows.shape == (4, 2, 6 + k - 2, 8 + k - 2)
+        stack = phase_stack(x, index, k)
+        assert stack.shape == (4, 8, (6 + k - 1) // 2, (8 + k - 1) // 2)
+        torch.testing.assert_close(stacked_windows(stack), windows, rtol=0, atol=0)
         for n in range(4):
             a, b = divmod(int(index[n]), 2)
             for i in range(6 + k - 2):
                 for j in range(0, 8 + k - 2, 3):
-                    torch.testing.assert_close(windows[n, :, i, j], x[n, :, (i + a - k // 2) % 6, (j + b - k // 2) % 8])
-    with pytest.raises(ValueError, match="even"):
-        phase_windows(torch.randn(1, 1, 5, 6), torch.zeros(1, dtype=torch.long), 3)
+                    expected = x[n, :, (i + a - k // 2) % 6, (j + b - k // 2) % 8]
+                    torch.testing.assert_close(windows[n, :, i, j], expected)
+                    torch.testing.assert_close(stack[n, 4 * torch.arange(2) + 2 * (i % 2) + j % 2, i // 2, j // 2], expected)
+    for windows_of in (phase_windows, phase_stack):
+        with pytest.raises(ValueError, match="even"):
+            windows_of(torch.randn(1, 1, 5, 6), torch.zeros(1, dtype=torch.long), 3)
 
 
 @pytest.mark.parametrize("kernel_size,size", [(3, 8), (3, 2), (5, 6), (1, 4)])
@@ -145,15 +153,18 @@ def test_strided_conv_computes_the_chosen_polyphase_component(kernel_size, size)
     x = torch.randn(6, 3, size, size, dtype=DT, requires_grad=True)
     expected, index = polyphase_select(full(x))
     assert index.unique().numel() > 1 or size == 2  # several components chosen in one batch
-    got = strided(x, index)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(strided.full_resolution(x), full(x), rtol=0, atol=1e-12)
     seed = torch.randn_like(expected)
-    grads_expected = torch.autograd.grad(expected, [x, *full.parameters()], seed)
-    grads_got = torch.autograd.grad(got, [x, *strided.parameters()], seed)
-    for g_got, g_expected in zip(grads_got, grads_expected):
-        torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
-    assert strided.conv.stride == (2, 2)
+    grads_expected = torch.autograd.grad(expected, [x, *full.parameters()], seed, retain_graph=True)
+    stock = with_stock_strided_convs(strided)  # nn.Conv2d(stride=2) on phase windows, for curvlinops
+    assert isinstance(strided.conv, StackedConv2d) and stock.conv.stride == (2, 2)
+    assert [name for name, _ in stock.named_parameters()] == [name for name, _ in strided.named_parameters()]
+    for form in (strided, stock):
+        got = form(x, index)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(form.full_resolution(x), full(x), rtol=0, atol=1e-12)
+        grads_got = torch.autograd.grad(got, [x, *form.parameters()], seed)
+        for g_got, g_expected in zip(grads_got, grads_expected):
+            torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
 
 
 def test_strided_conv_validation():

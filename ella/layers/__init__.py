@@ -1,6 +1,6 @@
 """The relaxed-layer zoo: dense, convolutional, factored, sparse and p4 paths, polyphase downsampling."""
 
-from ella.layers.conv import Conv
+from ella.layers.conv import Conv, with_stock_strided_convs
 from ella.layers.equivariance import (
     check_rotation_equivariance,
     check_rotation_invariance,
@@ -45,4 +45,5 @@ __all__ = [
     "polyphase_select",
     "project_onto_basis",
     "rotate_p4",
+    "with_stock_strided_convs",
 ]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ella.layers.polyphase import phase_windows
+from ella.layers.polyphase import phase_stack, phase_windows, stacked_filter
 
 
 def check_kernel_size(kernel_size: int, owner: str) -> None:
@@ -79,18 +82,49 @@ def kaiming_relu_uniform_(weight: torch.Tensor) -> torch.Tensor:
     return nn.init.kaiming_uniform_(weight, nonlinearity="relu")
 
 
+class StackedConv2d(nn.Module):
+    """The stride-2 convolution of a downsampling CONV path, applied to a :func:`~ella.layers.polyphase.phase_stack`:
+    ``(B, 4C, h, w) -> (B, C', h - (k - 1) / 2, w - (k - 1) / 2)``. Parameters as ``nn.Conv2d(C, C', k)``: ``weight
+    (C', C, k, k)``, ``bias (C',)``; the forward convolves with :func:`~ella.layers.polyphase.stacked_filter` of the
+    weight at stride 1."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
+        # nn.Conv2d's default init, so that building a network draws the same random numbers as with a stock
+        # stride-2 child (the owner re-initialises the weight anyway)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(in_channels * kernel_size**2)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, stack: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(stack, stacked_filter(self.weight), self.bias)
+
+
 class Conv(nn.Module):
     """Translation-equivariant path ``(B, C, H, W) -> (B, C', H, W)``.
 
-    Child ``conv: nn.Conv2d(C, C', k, stride=stride, padding=0)``; the forward pads circularly by ``k // 2``
+    Child ``conv: nn.Conv2d(C, C', k, padding=0)`` (stride 1); the forward pads circularly by ``k // 2``
     *before* the stock module, so curvature code that hooks ``nn.Conv2d`` sees the padded input. Parameters
     ``9CC' + C'`` for ``k = 3``. Init: Kaiming-uniform with ReLU gain (variance ``2 / (k^2 C)``), bias 0.
 
     ``stride=2`` is the CONV path of a downsampling relaxed layer: ``forward(x, phase)`` returns polyphase
-    component ``phase[n]`` of every sample's stride-1 output, ``(B, C', H/2, W/2)``, computed by the stride-2
-    child on :func:`~ella.layers.polyphase.phase_windows` (a quarter of the work of the stride-1 convolution,
-    in the forward and in every backward). The relaxed layer chooses the components from
-    :meth:`full_resolution`, which is not hooked, so curvature code sees one stride-2 call.
+    component ``phase[n]`` of every sample's stride-1 output, ``(B, C', H/2, W/2)``, computed by the child
+    :class:`StackedConv2d` (same parameters) on :func:`~ella.layers.polyphase.phase_stack` (a quarter of the work
+    of the stride-1 convolution, in the forward and in every backward). The relaxed layer chooses the components
+    from :meth:`full_resolution`, which is not hooked, so curvature code sees one call of the child.
+    :func:`with_stock_strided_convs` gives the stock form (``nn.Conv2d(stride=2)`` on
+    :func:`~ella.layers.polyphase.phase_windows`) for tools that know only stock layers.
     """
 
     equivariant = True
@@ -113,9 +147,10 @@ class Conv(nn.Module):
         self.out_channels = out_channels
         self.kernel_size = kernel_size
         self.stride = stride
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=0, device=device, dtype=dtype
-        )
+        if stride == 1:
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=0, device=device, dtype=dtype)
+        else:
+            self.conv = StackedConv2d(in_channels, out_channels, kernel_size, device=device, dtype=dtype)
         kaiming_relu_uniform_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
 
@@ -136,7 +171,31 @@ class Conv(nn.Module):
                 "Conv: a stride-2 Conv computes one polyphase component per sample; pass phase (B,) "
                 "(RelaxedLayer does), or use full_resolution(x)"
             )
-        return self.conv(phase_windows(x, phase, self.kernel_size))
+        windows = phase_stack if isinstance(self.conv, StackedConv2d) else phase_windows
+        return self.conv(windows(x, phase, self.kernel_size))
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}" if self.stride != 1 else ""
+
+
+def with_stock_strided_convs(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose stride-2 :class:`Conv` paths run a stock ``nn.Conv2d(stride=2)`` on
+    :func:`~ella.layers.polyphase.phase_windows` instead of :class:`StackedConv2d` on a phase stack.
+
+    The same function of the same parameters (up to float rounding) under the same names, in the form that
+    curvature tools knowing only stock layers (curvlinops) can run; used to compare with them.
+    """
+    stock_model = copy.deepcopy(model)
+    for module in stock_model.modules():
+        if isinstance(module, Conv) and isinstance(module.conv, StackedConv2d):
+            stacked = module.conv
+            weight = stacked.weight
+            stock = nn.utils.skip_init(
+                nn.Conv2d, module.in_channels, module.out_channels, module.kernel_size, stride=2,
+                device=weight.device, dtype=weight.dtype,
+            )
+            with torch.no_grad():
+                stock.weight.copy_(weight)
+                stock.bias.copy_(stacked.bias)
+            module.conv = stock
+    return stock_model

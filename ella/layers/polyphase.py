@@ -10,18 +10,23 @@ Gradients flow through the selected component only.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CRITERIA = ("l2", "linf", "batch_signed_max")
+
+
+def _check_even(x: torch.Tensor) -> None:
+    if x.shape[-2] % 2 or x.shape[-1] % 2:
+        raise ValueError(f"polyphase downsampling needs even H and W, got H={x.shape[-2]}, W={x.shape[-1]}")
 
 
 def _phase_view(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W) -> (B, C, H/2, 2, W/2, 2)``: row offset ``a`` at dim 3, column offset ``b`` at dim 5."""
     if x.dim() != 4:
         raise ValueError(f"polyphase downsampling expects (B, C, H, W), got {tuple(x.shape)}")
+    _check_even(x)
     batch, channels, height, width = x.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"polyphase downsampling needs even H and W, got H={height}, W={width}")
     return x.reshape(batch, channels, height // 2, 2, width // 2, 2)
 
 
@@ -93,26 +98,72 @@ def polyphase_select(x: torch.Tensor, criterion: str = "l2") -> tuple[torch.Tens
     return take_phase(x, index), index
 
 
+def _circular_rows(size: int, count: int, kernel_size: int, device: torch.device) -> torch.Tensor:
+    """``(2, count)``: row (or column) ``(r + a - k // 2) % size`` of ``x`` at window row ``r`` for offset ``a``."""
+    offsets = torch.arange(2, device=device)[:, None] - kernel_size // 2
+    return (offsets + torch.arange(count, device=device)) % size
+
+
+def _gather_component(x: torch.Tensor, index: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """``x (B, C, H, W)``, component ``index (B,)``, flat positions ``picks (4, L)`` per component ->
+    ``(B, C, L)``. One gather; its backward is one scatter-add."""
+    batch, channels, height, width = x.shape
+    chosen = picks[index]  # (B, L)
+    return x.reshape(batch, channels, height * width).gather(2, chosen[:, None, :].expand(-1, channels, -1))
+
+
 def phase_windows(x: torch.Tensor, index: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Per-sample circular windows for computing one polyphase component of a convolution at stride 2.
 
-    ``(B, C, H, W), (B,) -> (B, C, H + k - 2, W + k - 2)`` with ``window[n, :, i, j] =
-    x[n, :, (i + a - p) % H, (j + b - p) % W]``, ``(a, b)`` the offsets of component ``index[n]`` and
-    ``p = k // 2``. A ``k x k`` 'valid' convolution of the windows at stride 2 equals component ``index[n]``
-    of the stride-1 circular 'same' convolution of ``x``, at a quarter of its cost (forward and backward).
-    One gather; its backward is one scatter-add.
+    ``(B, C, H, W), (B,) -> (B, C, H + k - 2, W + k - 2)`` with ``window[n, :, r, s] =
+    x[n, :, (r + a - k // 2) % H, (s + b - k // 2) % W]``, ``(a, b)`` the offsets of component ``index[n]``.
+    A ``k x k`` 'valid' convolution of the windows at stride 2 equals component ``index[n]`` of the stride-1
+    circular 'same' convolution of ``x``, at a quarter of its cost. This is the stock form of a stride-2 CONV
+    path (:func:`~ella.layers.conv.with_stock_strided_convs`); ella's own form is :func:`phase_stack`.
     """
+    _check_even(x)
     batch, channels, height, width = x.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"polyphase downsampling needs even H and W, got H={height}, W={width}")
-    pad = kernel_size // 2
-    offsets = torch.arange(2, device=x.device)[:, None] - pad
-    rows = (offsets + torch.arange(height + kernel_size - 2, device=x.device)) % height  # (2, Hw): row offset a
-    cols = (offsets + torch.arange(width + kernel_size - 2, device=x.device)) % width  # (2, Ww): column offset b
+    rows = _circular_rows(height, height + kernel_size - 2, kernel_size, x.device)  # (2, Hw): row offset a
+    cols = _circular_rows(width, width + kernel_size - 2, kernel_size, x.device)  # (2, Ww): column offset b
     flat = rows[:, None, :, None] * width + cols[None, :, None, :]  # (2, 2, Hw, Ww)
-    picks = flat.reshape(4, -1)[index]  # (B, Hw * Ww), component 2a + b
-    window = x.reshape(batch, channels, height * width).gather(2, picks[:, None, :].expand(-1, channels, -1))
+    window = _gather_component(x, index, flat.reshape(4, -1))
     return window.reshape(batch, channels, rows.shape[1], cols.shape[1])
+
+
+def phase_stack(x: torch.Tensor, index: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The windows of :func:`phase_windows` in space-to-depth form: ``(B, C, H, W), (B,) -> (B, 4C, h, w)``,
+    ``h = (H + k - 1) // 2``, ``w = (W + k - 1) // 2``.
+
+    Channel ``4c + 2p + q`` at ``(i, j)`` holds ``window[n, c, 2i + p, 2j + q]`` (the row and column past the
+    window's ``H + k - 2`` continue circularly; they only meet the zero taps of :func:`stacked_filter`). A
+    stride-1 convolution of this stack with :func:`stacked_filter` of a ``k x k`` filter equals the stride-2
+    convolution of the windows, and its input gradient is a plain stride-1 convolution (the strided one is
+    several times slower on CPU). One gather; its backward is one scatter-add.
+    """
+    _check_even(x)
+    batch, channels, height, width = x.shape
+    n_rows, n_cols = (height + kernel_size - 1) // 2, (width + kernel_size - 1) // 2
+    rows = _circular_rows(height, 2 * n_rows, kernel_size, x.device).reshape(2, n_rows, 2).transpose(1, 2)  # [a, p, i]
+    cols = _circular_rows(width, 2 * n_cols, kernel_size, x.device).reshape(2, n_cols, 2).transpose(1, 2)  # [b, q, j]
+    flat = rows[:, None, :, None, :, None] * width + cols[None, :, None, :, None, :]  # [a, b, p, q, i, j]
+    picks = flat.reshape(4, -1)  # component 2a + b
+    stack = _gather_component(x, index, picks)
+    return stack.reshape(batch, 4 * channels, n_rows, n_cols)
+
+
+def stacked_filter(weight: torch.Tensor) -> torch.Tensor:
+    """``(C', C, k, k) -> (C', 4C, (k+1)/2, (k+1)/2)`` for odd ``k``: the filter zero-padded to ``k + 1`` and split
+    by tap parity, so that it acts on :func:`phase_stack` as the ``k x k`` filter acts at stride 2 on the windows."""
+    c_out, c_in, k, _ = weight.shape
+    half = (k + 1) // 2
+    padded = F.pad(weight, (0, 1, 0, 1))  # tap u = 2 * a + p
+    return padded.reshape(c_out, c_in, half, 2, half, 2).permute(0, 1, 3, 5, 2, 4).reshape(c_out, 4 * c_in, half, half)
+
+
+def stacked_windows(stack: torch.Tensor) -> torch.Tensor:
+    """The windows of a :func:`phase_stack` (odd ``k``): ``(B, 4C, h, w) -> (B, C, 2h - 1, 2w - 1)``, i.e.
+    ``(H + k - 2, W + k - 2)``, on which a ``k x k`` stride-2 'valid' convolution gives the same component."""
+    return F.pixel_shuffle(stack, 2)[:, :, : 2 * stack.shape[2] - 1, : 2 * stack.shape[3] - 1]
 
 
 class PolyphaseDownsample(nn.Module):
