@@ -23,7 +23,7 @@ from ella.layers.relaxed import COMBINE_MODES
 from ella.marglik import MarglikError
 from ella.train import TrainConfig
 from kfac.decomposition import CurvatureError
-from kfac.rules import KFAC_APPROXES
+from kfac.rules import GROUPED_MODES, KFAC_APPROXES
 from kfac.sqrt_hessian import CURVATURES
 
 # flag name -> (type, help). Defaults are None so that "not given" can be told apart from a preset value.
@@ -42,6 +42,7 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "kfac_batch_size": (int, "batch size of the KFAC pass"),
     "curvature": (str, "KFAC curvature: 'ggn' (exact), 'mc' (Monte-Carlo) or 'ef' (empirical Fisher)"),
     "kfac_approx": (str, "KFAC for weights shared over positions (convolution sites, rotations): 'expand' (default) or 'reduce'"),
+    "grouped_mode": (str, "KFAC for the F-FC / S-FC stages: 'per_group' (exact per-channel blocks; default) or 'reference' (one shared output factor, as the reference code)"),
     "prior_init": (float, "initial prior precision of every group"),
     "n_train": (int, "use a class-balanced subset of this many training images"),
     "cifar_test": (str, "CIFAR-10 test set: 'exact' (the 1,000 bit-exact official images) or 'jpeg10k' (all 10,000, lossy JPEG)"),
@@ -53,7 +54,7 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
 # flags whose values come from a fixed list (argparse rejects anything else with the list)
 _CHOICES: dict[str, tuple[str, ...]] = {
     "combine": COMBINE_MODES, "optimizer": ("sgd", "adam"), "curvature": CURVATURES, "cifar_test": CIFAR_TEST_CHOICES,
-    "kfac_approx": KFAC_APPROXES,
+    "kfac_approx": KFAC_APPROXES, "grouped_mode": GROUPED_MODES,
 }
 
 

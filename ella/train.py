@@ -42,7 +42,7 @@ from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_lap
 from ella.models import build_model
 from ella.priors import Prior
 from ella.report import effective_layer_types, path_reports, plot_relative, write_report
-from kfac.rules import KFAC_APPROXES
+from kfac.rules import GROUPED_MODES, KFAC_APPROXES
 from kfac.sqrt_hessian import CURVATURES, check_choice
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class TrainConfig:
     kfac_batch_size: int = 150
     curvature: str = "ggn"
     kfac_approx: str = "expand"  # KFAC over the positions a weight is shared across: "expand" or "reduce"
+    grouped_mode: str = "per_group"  # KFAC of F-FC / S-FC stages: "per_group" blocks or the "reference" shared factor
     prior_init: float = 1.0
     per_tensor_prior: bool = False
     report: bool = False  # effective-parameter report after a MAP run too
@@ -88,6 +89,7 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         check_choice(self.curvature, CURVATURES, "curvature")
         check_choice(self.kfac_approx, KFAC_APPROXES, "kfac_approx")
+        check_choice(self.grouped_mode, GROUPED_MODES, "grouped_mode")
         for name in ("epochs", "batch_size", "marglik_every", "kfac_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -256,7 +258,8 @@ class Trainer:
     def laplace_fit(self) -> LaplaceFit:
         """KFAC-Laplace at the current parameters on the unaugmented training data."""
         return fit_laplace(self.model, self.marglik_loader, self.prior, curvature=self.config.curvature,
-                           sharded=distributed.is_distributed(), kfac_approx=self.config.kfac_approx)
+                           sharded=distributed.is_distributed(), kfac_approx=self.config.kfac_approx,
+                           grouped_mode=self.config.grouped_mode)
 
     def hyper_round(self) -> dict:
         """Fit KFAC-Laplace, then take the hyper-steps; a failed round is skipped (precisions kept), not fatal.

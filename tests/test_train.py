@@ -119,15 +119,19 @@ def test_resume_without_a_checkpoint_says_it_starts_a_new_run(tmp_path: Path, ca
     assert "no checkpoint" in caplog.text and "starts a new run" in caplog.text
 
 
-def test_kfac_reduce_option_reaches_the_laplace_fit(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("layer", "option", "chosen", "other"),
+    [("conv", "kfac_approx", "reduce", "expand"), ("ffc", "grouped_mode", "reference", "per_group")],
+)
+def test_kfac_options_reach_the_laplace_fit(tmp_path: Path, layer: str, option: str, chosen: str, other: str) -> None:
     data = _write_tiny_cifar(tmp_path / "data")
-    trainer = Trainer(_tiny_config(data, kfac_approx="reduce"), tmp_path / "run")
+    trainer = Trainer(_tiny_config(data, layer=layer, **{option: chosen}), tmp_path / "run")
     logdet = trainer.laplace_fit().decomposition.logdet(torch.tensor(1.0))
-    for approx, same in (("reduce", True), ("expand", False)):
-        expected = fit_kfac(trainer.model, trainer.marglik_loader, kfac_approx=approx).decompose()
+    for value, same in ((chosen, True), (other, False)):
+        expected = fit_kfac(trainer.model, trainer.marglik_loader, **{option: value}).decompose()
         assert torch.allclose(logdet, expected.logdet(torch.tensor(1.0))) == same
-    with pytest.raises(ValueError, match="kfac_approx must be one of"):
-        TrainConfig(kfac_approx="sum").check()
+    with pytest.raises(ValueError, match=f"{option} must be one of"):
+        TrainConfig(**{option: "sum"}).check()
 
 
 def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
