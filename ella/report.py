@@ -8,16 +8,23 @@ tensors, weights and biases; U and V for F-FC) we report
 - ``relative = normalised / sum of normalised over the paths of the same layer`` (the paper's R),
 and the *effective layer type* of a layer is the kind of its path with the largest relative value.
 With sparse (S-) paths the normalisation counts anchor values, not induced weights.
+
+Beside it, ``output_share`` (optional) says how much a path actually contributes to its layer's output: its
+share of the summed mean squares of the paths' outputs (before they are combined and rectified) on given
+inputs. The two can disagree: a factored (F-FC) path can keep a large relative ``N_eff`` while contributing
+almost nothing to the output (see ``docs/design.md``, "Known symmetry").
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from ella.layers import RelaxedLayer
 from ella.priors import Prior
 
 
@@ -26,7 +33,8 @@ class PathReport:
     """Effective parameters of one path of a relaxed layer (or of a head layer, ``path=None``).
 
     ``precisions``: the prior precision of each of the path's parameter tensors (one value repeated when they
-    share a prior group, the default; different values with per-tensor priors).
+    share a prior group, the default; different values with per-tensor priors). ``output_share``: the path's
+    share of its layer's output power (:func:`with_output_shares`), ``None`` when not measured.
     """
 
     layer: str
@@ -37,6 +45,7 @@ class PathReport:
     n_eff: float
     normalised: float
     relative: float
+    output_share: float | None = None
 
     @property
     def precision(self) -> float | None:
@@ -86,6 +95,51 @@ def path_reports(prior: Prior, n_eff: torch.Tensor, n_params: torch.Tensor) -> l
     return rows
 
 
+def path_output_power(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> dict[tuple[str, str], float]:
+    """Mean square of every relaxed-layer path's output on inputs ``x (N, C, H, W)``: ``(layer, path) -> power``.
+
+    Each path's output is taken as its layer receives it (a strided CONV path's at the chosen polyphase
+    component, other paths' at their own resolution), before the paths are combined and rectified.
+    """
+    sums: dict[tuple[str, str], float] = {}
+    counts: dict[tuple[str, str], int] = {}
+
+    def record(key: tuple[str, str]):
+        def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+            sums[key] = sums.get(key, 0.0) + float(out.detach().double().pow(2).sum())
+            counts[key] = counts.get(key, 0) + out.numel()
+        return hook
+
+    handles = [
+        path.register_forward_hook(record((layer_name, path_name)))
+        for layer_name, layer in model.named_modules() if isinstance(layer, RelaxedLayer)
+        for path_name, path in layer.paths.items()
+    ]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                model(x[start:start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: sums[key] / counts[key] for key in sums}
+
+
+def with_output_shares(rows: list[PathReport], power: dict[tuple[str, str], float]) -> list[PathReport]:
+    """``rows`` with ``output_share = power / (summed power of the layer's paths)`` (from :func:`path_output_power`)."""
+    layer_power: dict[str, float] = {}
+    for (layer, _), value in power.items():
+        layer_power[layer] = layer_power.get(layer, 0.0) + value
+    shared = []
+    for row in rows:
+        key = (row.layer, row.path)
+        if key in power:
+            total = layer_power[row.layer]
+            row = replace(row, output_share=power[key] / total if total > 0 else float("nan"))
+        shared.append(row)
+    return shared
+
+
 def effective_layer_types(rows: list[PathReport]) -> dict[str, str]:
     """Layer -> kind of its path with the largest relative effective parameters (relaxed layers only)."""
     best: dict[str, PathReport] = {}
@@ -100,12 +154,15 @@ def effective_layer_types(rows: list[PathReport]) -> dict[str, str]:
 def format_report(rows: list[PathReport]) -> str:
     """A text table in the style of the paper's App. D Table 4, one line per path."""
     types = effective_layer_types(rows)
+    shares = any(row.output_share is not None for row in rows)
     lines = [
         f"{'layer':<12}{'path':<7}{'kind':<8}{'precision':>12}{'params':>12}{'N_eff':>12}"
-        f"{'normalised':>12}{'relative':>10}  effective type"
+        f"{'normalised':>12}{'relative':>10}" + (f"{'output':>10}" if shares else "") + "  effective type"
     ]
     for row in rows:
         relative = f"{row.relative:>10.4f}" if row.path is not None else f"{'':>10}"
+        if shares:
+            relative += f"{row.output_share:>10.4f}" if row.output_share is not None else f"{'':>10}"
         lines.append(
             f"{row.layer:<12}{row.path or '-':<7}{row.kind:<8}{_precision_text(row):>12}{row.n_params:>12,}"
             f"{row.n_eff:>12.2f}{row.normalised:>12.3g}{relative}  {types.get(row.layer, '')}"

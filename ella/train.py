@@ -41,11 +41,20 @@ from ella.data import DataBundle, TensorLoader, load_dataset
 from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace, optimise_prior
 from ella.models import build_model
 from ella.priors import Prior
-from ella.report import effective_layer_types, path_reports, plot_relative, write_report
+from ella.report import (
+    effective_layer_types,
+    path_output_power,
+    path_reports,
+    plot_relative,
+    with_output_shares,
+    write_report,
+)
 from kfac.rules import GROUPED_MODES, KFAC_APPROXES
 from kfac.sqrt_hessian import CURVATURES, check_choice
 
 log = logging.getLogger(__name__)
+
+OUTPUT_SHARE_IMAGES = 1000  # unaugmented training images on which the report measures each path's output power
 
 
 @dataclass
@@ -328,6 +337,8 @@ class Trainer:
         }
         if fit is not None:
             rows = path_reports(self.prior, effective_parameters(fit, self.prior), fit.n_params)
+            power = path_output_power(self.model, self.data.train[0][:OUTPUT_SHARE_IMAGES])
+            rows = with_output_shares(rows, power)
             write_report(rows, self.out_dir)
             plot_relative(rows, self.figure_dir / "relative_effective_parameters.png", title=self.config.layer)
             final["effective_layer_types"] = effective_layer_types(rows)

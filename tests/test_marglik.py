@@ -15,7 +15,7 @@ from ella.layers import FC, Conv, FactoredFC, RelaxedLayer
 from ella.marglik import MarglikError, effective_parameters, fit_laplace, neg_log_marglik, optimise_prior
 from ella.models import build_model
 from ella.priors import Prior, prior_groups
-from ella.report import effective_layer_types, format_report, path_reports
+from ella.report import effective_layer_types, format_report, path_output_power, path_reports, with_output_shares
 
 
 def _tiny_mlp() -> nn.Module:
@@ -192,3 +192,31 @@ def test_report_with_per_tensor_priors_still_compares_paths() -> None:
     assert ffc0.precisions == pytest.approx(per_tensor.precisions()[:4].tolist())  # U, b_U, V, b_V
     assert expected[0].precision == pytest.approx(1.0)
     assert "-" in format_report(rows).splitlines()[1]  # the precision range of the F-FC path
+
+
+def test_output_shares_against_the_paths_called_directly() -> None:
+    """The hooks see each path's output as the layer uses it: against direct calls in a stride-1 layer, and
+    against a zeroed path (share exactly 0) in the CIFAR network; shares sum to 1 per layer; no hook is left."""
+    torch.manual_seed(0)
+    layer = RelaxedLayer({"fc": FactoredFC(2, 3, 5, 5), "conv": Conv(2, 3)}, downsample=False)
+    model = nn.Sequential(layer, nn.Flatten())
+    x = torch.randn(7, 2, 5, 5)
+    power = path_output_power(model, x, batch_size=3)
+    with torch.no_grad():
+        direct = {name: float(path(x).pow(2).mean()) for name, path in layer.paths.items()}
+    assert power == {("0", name): pytest.approx(value, rel=1e-5) for name, value in direct.items()}
+    assert all(not path._forward_hooks for path in layer.paths.values())
+
+    net = build_model("ffc_conv", in_channels=1, n_classes=2, alpha=1)
+    with torch.no_grad():
+        for p in net.blocks[3].paths["fc"].parameters():
+            p.zero_()
+    prior = Prior(net)
+    sizes = torch.tensor([p.numel() for p in net.parameters()], dtype=torch.float64)
+    rows = with_output_shares(path_reports(prior, 0.5 * sizes, sizes), path_output_power(net, torch.randn(4, 1, 32, 32)))
+    shares = {(r.layer, r.path): r.output_share for r in rows}
+    assert shares[("blocks.3", "fc")] == 0.0 and shares[("blocks.3", "conv")] == 1.0
+    for i in range(8):
+        assert shares[(f"blocks.{i}", "fc")] + shares[(f"blocks.{i}", "conv")] == pytest.approx(1.0)
+    assert shares[("head.0", None)] is None
+    assert format_report(rows).splitlines()[0].split()[-3] == "output"

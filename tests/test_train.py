@@ -90,6 +90,7 @@ def test_run_writes_metrics_report_and_figure(tmp_path: Path) -> None:
         assert (out / name).is_file(), name
     report = json.loads((out / "effective_parameters.json").read_text())
     assert len([r for r in report["paths"] if r["path"] is not None]) == 8
+    assert [r["output_share"] for r in report["paths"]] == [1.0] * 8 + [None, None]  # one path per layer; heads
     assert set(final["effective_layer_types"].values()) == {"CONV"}
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"epoch", "train_loss", "valid_nll", "valid_acc", "test_nll", "test_acc", "neg_log_marglik"} <= set(header)
