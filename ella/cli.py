@@ -66,6 +66,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse ``type`` for scales and rates: a finite number > 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
     """Add the flags every training experiment shares."""
     parser.add_argument("--laplace", action="store_true", help="learn the prior precisions by the Laplace marginal likelihood (otherwise MAP)")

@@ -1,0 +1,161 @@
+"""Known-symmetry check: does the marginal likelihood switch off the path the data do not need?
+
+A *teacher* F-FC+CONV relaxed layer with only one path nonzero (``active="conv"``: a translation-equivariant
+map; ``active="fc"``: a rank-one-per-channel-pair dense map that no convolution can express) generates regression
+data ``y = teacher(x) + noise`` from standard normal inputs. A *student* F-FC+CONV layer of the same shape then
+learns its path precisions by the method's alternation (spec section 4.2, with every step made exact so that
+only the alternation itself is under test): the MAP at fixed precisions by full-batch L-BFGS, then a KFAC-Laplace
+fit and Adam steps on the log precisions at fixed parameters (:func:`learn_precisions`).
+
+:func:`evidence_profile` answers the question the alternation only approximates: the Laplace evidence as a
+function of one path's precision, with the MAP refitted at each value.
+
+The student predicts ``y / noise`` (a fixed output scale), so the Gaussian likelihood of the noise level is the
+unit-variance regression likelihood of the KFAC code, and its MAP loss is ``0.5 ||y / noise - f||^2``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ella.layers import Conv, FactoredFC, RelaxedLayer
+from ella.marglik import LaplaceFit, effective_parameters, fit_laplace, neg_log_marglik, optimise_prior
+from ella.priors import Prior
+from ella.report import PathReport, path_output_power, path_reports, with_output_shares
+
+log = logging.getLogger(__name__)
+
+PATHS = ("fc", "conv")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Shape of the problem: ``channels -> channels`` on ``size x size`` images, ``n`` examples."""
+
+    channels: int = 2
+    size: int = 6
+    n: int = 256
+    noise: float = 0.1
+    teacher_scale: float = 3.0
+
+
+class OutputScale(nn.Module):
+    """Multiplies by a fixed ``scale`` (no parameters)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def relaxed_model(problem: Problem, seed: int) -> nn.Sequential:
+    """F-FC+CONV relaxed layer (no downsampling), flattened and divided by the noise level, in float64.
+
+    ``(N, C, S, S) -> (N, C * S * S)``; parameters named ``0.paths.fc.*`` and ``0.paths.conv.*``.
+    """
+    torch.manual_seed(seed)
+    c, s = problem.channels, problem.size
+    layer = RelaxedLayer({"fc": FactoredFC(c, c, s, s), "conv": Conv(c, c, 3)}, downsample=False)
+    return nn.Sequential(layer, nn.Flatten(), OutputScale(1.0 / problem.noise)).double()
+
+
+def teacher_data(problem: Problem, active: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x (n, C, S, S)`` standard normal and targets ``y / noise (n, C*S*S)`` of a teacher with one path on.
+
+    The teacher is a :func:`relaxed_model` (seed ``seed + 1000``) whose ``active`` path's parameters are
+    multiplied by ``teacher_scale`` and whose other path is zeroed.
+    """
+    if active not in PATHS:
+        raise ValueError(f"unknown teacher path {active!r}; expected one of {PATHS}")
+    teacher = relaxed_model(problem, seed + 1000)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            p.mul_(problem.teacher_scale if name.split(".")[2] == active else 0.0)
+        x = torch.randn(problem.n, problem.channels, problem.size, problem.size, generator=generator,
+                        dtype=torch.float64)
+        y = teacher(x) + torch.randn(problem.n, problem.channels * problem.size**2, generator=generator,
+                                     dtype=torch.float64)
+    return x, y
+
+
+def fit_map(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor, max_iter: int = 500) -> None:
+    """Full-batch L-BFGS on ``0.5 ||y - f(x)||^2 + 0.5 sum_t delta_t ||theta_t||^2`` (in place)."""
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=max_iter, tolerance_grad=1e-10,
+                                  tolerance_change=1e-14, history_size=50, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = 0.5 * (model(x) - y).pow(2).sum() + prior.penalty(model)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+
+def report(fit: LaplaceFit, model: nn.Module, prior: Prior, x: torch.Tensor) -> tuple[float, list[PathReport]]:
+    """``(-log p(D | delta) / N, path rows with output shares on x)`` of a fit at the model's parameters."""
+    rows = path_reports(prior, effective_parameters(fit, prior), fit.n_params)
+    with torch.no_grad():
+        value = float(neg_log_marglik(fit, prior))
+    return value, with_output_shares(rows, path_output_power(model, x))
+
+
+def round_row(index: int, value: float, rows: list[PathReport]) -> dict:
+    """One machine-readable row: objective, and per path precision, relative N_eff and output share."""
+    row: dict = {"round": index, "neg_log_marglik": value}
+    for r in rows:
+        row.update({f"precision_{r.path}": r.precisions[0], f"relative_{r.path}": r.relative,
+                    f"n_eff_{r.path}": r.n_eff, f"output_share_{r.path}": r.output_share})
+    return row
+
+
+def learn_precisions(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor, rounds: int,
+                     hyper_steps: int = 50, hyper_lr: float = 0.1, progress=None) -> list[dict]:
+    """The alternation: per round, exact MAP, then KFAC-Laplace and ``hyper_steps`` Adam steps on the log
+    precisions. Returns one :func:`round_row` per round (after its hyper-steps). ``progress``: optional callable
+    invoked once per round."""
+    optimizer = torch.optim.Adam([prior.log_precision], lr=hyper_lr)
+    history = []
+    for index in range(rounds):
+        fit_map(model, prior, x, y)
+        fit = fit_laplace(model, [(x, y)], prior, likelihood="regression")
+        optimise_prior(fit, prior, optimizer, hyper_steps)
+        value, rows = report(fit, model, prior, x)
+        history.append(round_row(index, value, rows))
+        log.info("round %d: -log p(D)/N %.5f, precisions %s", index, value, prior.as_dict())
+        if progress is not None:
+            progress()
+    return history
+
+
+def path_squared_norm(model: nn.Module, path: str) -> float:
+    """``||theta_path||^2`` over all tensors of ``path`` (weights and biases)."""
+    return sum(float(p.detach().pow(2).sum()) for name, p in model.named_parameters() if name.split(".")[2] == path)
+
+
+def evidence_profile(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor, path: str,
+                     log_precisions: list[float], progress=None) -> list[dict]:
+    """``-log p(D | delta) / N`` with ``path``'s log precision set to each value in turn (others kept) and the
+    MAP refitted (warm-started from the previous value's). One row per value, with the path's squared norm."""
+    group = prior.group_names.index(f"0.{path}")
+    rows = []
+    for log_precision in log_precisions:
+        with torch.no_grad():
+            prior.log_precision[group] = log_precision
+        fit_map(model, prior, x, y)
+        fit = fit_laplace(model, [(x, y)], prior, likelihood="regression")
+        value, reports = report(fit, model, prior, x)
+        row = round_row(len(rows), value, reports)
+        row.pop("round")
+        rows.append({f"log_precision_{path}": log_precision, f"squared_norm_{path}": path_squared_norm(model, path),
+                     **row})
+        if progress is not None:
+            progress()
+    return rows
