@@ -17,7 +17,9 @@ unit-variance regression likelihood of the KFAC code, and its MAP loss is ``0.5 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -159,3 +161,34 @@ def evidence_profile(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.T
         if progress is not None:
             progress()
     return rows
+
+
+def plot_profile(rounds: list[dict], profile: list[dict], path: str, out: Path, title: str = "") -> Path:
+    """Left: the unused ``path``'s relative N_eff and output share per round of the alternation; right: the
+    profiled ``-log p(D)/N`` against its precision (the first point is where the alternation stopped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.2))
+    steps = [row["round"] for row in rounds]
+    left.plot(steps, [row[f"relative_{path}"] for row in rounds], "o-", label="relative N_eff")
+    left.plot(steps, [row[f"output_share_{path}"] for row in rounds], "s-", label="output share")
+    left.set_yscale("log")
+    left.set_xlabel("round")
+    left.set_title(f"{path} path during the alternation")
+    left.legend()
+    precisions = [math.exp(row[f"log_precision_{path}"]) for row in profile]
+    right.plot(precisions, [row["neg_log_marglik"] for row in profile], "o-")
+    right.set_xscale("log")
+    right.set_xlabel(f"{path} precision (MAP refitted)")
+    right.set_ylabel("-log p(D) / N")
+    right.set_title("profiled evidence")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

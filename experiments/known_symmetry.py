@@ -10,7 +10,8 @@ is set to the value the alternation reached times exp(k) for each --profile offs
     python experiments/known_symmetry.py --teachers conv --rounds 20 --noise 0.3 --n 1024
 
 Writes <out>/<teacher>/rounds.{json,csv} (per round: -log p(D)/N, per path the precision, relative effective
-parameters, N_eff and share of the layer's output power), <out>/<teacher>/profile.{json,csv} and config.json.
+parameters, N_eff and share of the layer's output power), <out>/<teacher>/profile.{json,csv}, config.json, and
+the figure profile.png in figures/<path of --out below runs/>/<teacher>/ (or <out>/<teacher>/figures).
 Takes about 20 s on one CPU core.
 """
 
@@ -24,9 +25,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ella.cli import positive_float, positive_int, run_script, setup_logging, write_table
+from ella.cli import figure_dir, positive_float, positive_int, run_script, setup_logging, write_table
 from ella.priors import Prior
-from ella.teacher import PATHS, Problem, evidence_profile, learn_precisions, relaxed_model, teacher_data
+from ella.teacher import (
+    PATHS,
+    Problem,
+    evidence_profile,
+    learn_precisions,
+    plot_profile,
+    relaxed_model,
+    teacher_data,
+)
 
 SHOWN = ("precision_fc", "precision_conv", "relative_fc", "relative_conv", "output_share_fc", "output_share_conv")
 
@@ -64,11 +73,13 @@ def main() -> None:
         folder = args.out / teacher
         write_table(rounds, folder, "rounds")
         table = write_table(profile, folder, "profile")
+        figure = plot_profile(rounds, profile, unused, figure_dir(folder) / "profile.png", title=f"teacher: {teacher}")
         last = rounds[-1]
         print(f"\nteacher {teacher} ({asdict(problem)}), after {args.rounds} rounds: -log p(D)/N "
               f"{last['neg_log_marglik']:.4f}, " + ", ".join(f"{k} {last[k]:.4g}" for k in SHOWN))
         print(f"evidence profile over the {unused} precision (MAP refitted at each):")
         print(table)
+        print(f"figure: {figure}")
     print(f"results in {args.out}")
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +58,19 @@ def test_a_conv_teacher_stalls_the_alternation_although_the_evidence_prefers_the
     assert values[2] < values[1] < values[0] - 0.1
     assert profile[2]["relative_fc"] < 0.01
     assert torch.isfinite(torch.tensor(values)).all()
+
+
+def test_the_experiment_writes_rounds_profile_config_and_figure(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "known"
+    command = [sys.executable, str(repo / "experiments" / "known_symmetry.py"), "--teachers", "conv", "--rounds", "2",
+               "--n", "64", "--profile", "0", "3", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    rounds = json.loads((out / "conv" / "rounds.json").read_text())
+    profile = json.loads((out / "conv" / "profile.json").read_text())
+    assert [row["round"] for row in rounds] == [0, 1] and len(profile) == 2
+    assert profile[1]["log_precision_fc"] == pytest.approx(profile[0]["log_precision_fc"] + 3)
+    assert (out / "conv" / "rounds.csv").is_file() and (out / "conv" / "figures" / "profile.png").is_file()
+    assert json.loads((out / "config.json").read_text())["rounds"] == 2

@@ -194,6 +194,8 @@ def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: li
         ("benchmarks/kfac_speed.py", ["--repeats", "0"], "--repeats: must be an integer >= 1, got 0"),
         ("experiments/msr_synthetic.py", ["--outer-steps", "0"], "--outer-steps: must be an integer >= 1, got 0"),
         ("experiments/compare_msr.py", ["--rounds", "-1"], "--rounds: must be an integer >= 1, got -1"),
+        ("experiments/known_symmetry.py", ["--noise", "0"], "--noise: must be a finite number > 0, got 0"),
+        ("experiments/known_symmetry.py", ["--teachers", "gconv"], "invalid choice: 'gconv'"),
     ],
 )
 def test_other_scripts_reject_bad_input_with_a_message(
