@@ -187,13 +187,28 @@ def write_report(rows: list[PathReport], out_dir: Path, stem: str = "effective_p
     return text_path, json_path
 
 
-def plot_relative(rows: list[PathReport], path: Path, title: str = "") -> Path:
-    """Stacked bars of the relative effective parameters of every path, one bar per relaxed layer."""
+def pyplot():
+    """matplotlib's ``pyplot`` on the non-interactive Agg backend (imported only when a figure is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay ``fig`` out, write it to ``path`` at 120 dpi (creating the folder) and close it; returns ``path``."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def plot_relative(rows: list[PathReport], path: Path, title: str = "") -> Path:
+    """Stacked bars of the relative effective parameters of every path, one bar per relaxed layer."""
+    plt = pyplot()
     layers = list(dict.fromkeys(r.layer for r in rows if r.path is not None))
     kinds = list(dict.fromkeys(r.kind for r in rows if r.path is not None))
     values = {kind: [0.0] * len(layers) for kind in kinds}
@@ -212,8 +227,4 @@ def plot_relative(rows: list[PathReport], path: Path, title: str = "") -> Path:
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -27,7 +27,7 @@ from torch import nn
 from ella.layers import Conv, FactoredFC, RelaxedLayer
 from ella.marglik import LaplaceFit, effective_parameters, fit_laplace, neg_log_marglik, optimise_prior
 from ella.priors import Prior
-from ella.report import PathReport, path_output_power, path_reports, with_output_shares
+from ella.report import PathReport, path_output_power, path_reports, pyplot, save_figure, with_output_shares
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,11 @@ def relaxed_model(problem: Problem, seed: int) -> nn.Sequential:
     return nn.Sequential(layer, nn.Flatten(), OutputScale(1.0 / problem.noise)).double()
 
 
+def _path_of(name: str) -> str:
+    """The path (``"fc"`` or ``"conv"``) owning parameter ``0.paths.<path>.*`` of a :func:`relaxed_model`."""
+    return name.split(".")[2]
+
+
 def teacher_data(problem: Problem, active: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``x (n, C, S, S)`` standard normal and targets ``y / noise (n, C*S*S)`` of a teacher with one path on.
 
@@ -79,7 +84,7 @@ def teacher_data(problem: Problem, active: str, seed: int = 0) -> tuple[torch.Te
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in teacher.named_parameters():
-            p.mul_(problem.teacher_scale if name.split(".")[2] == active else 0.0)
+            p.mul_(problem.teacher_scale if _path_of(name) == active else 0.0)
         x = torch.randn(problem.n, problem.channels, problem.size, problem.size, generator=generator,
                         dtype=torch.float64)
         y = teacher(x) + torch.randn(problem.n, problem.channels * problem.size**2, generator=generator,
@@ -101,6 +106,12 @@ def fit_map(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor, ma
     optimizer.step(closure)
 
 
+def fit_map_and_laplace(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor) -> LaplaceFit:
+    """The exact MAP at the current precisions (:func:`fit_map`), then the KFAC-Laplace fit there."""
+    fit_map(model, prior, x, y)
+    return fit_laplace(model, [(x, y)], prior, likelihood="regression")
+
+
 def report(fit: LaplaceFit, model: nn.Module, prior: Prior, x: torch.Tensor) -> tuple[float, list[PathReport]]:
     """``(-log p(D | delta) / N, path rows with output shares on x)`` of a fit at the model's parameters."""
     rows = path_reports(prior, effective_parameters(fit, prior), fit.n_params)
@@ -109,9 +120,9 @@ def report(fit: LaplaceFit, model: nn.Module, prior: Prior, x: torch.Tensor) -> 
     return value, with_output_shares(rows, path_output_power(model, x))
 
 
-def round_row(index: int, value: float, rows: list[PathReport]) -> dict:
-    """One machine-readable row: objective, and per path precision, relative N_eff and output share."""
-    row: dict = {"round": index, "neg_log_marglik": value}
+def path_columns(value: float, rows: list[PathReport]) -> dict:
+    """One machine-readable row: objective, and per path precision, relative N_eff, N_eff and output share."""
+    row: dict = {"neg_log_marglik": value}
     for r in rows:
         row.update({f"precision_{r.path}": r.precisions[0], f"relative_{r.path}": r.relative,
                     f"n_eff_{r.path}": r.n_eff, f"output_share_{r.path}": r.output_share})
@@ -121,16 +132,15 @@ def round_row(index: int, value: float, rows: list[PathReport]) -> dict:
 def learn_precisions(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor, rounds: int,
                      hyper_steps: int = 50, hyper_lr: float = 0.1, progress=None) -> list[dict]:
     """The alternation: per round, exact MAP, then KFAC-Laplace and ``hyper_steps`` Adam steps on the log
-    precisions. Returns one :func:`round_row` per round (after its hyper-steps). ``progress``: optional callable
+    precisions. Returns one row (``round`` and :func:`path_columns`) per round (after its hyper-steps). ``progress``: optional callable
     invoked once per round."""
     optimizer = torch.optim.Adam([prior.log_precision], lr=hyper_lr)
     history = []
     for index in range(rounds):
-        fit_map(model, prior, x, y)
-        fit = fit_laplace(model, [(x, y)], prior, likelihood="regression")
+        fit = fit_map_and_laplace(model, prior, x, y)
         optimise_prior(fit, prior, optimizer, hyper_steps)
         value, rows = report(fit, model, prior, x)
-        history.append(round_row(index, value, rows))
+        history.append({"round": index, **path_columns(value, rows)})
         log.info("round %d: -log p(D)/N %.5f, precisions %s", index, value, prior.as_dict())
         if progress is not None:
             progress()
@@ -139,7 +149,7 @@ def learn_precisions(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.T
 
 def path_squared_norm(model: nn.Module, path: str) -> float:
     """``||theta_path||^2`` over all tensors of ``path`` (weights and biases)."""
-    return sum(float(p.detach().pow(2).sum()) for name, p in model.named_parameters() if name.split(".")[2] == path)
+    return sum(float(p.detach().pow(2).sum()) for name, p in model.named_parameters() if _path_of(name) == path)
 
 
 def evidence_profile(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor, path: str,
@@ -151,13 +161,10 @@ def evidence_profile(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.T
     for log_precision in log_precisions:
         with torch.no_grad():
             prior.log_precision[group] = log_precision
-        fit_map(model, prior, x, y)
-        fit = fit_laplace(model, [(x, y)], prior, likelihood="regression")
+        fit = fit_map_and_laplace(model, prior, x, y)
         value, reports = report(fit, model, prior, x)
-        row = round_row(len(rows), value, reports)
-        row.pop("round")
         rows.append({f"log_precision_{path}": log_precision, f"squared_norm_{path}": path_squared_norm(model, path),
-                     **row})
+                     **path_columns(value, reports)})
         if progress is not None:
             progress()
     return rows
@@ -166,12 +173,7 @@ def evidence_profile(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.T
 def plot_profile(rounds: list[dict], profile: list[dict], path: str, out: Path, title: str = "") -> Path:
     """Left: the unused ``path``'s relative N_eff and output share per round of the alternation; right: the
     profiled ``-log p(D)/N`` against its precision (the first point is where the alternation stopped)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.2))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(9.0, 3.2))
     steps = [row["round"] for row in rounds]
     left.plot(steps, [row[f"relative_{path}"] for row in rounds], "o-", label="relative N_eff")
     left.plot(steps, [row[f"output_share_{path}"] for row in rounds], "s-", label="output share")
@@ -187,8 +189,4 @@ def plot_profile(rounds: list[dict], profile: list[dict], path: str, out: Path, 
     right.set_title("profiled evidence")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
