@@ -22,9 +22,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 1 << 22  # eigenvalue products evaluated per step (bounds memory for very large blocks)
-
-
 class CurvatureError(RuntimeError):
     """The curvature cannot be computed: the model output of a batch is not finite, or a factor could not be
     eigendecomposed (the message names the block)."""
@@ -67,18 +64,13 @@ class BlockEigen:
     in_vecs: torch.Tensor | None
     num_params: int
 
-    def eigenvalue_chunks(self):
-        """Yield the block's GGN eigenvalues (clamped at 0) in flat chunks."""
+    def eigenvalues(self) -> torch.Tensor:
+        """``(num_params,)`` the block's GGN eigenvalues ``beta[k, j] alpha[k, i]`` (clamped at 0), flat."""
         beta = self.out_vals.clamp_min(0.0)
         if self.in_vals is None:
-            yield beta.reshape(-1)
-            return
+            return beta.reshape(-1)
         alpha = self.in_vals.clamp_min(0.0)
-        beta = beta.expand(alpha.shape[0], beta.shape[1])
-        rows = max(1, _CHUNK // max(1, alpha.shape[1]))
-        for k in range(alpha.shape[0]):
-            for start in range(0, beta.shape[1], rows):
-                yield (beta[k, start : start + rows, None] * alpha[k, None, :]).reshape(-1)
+        return (beta.expand(alpha.shape[0], beta.shape[1])[:, :, None] * alpha[:, None, :]).reshape(-1)
 
 
 class KronDecomposition:
@@ -89,6 +81,7 @@ class KronDecomposition:
         self.eigen = list(eigen)
         self.n_data = n_data
         self.loss = loss
+        self._eigenvalues: torch.Tensor | None = None
 
     @classmethod
     def from_curvature(cls, curvature: KronCurvature, jitter: float = 1e-10) -> KronDecomposition:
@@ -114,14 +107,23 @@ class KronDecomposition:
             raise ValueError(f"delta must have one entry per block ({len(self.eigen)}), got {tuple(delta.shape)}")
         return delta
 
+    def eigenvalues(self) -> torch.Tensor:
+        """``(sum_l num_params_l,)`` every block's GGN eigenvalues (clamped at 0), block after block in
+        ``block_names`` order (formed once, then cached); :meth:`segment_lengths` says where each block ends."""
+        if self._eigenvalues is None:
+            self._eigenvalues = torch.cat([e.eigenvalues() for e in self.eigen])
+        return self._eigenvalues
+
+    def segment_lengths(self) -> torch.Tensor:
+        """``(n_blocks,)`` int64 on the eigenvalues' device: the number of eigenvalues of each block."""
+        return torch.tensor(self.num_params(), device=self.eigen[0].out_vals.device)
+
     def _reduce(self, delta: torch.Tensor, fn) -> torch.Tensor:
         delta = self._check_delta(delta)
-        out = []
-        for l, e in enumerate(self.eigen):
-            d = delta[l]
-            total = sum(fn(lam, d.to(lam.dtype)).sum() for lam in e.eigenvalue_chunks())
-            out.append(total)
-        return torch.stack(out)
+        lam = self.eigenvalues()
+        lengths = self.segment_lengths()
+        shifted = delta.to(lam).repeat_interleave(lengths, output_size=lam.numel())
+        return torch.segment_reduce(fn(lam, shifted), "sum", lengths=lengths)
 
     def logdet(self, delta: torch.Tensor) -> torch.Tensor:
         """Per-block ``log det(GGN_l + delta_l I)``, ``(n_blocks,)``, differentiable in ``delta``."""

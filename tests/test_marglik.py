@@ -95,6 +95,73 @@ def test_marglik_gradient_matches_finite_differences() -> None:
     torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-8)
 
 
+def _per_block_neg_log_marglik(fit, prior) -> torch.Tensor:
+    """The objective written out block by block from each block's factor eigenvalues (the pre-fusion form)."""
+    delta = prior.tensor_precisions()
+    total = fit.loss_sum + 0.5 * (delta * fit.squared_norms.to(delta)).sum()
+    for block, d, size in zip(fit.decomposition.eigen, delta, fit.n_params):
+        beta = block.out_vals.clamp_min(0)
+        lam = beta.reshape(-1) if block.in_vals is None else (
+            beta.expand(block.in_vals.shape[0], -1)[:, :, None] * block.in_vals.clamp_min(0)[:, None, :])
+        total = total + 0.5 * (torch.log(lam + d).sum() - size * torch.log(d))
+    return total / fit.n_data
+
+
+def _fit_with_spread_precisions():
+    model = _tiny_relaxed()
+    x, y = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    prior = Prior(model, per_tensor=True).double()
+    with torch.no_grad():
+        prior.log_precision.copy_(torch.linspace(-3, 4, len(prior.groups), dtype=torch.float64))
+    return fit_laplace(model, TensorLoader(x, y, 3), prior), prior
+
+
+def test_fused_objective_equals_the_per_block_formula_and_its_gradient() -> None:
+    fit, prior = _fit_with_spread_precisions()
+    fused = neg_log_marglik(fit, prior)
+    reference = _per_block_neg_log_marglik(fit, prior)
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=0)
+    (g_fused,) = torch.autograd.grad(fused, prior.log_precision)
+    (g_reference,) = torch.autograd.grad(reference, prior.log_precision)
+    torch.testing.assert_close(g_fused, g_reference, rtol=1e-10, atol=1e-14)
+
+
+def test_optimise_prior_follows_the_plain_step_by_step_loop() -> None:
+    """Twenty fused hyper-steps give the precisions and value of the loop that evaluates the per-block objective
+    twice per step and checks it on the host (the implementation before fusion)."""
+    fit, prior = _fit_with_spread_precisions()
+    reference_prior = Prior(_tiny_relaxed(), per_tensor=True).double()
+    with torch.no_grad():
+        reference_prior.log_precision.copy_(prior.log_precision)
+    value = optimise_prior(fit, prior, torch.optim.Adam(prior.parameters(), lr=0.1), steps=20)
+    optimizer = torch.optim.Adam(reference_prior.parameters(), lr=0.1)
+    for _ in range(20):
+        optimizer.zero_grad()
+        _per_block_neg_log_marglik(fit, reference_prior).backward()
+        optimizer.step()
+    torch.testing.assert_close(prior.log_precision, reference_prior.log_precision, rtol=1e-10, atol=1e-12)
+    assert value == pytest.approx(float(_per_block_neg_log_marglik(fit, reference_prior).detach()), rel=1e-10)
+    assert prior.log_precision.grad is None  # no gradient left behind on the precisions
+
+
+def test_a_step_to_a_non_finite_objective_is_undone_and_ends_the_round(caplog) -> None:
+    fit, prior = _fit_with_spread_precisions()
+    start = prior.log_precision.detach().clone()
+    optimizer = torch.optim.SGD(prior.parameters(), lr=1e6)  # the first step overflows exp(log delta)
+    with caplog.at_level("WARNING"):
+        value = optimise_prior(fit, prior, optimizer, steps=5)
+    torch.testing.assert_close(prior.log_precision.detach(), start, rtol=0, atol=0)
+    assert value == pytest.approx(float(neg_log_marglik(fit, prior).detach()), rel=1e-12)
+    assert "non-finite" in caplog.text
+
+
+def test_objective_of_several_fits_is_their_summed_evidence() -> None:
+    (fit_a, prior), (fit_b, _) = _fit_with_spread_precisions(), _fit_with_spread_precisions()
+    summed = neg_log_marglik([fit_a, fit_b], prior) * (fit_a.n_data + fit_b.n_data)
+    separate = neg_log_marglik(fit_a, prior) * fit_a.n_data + neg_log_marglik(fit_b, prior) * fit_b.n_data
+    torch.testing.assert_close(summed, separate, rtol=1e-12, atol=0)
+
+
 def test_effective_parameters_equal_dense_eigendecomposition() -> None:
     model = _tiny_mlp()
     x, y = torch.randn(1, 5, dtype=torch.float64), torch.tensor([0])

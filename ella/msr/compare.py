@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from ella.layers import RelaxedLayer
-from ella.marglik import LaplaceFit, fit_laplace
+from ella.marglik import LaplaceFit, effective_parameters, fit_laplace, optimise_prior
 from ella.priors import Prior
 from ella.report import PathReport, path_reports
 
@@ -205,55 +205,11 @@ def task_laplace(model: FCConvModel, prior: Prior, x: torch.Tensor, y: torch.Ten
     return fit_laplace(model, [(x * scale, y * scale)], prior, likelihood="regression", curvature="ggn")
 
 
-@dataclass
-class StackedLaplace:
-    """Per-task Laplace fits stacked for a fast summed objective.
-
-    ``eigenvalues[l] (T, P_l)``: GGN eigenvalues of tensor l of every task (clamped at 0); ``loss (T,)``:
-    ``r_t``; ``squared_norms (T, n_tensors)``; ``n_params (n_tensors,)``; ``n_data (T,)``.
-    """
-
-    eigenvalues: list[torch.Tensor]
-    loss: torch.Tensor
-    squared_norms: torch.Tensor
-    n_params: torch.Tensor
-    n_data: torch.Tensor
-
-    @classmethod
-    def from_fits(cls, fits: list[LaplaceFit]) -> "StackedLaplace":
-        if not fits:
-            raise ValueError("StackedLaplace needs at least one task")
-        n_blocks = len(fits[0].decomposition.eigen)
-        eig = [torch.stack([torch.cat(list(f.decomposition.eigen[l].eigenvalue_chunks())) for f in fits])
-               for l in range(n_blocks)]
-        loss = torch.tensor([f.loss_sum for f in fits], dtype=eig[0].dtype)
-        norms = torch.stack([f.squared_norms for f in fits]).to(eig[0].dtype)
-        n_data = torch.tensor([f.n_data for f in fits])
-        return cls(eig, loss, norms, fits[0].n_params, n_data)
-
-    def task_objectives(self, prior: Prior) -> torch.Tensor:
-        """``(T,)`` per-task ``-log p(D_t | delta)`` (not divided by ``N_t``), differentiable in the log precisions."""
-        delta = prior.tensor_precisions().to(self.loss.dtype)
-        log_delta = prior.log_precision[prior.group_of_tensor].to(self.loss.dtype)
-        logdet = torch.stack([torch.log(lam + delta[l]).sum(-1) for l, lam in enumerate(self.eigenvalues)], -1)
-        occam = logdet - self.n_params.to(delta) * log_delta  # (T, n_tensors)
-        return self.loss + 0.5 * (self.squared_norms * delta).sum(-1) + 0.5 * occam.sum(-1)
-
-    def objective(self, prior: Prior) -> torch.Tensor:
-        """Summed ``-log p(D_t | delta)`` over tasks, divided by the total number of examples (scalar)."""
-        return self.task_objectives(prior).sum() / self.n_data.sum()
-
-    def effective_parameters(self, prior: Prior) -> torch.Tensor:
-        """``(T, n_tensors)`` MacKay effective parameters of every tensor of every task."""
-        with torch.no_grad():
-            delta = prior.tensor_precisions().to(self.loss.dtype)
-            return torch.stack([(lam / (lam + delta[l])).sum(-1) for l, lam in enumerate(self.eigenvalues)], -1)
-
-
 def fit_tasks(
     model: FCConvModel, prior: Prior, x: torch.Tensor, y: torch.Tensor, noise_var: float, progress=None
-) -> StackedLaplace:
-    """MAP (closed form) and KFAC-Laplace of every task ``x (T, N, n)``, ``y (T, N, m)`` under the current prior.
+) -> list[LaplaceFit]:
+    """MAP (closed form) and KFAC-Laplace of every task ``x (T, N, n)``, ``y (T, N, m)`` under the current prior
+    (the fits' summed objective is :func:`ella.marglik.neg_log_marglik` of the list).
 
     ``progress``: optional callable invoked once per task (e.g. a tqdm ``update``).
     """
@@ -265,7 +221,7 @@ def fit_tasks(
         fits.append(task_laplace(model, prior, x[t], y[t], noise_var))
         if progress is not None:
             progress()
-    return StackedLaplace.from_fits(fits)
+    return fits
 
 
 # ----------------------------------------------------------------------------------------------- meta-training
@@ -306,23 +262,12 @@ def learn_precisions(
     optimizer = torch.optim.Adam([prior.log_precision], lr=config.hyper_lr)
     history = []
     for round_ in range(config.rounds):
-        stacked = fit_tasks(model, prior, x, y, config.noise_var, progress)
-        for _ in range(config.hyper_steps):
-            good = prior.log_precision.detach().clone()
-            optimizer.zero_grad()
-            value = stacked.objective(prior)
-            value.backward()
-            optimizer.step()
-            if not torch.isfinite(stacked.objective(prior).detach()):
-                log.warning("hyper-step made the objective non-finite; undone, round %d ended", round_)
-                with torch.no_grad():
-                    prior.log_precision.copy_(good)
-                break
-        history.append(float(stacked.objective(prior).detach()))
+        fits = fit_tasks(model, prior, x, y, config.noise_var, progress)
+        history.append(optimise_prior(fits, prior, optimizer, config.hyper_steps))
         log.info("round %d: objective %.5f, precisions %s", round_, history[-1], prior.as_dict())
     final = fit_tasks(model, prior, x, y, config.noise_var, progress)
-    n_eff = final.effective_parameters(prior).mean(0)
-    reports = path_reports(prior, n_eff, final.n_params)
+    n_eff = torch.stack([effective_parameters(f, prior) for f in final]).mean(0)
+    reports = path_reports(prior, n_eff, final[0].n_params)
     return prior, MarglikResult(prior.as_dict(), reports, history)
 
 
@@ -379,7 +324,6 @@ __all__ = [
     "MarglikConfig",
     "MarglikResult",
     "RelaxedFCConv1d",
-    "StackedLaplace",
     "conv_coverage_gap",
     "conv_residual",
     "fit_tasks",
