@@ -317,17 +317,18 @@ def read_cifar10(data_dir: str | Path | None = None, *, cifar_test: str = "exact
 # ----------------------------------------------------------------------------------------------------------
 # Image operations (batched, vectorised; images (N, C, H, W))
 # ----------------------------------------------------------------------------------------------------------
-def shift_images(x: Tensor, shifts: Tensor, flips: Tensor | None = None) -> Tensor:
+def shift_images(x: Tensor, shifts: Tensor, flips: Tensor | None = None, pad: int | None = None) -> Tensor:
     """Translate every image by its own integer shift with zero fill (optionally flipping it first).
 
     x: (N, C, H, W) of any dtype; shifts: (N, 2) integers ``(dy, dx)``, positive = down / right, i.e.
     ``out[n, :, i, j] = x'[n, :, i - dy, j - dx]`` (0 outside the image), where ``x'`` is ``x`` with the
     images selected by ``flips`` ((N,) bool, optional) mirrored left-right. One gather, no loop over samples.
-    Returns (N, C, H, W).
+    ``pad``: a bound on ``|shift|`` (default: the largest one, which reads the shifts back from the device;
+    a given bound keeps the operation free of host synchronisation, e.g. inside a CUDA graph). Returns (N, C, H, W).
     """
     n, c, h, w = x.shape
     shifts = shifts.to(device=x.device, dtype=torch.long)
-    m = int(shifts.abs().max()) if n else 0
+    m = pad if pad is not None else (int(shifts.abs().max()) if n else 0)
     padded = x.new_zeros(n, c, h + 2 * m, w + 2 * m)
     padded[..., m:m + h, m:m + w] = x
     rows = torch.arange(h, device=x.device) - shifts[:, :1]  # (N, H) source row
@@ -610,11 +611,31 @@ def apply_flip_shift(x: Tensor, flips: Tensor, shifts: Tensor) -> Tensor:
     return shift_images(x, shifts, flips)
 
 
-def cifar_augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Per-sample random horizontal flip (p=0.5) and random shift by up to 4 px with zero padding
-    (= pad-4 random crop). x: (B, C, H, W) -> (B, C, H, W). ``generator`` is a CPU generator."""
-    flips, shifts = sample_flip_shift(x.shape[0], generator)
-    return apply_flip_shift(x, flips, shifts)
+@dataclass(frozen=True)
+class FlipShift:
+    """Per-sample random horizontal flip (p=0.5) and random shift by up to ``max_shift`` px with zero padding
+    (= pad-``max_shift`` random crop): ``augment(x (B, C, H, W), generator) -> (B, C, H, W)``.
+
+    Drawing the parameters (``sample``, from a CPU generator) and applying them (``apply``, on the images'
+    device, free of host synchronisation) are separate, so that a whole epoch's parameters can be drawn
+    ahead and applied inside a captured CUDA graph (:mod:`ella.static_step`).
+    """
+
+    max_shift: int = CIFAR_MAX_SHIFT
+
+    def sample(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """``(flips (n,) bool, shifts (n, 2) int64)``, drawn as :func:`sample_flip_shift` draws them."""
+        return sample_flip_shift(n, generator, self.max_shift)
+
+    def apply(self, x: Tensor, params: tuple[Tensor, Tensor]) -> Tensor:
+        flips, shifts = params
+        return shift_images(x, shifts, flips, pad=self.max_shift)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.apply(x, self.sample(x.shape[0], generator))
+
+
+cifar_augment = FlipShift()  # the CIFAR training augmentation (flip, shift by up to 4 px)
 
 
 class TensorLoader:
@@ -672,19 +693,24 @@ class TensorLoader:
             order = order.repeat(-(-total // len(order)))[:total]
         return order[self.rank::self.world_size]
 
-    def _augment_generator(self) -> torch.Generator:
+    def epoch_order(self) -> Tensor | None:
+        """Draw this epoch's sample positions for this rank, ``(num_samples(),)`` on the data's device (None:
+        the plain order ``0..N-1``). Iterating the loader draws it first, then each batch's augmentation."""
+        n = len(self.x)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        if self.world_size > 1:
+            order = self.shard(torch.arange(n) if order is None else order)
+        return None if order is None else order.to(self.x.device)
+
+    def augment_generator(self) -> torch.Generator:
+        """The generator the next batch's augmentation draws from (see the class docstring)."""
         if self.world_size == 1:
             return self.generator
         seed = int(torch.randint(2**62, (1,), generator=self.generator))
         return torch.Generator().manual_seed(seed + self.rank)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.x)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
-        if self.world_size > 1:
-            order = self.shard(torch.arange(n) if order is None else order)
-        if order is not None:
-            order = order.to(self.x.device)
+        order = self.epoch_order()
         n_local = self.num_samples()
         for b in range(len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, n_local)
@@ -693,5 +719,5 @@ class TensorLoader:
             else:
                 xb, yb = self.x[order[lo:hi]], self.y[order[lo:hi]]
             if self.augment is not None:
-                xb = self.augment(xb, self._augment_generator())
+                xb = self.augment(xb, self.augment_generator())
             yield xb, yb

@@ -35,13 +35,14 @@ def kfac_batch(
     kfac_approx: str = "expand",
     rank_reduced: bool = True,
     generator: torch.Generator | None = None,
-    backward: str = "loop",
+    backward: str = "auto",
     factor_dtype: torch.dtype | None = None,
 ) -> KronCurvature:
     """KFAC curvature of one batch ``x (B, ...)``, ``y (B,)`` or ``(B, K)``; ``model(x)`` must be ``(B, K)``.
 
     One forward pass with recording hooks, a backward of the loss-Hessian square roots to all recorded layer
-    outputs (``backward="loop"``: one pass per direction, default; ``"batched"``: one vmapped pass; see
+    outputs (``backward="loop"``: one pass per direction; ``"batched"``: one vmapped pass; ``"auto"``, the
+    default: batched on CUDA, where it is 1.7-3x faster, the loop elsewhere, where it is faster; see
     :mod:`kfac.capture`, :mod:`kfac.sqrt_hessian`) whose gradients the per-module rules (:mod:`kfac.rules`)
     reduce as they come, then the rules' blocks. Blocks are returned for every trainable parameter in
     ``model.named_parameters()`` order; an unsupported module owning trainable parameters raises
@@ -65,6 +66,8 @@ def kfac_batch(
             for record in records
         ]
     seeds = hessian_sqrt(logits, y, likelihood, curvature, mc_samples, rank_reduced, generator)
+    if backward == "auto":
+        backward = "batched" if logits.is_cuda else "loop"
     with torch.enable_grad():
         output_gradients(logits, records, seeds, lambda i, grads: builders[i].add(grads), backward)
     found: dict[str, KronBlock] = {}

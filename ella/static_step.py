@@ -1,0 +1,204 @@
+"""Training steps on fixed-shape device buffers, run eagerly or captured once as a CUDA graph and replayed.
+
+On a GPU the relaxed networks at batch 128 are bound by kernel launches, not arithmetic: an eager step launches
+hundreds of small kernels from Python. Here every step of an epoch reads its batch from device buffers of a
+fixed shape, so the whole step (gather, augmentation, forward, loss, backward, optimiser step, loss
+accumulation) can be recorded once as a CUDA graph and replayed (``torch.cuda.CUDAGraph``).
+
+- :func:`plan_epoch` draws what iterating a :class:`~ella.data.TensorLoader` once would draw (the permutation,
+  then every batch's augmentation parameters, in the same order from the same generator), as device tensors.
+- :class:`StaticStep` is one step for one batch size: ``load`` copies a batch's slice of the plan into its
+  buffers (device-to-device copies), calling it runs the step; nothing in it waits for the device. The summed
+  cross-entropy and a non-finite flag accumulate on the device and are read once per epoch.
+- :class:`StepRunner` runs an epoch of such steps. With ``capture`` (CUDA only) each batch size runs eagerly
+  ``warmup`` times on a side stream (lazy state: optimiser moments, library handles), is then recorded once and
+  replayed from then on; a last partial batch is its own shape, eager in the first epochs and captured later.
+
+What the graph reads stays valid between replays: the learning rate is a device tensor filled from the
+scheduler's value before every step; the prior precisions are the prior's ``log_precision`` tensor, updated in
+place by the marginal-likelihood rounds (and by loading a checkpoint), so no re-capture is ever needed. The
+optimiser must keep its state on the device: fused SGD or capturable Adam (:func:`graph_safe_optimizer`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ella.data import TensorLoader
+
+Penalty = Callable[[], Tensor]
+
+
+@dataclass
+class EpochPlan:
+    """One epoch of a loader drawn ahead: ``order (n,)`` sample positions (int64, device); ``params``: the
+    augmentation's per-sample parameters in the same order (a tuple of ``(n, ...)`` device tensors) or None;
+    ``sizes``: the batch sizes in order."""
+
+    order: Tensor
+    params: tuple[Tensor, ...] | None
+    sizes: list[int]
+
+
+def supports_planning(loader: TensorLoader) -> bool:
+    """Whether :func:`plan_epoch` can draw the loader's epochs: no augmentation, or one that separates
+    ``sample(n, generator)`` from ``apply(x, params)`` (e.g. :class:`ella.data.FlipShift`)."""
+    augment = loader.augment
+    return augment is None or (hasattr(augment, "sample") and hasattr(augment, "apply"))
+
+
+def plan_epoch(loader: TensorLoader) -> EpochPlan:
+    """Draw one epoch of ``loader`` exactly as iterating it would (so its generator ends in the same state)."""
+    if not supports_planning(loader):
+        raise ValueError("the loader's augmentation has no separate sample/apply, so its epochs cannot be planned")
+    device = loader.x.device
+    order = loader.epoch_order()
+    n = loader.num_samples()
+    if order is None:
+        order = torch.arange(n, device=device)
+    sizes = [min(loader.batch_size, n - lo) for lo in range(0, n, loader.batch_size)][: len(loader)]
+    params = None
+    if loader.augment is not None:
+        drawn = [loader.augment.sample(size, loader.augment_generator()) for size in sizes]
+        params = tuple(torch.cat(part).to(device) for part in zip(*drawn))
+    return EpochPlan(order, params, sizes)
+
+
+class StaticStep:
+    """One training step of batch size ``batch_size`` on fixed device buffers.
+
+    ``x (N, ...)``, ``y (N,)``: the whole training set on the device. A call gathers ``x[index]``, applies
+    ``augment.apply`` with the loaded parameters, and minimises ``mean CE + penalty()`` with ``optimizer``;
+    ``totals`` (``(2,)`` float64: summed cross-entropy, count of non-finite losses) accumulates. ``lr``: the
+    device tensor the optimiser reads as its learning rate during the step (None: the optimiser's own value).
+    """
+
+    def __init__(self, model: nn.Module, penalty: Penalty, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                 augment, batch_size: int, totals: Tensor, lr: Tensor | None = None) -> None:
+        self.model, self.penalty, self.optimizer = model, penalty, optimizer
+        self.x, self.y, self.augment = x, y, augment
+        self.totals, self.lr = totals, lr
+        self.index = torch.zeros(batch_size, dtype=torch.long, device=x.device)
+        self.params: tuple[Tensor, ...] = ()
+        if augment is not None:
+            shapes = augment.sample(batch_size, torch.Generator())
+            self.params = tuple(torch.zeros_like(p, device=x.device) for p in shapes)
+
+    def load(self, plan: EpochPlan, start: int) -> None:
+        """Copy the batch starting at position ``start`` of ``plan`` into the buffers."""
+        stop = start + len(self.index)
+        self.index.copy_(plan.order[start:stop])
+        for buffer, values in zip(self.params, plan.params or ()):
+            buffer.copy_(values[start:stop])
+
+    def __call__(self) -> None:
+        xb = self.x.index_select(0, self.index)
+        if self.augment is not None:
+            xb = self.augment.apply(xb, self.params)
+        ce = F.cross_entropy(self.model(xb), self.y.index_select(0, self.index))
+        loss = ce + self.penalty()
+        self.totals.add_(torch.stack([ce.detach().double() * len(self.index), (~torch.isfinite(loss)).double()]))
+        loss.backward()
+        if self.lr is None:
+            self.optimizer.step()
+            return
+        groups = self.optimizer.param_groups
+        floats = [group["lr"] for group in groups]
+        for group in groups:
+            group["lr"] = self.lr  # the step reads the device tensor; the scheduler keeps its float
+        try:
+            self.optimizer.step()
+        finally:
+            for group, value in zip(groups, floats):
+                group["lr"] = value
+
+
+def graph_safe_optimizer(params, name: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+    """The optimiser of a captured run: SGD with momentum as one fused kernel, or Adam with its step counts on
+    the device (``capturable``); both read a tensor learning rate inside a graph."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, capturable=True)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, fused=True)
+
+
+class StepRunner:
+    """Runs epochs of :class:`StaticStep` s (one per batch size), eagerly or captured as CUDA graphs.
+
+    ``make_step(batch_size, totals, lr) -> StaticStep``; ``scheduler`` (optional) is stepped after every step,
+    as the plain loop does. Captured, the scheduler's learning rate is copied into the device tensor ``lr``
+    before every step; eager (``capture=False``, also on the CPU), ``lr`` is None and the optimiser's own
+    float is used, so the steps are those of the plain loop.
+    """
+
+    def __init__(self, make_step: Callable[[int, Tensor, Tensor | None], StaticStep], optimizer: torch.optim.Optimizer,
+                 device: torch.device, capture: bool, warmup: int = 3) -> None:
+        if capture and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+        self.make_step, self.optimizer, self.capture, self.warmup = make_step, optimizer, capture, warmup
+        self.totals = torch.zeros(2, dtype=torch.float64, device=device)
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device) if capture else None
+        self.steps: dict[int, StaticStep] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.eager_calls: dict[int, int] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.stream = torch.cuda.Stream(device) if capture else None
+
+    def run_epoch(self, plan: EpochPlan, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> tuple[float, float]:
+        """Train on every batch of ``plan``; returns ``(summed cross-entropy, number of non-finite losses)``
+        (the one read-back from the device per epoch)."""
+        self.totals.zero_()
+        start = 0
+        for size in plan.sizes:
+            step = self._step(size)
+            step.load(plan, start)
+            if self.lr is not None:
+                self.lr.fill_(float(self.optimizer.param_groups[0]["lr"]))
+            self._run(size, step)
+            if scheduler is not None:
+                scheduler.step()
+            start += size
+        ce_sum, non_finite = self.totals.tolist()
+        return ce_sum, non_finite
+
+    def _step(self, size: int) -> StaticStep:
+        if size not in self.steps:
+            self.steps[size] = self.make_step(size, self.totals, self.lr)
+        return self.steps[size]
+
+    def _run(self, size: int, step: StaticStep) -> None:
+        if size in self.graphs:
+            self.graphs[size].replay()
+            return
+        if not self.capture:
+            self.optimizer.zero_grad(set_to_none=True)
+            step()
+            return
+        calls = self.eager_calls.get(size, 0)
+        if calls < self.warmup:
+            self.eager_calls[size] = calls + 1
+            self._on_side_stream(lambda: (self.optimizer.zero_grad(set_to_none=True), step()))
+            return
+        self.graphs[size] = self._record(step)
+        self.graphs[size].replay()
+
+    def _on_side_stream(self, work: Callable[[], object]) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")  # eager warm-up of a capturable Adam
+            work()
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def _record(self, step: StaticStep) -> torch.cuda.CUDAGraph:
+        """Record ``step`` (nothing runs while recording); gradients are allocated inside the graph's pool."""
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            step()
+        return graph
