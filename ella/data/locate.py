@@ -1,0 +1,37 @@
+"""Where the data live: the data folder, and the error that says where it looked and how to fix that."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# the usual way out of a missing MNIST / CIFAR-10
+FIX_HINT = (
+    "To fix this, point --data-dir or the ELLA_DATA environment variable at a folder holding mnist.npz / "
+    "cifar10.npz (the project's shared format), or torchvision's layout (MNIST/raw/*-ubyte[.gz], "
+    "cifar-10-batches-py/), or pass download=True on a machine with network access."
+)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset could not be found in any of the places looked at (the message lists them)."""
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
+    """The data folder: ``data_dir`` if given, else ``$ELLA_DATA`` if set and non-empty, else ``./data``."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    env = os.environ.get("ELLA_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path("data")
+
+
+def not_found(what: str, data_dir: Path, looked: list[str], extra: str = "") -> DatasetNotFoundError:
+    """The error for ``what`` missing from ``data_dir``: the folder, every path ``looked`` at, ``extra``, the fix."""
+    lines = [f"Could not find {what} (data dir: {data_dir.resolve()}"
+             + ("" if data_dir.is_dir() else ", which does not exist") + "). Looked at:"]
+    lines += [f"  {p}" for p in looked]
+    if extra:
+        lines.append(extra)
+    lines.append(FIX_HINT)
+    return DatasetNotFoundError("\n".join(lines))
