@@ -91,6 +91,7 @@ class TrainConfig:
     cifar_test: str = "exact"
     seed: int = 711
     data_dir: str | None = None
+    download: bool = False  # let torchvision download missing data into data_dir
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
     def check(self) -> None:
@@ -165,6 +166,7 @@ class Trainer:
             valid_fraction=config.valid_fraction,
             seed=config.seed,
             cifar_test=config.cifar_test,
+            download=config.download,
             device=self.device,
         )
         self.model = build_model(

@@ -125,7 +125,7 @@ def test_missing_dataset_lists_paths(tmp_path, monkeypatch):
     assert isinstance(err.value, FileNotFoundError)
     assert str((tmp_path / "mnist.npz").resolve()) in msg
     assert str((tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").resolve()) in msg
-    assert "ELLA_DATA" in msg and "--data-dir" in msg and "download=True" in msg
+    assert "ELLA_DATA" in msg and "--data-dir" in msg and "--download" in msg and "download=True" not in msg
     with pytest.raises(D.DatasetNotFoundError) as err:
         D.load_dataset("rotated_cifar10", tmp_path / "nowhere")
     assert str((tmp_path / "nowhere" / "cifar10.npz").resolve()) in str(err.value)
@@ -264,7 +264,7 @@ def test_cifar_file_failing_its_checksum_is_reported_and_never_unpickled(tmp_pat
     with pytest.raises(ValueError, match="do not match torchvision's MD5 checksums") as err:
         D.read_cifar10(tmp_path)
     assert "'data_batch_1'" in str(err.value) and "'batches.meta'" in str(err.value)
-    assert "download=True" in str(err.value) and str(folder) in str(err.value)
+    assert "--download" in str(err.value) and str(folder) in str(err.value)
 
     trust_fixture_checksums(monkeypatch, tmp_path)
     touched = tmp_path / "unpickled"
@@ -352,6 +352,35 @@ def test_download_failure_and_success(tmp_path, monkeypatch):
     for got, want in zip(D.read_mnist(tmp_path / "dl3", download=True), arrays):
         np.testing.assert_array_equal(got, want)
     assert len(calls) == 3  # once per split
+
+
+def test_download_flag_reaches_the_readers(tmp_path, monkeypatch):
+    import argparse
+
+    import torchvision.datasets as tvd
+
+    from ella.cli import add_training_arguments, config_from_args
+    from ella.train import Trainer
+
+    parser = argparse.ArgumentParser()
+    add_training_arguments(parser, {"cpu": {}})
+    empty = tmp_path / "empty"
+    configs = {flag: config_from_args(parser.parse_args(["--data-dir", str(empty), "--device", "cpu", *flag]),
+                                      {"cpu": {}}, layer="conv", dataset="mnist") for flag in ((), ("--download",))}
+    assert [c.download for c in configs.values()] == [False, True]
+    roots = []
+
+    def offline(self):
+        roots.append(self.root)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tvd.MNIST, "download", offline)
+    with pytest.raises(D.DatasetNotFoundError, match="Could not find MNIST"):
+        Trainer(configs[()], tmp_path / "run")
+    assert roots == []
+    with pytest.raises(D.DatasetNotFoundError, match="download of mnist into .* failed"):
+        Trainer(configs[("--download",)], tmp_path / "run2")
+    assert roots == [str(empty)]
 
 
 

@@ -6,7 +6,8 @@ Every dataset is returned as float32 images ``(N, C, 32, 32)`` (normalised) and 
 - :mod:`~ella.data.locate`: the data folder (``--data-dir``, else ``$ELLA_DATA``, else ``./data``) and the error
   that lists where it looked;
 - :mod:`~ella.data.readers`: uint8 arrays from the project's ``.npz`` files, else torchvision's on-disk layout
-  (read by ``torchvision.datasets`` with its checksum checks), else a torchvision download when asked;
+  (read by ``torchvision.datasets`` with its checksum checks), else a torchvision download when asked
+  (``--download``);
 - :mod:`~ella.data.images`: batched image operations (shift, rotate, resize, normalise, paste in a quadrant);
 - :mod:`~ella.data.variants`: the paper's variants (translated / rotated / quadrant MNIST, rotated CIFAR-10),
   whose per-image transforms depend only on ``variant_seed`` and the image's index in the official order;

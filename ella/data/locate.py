@@ -8,7 +8,7 @@ from pathlib import Path
 FIX_HINT = (
     "To fix this, point --data-dir or the ELLA_DATA environment variable at a folder holding mnist.npz / "
     "cifar10.npz (the project's shared format), or torchvision's layout (MNIST/raw/*-ubyte[.gz], "
-    "cifar-10-batches-py/), or pass download=True on a machine with network access."
+    "cifar-10-batches-py/), or, on a machine with network access, pass --download to the training experiment."
 )
 
 

@@ -9,7 +9,7 @@ MNIST comes back as ``(x_train (N, 28, 28), y_train (N,), x_test, y_test)`` with
    with its checks: every CIFAR-10 file must match the official MD5 before torchvision unpickles it, and an MNIST
    file present only as ``.gz`` must match torchvision's MD5 before it is decompressed beside itself (as
    torchvision's own download does). Uncompressed MNIST files have no checksum in torchvision;
-3. only when asked (``download=True``): a torchvision download into that folder.
+3. only when asked (``download=True``, the flag ``--download``): a torchvision download into that folder.
 """
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def read_cifar10_torchvision(root: str | Path) -> RawArrays:
         if bad:
             return (f"{folder}: {bad} do not match torchvision's MD5 checksums of the official CIFAR-10 files "
                     "(damaged, or not the official files; torchvision unpickles nothing that fails this check): "
-                    "replace them with a good copy, or delete the folder and pass download=True")
+                    "replace them with a good copy, or delete the folder and pass --download")
         return f"torchvision could not read CIFAR-10 from {folder}; replace it with a good copy"
 
     return _read_torchvision_splits(tvd.CIFAR10, root, (32, 32, 3), unreadable)
