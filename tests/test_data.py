@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import pickle
 import struct
@@ -134,9 +135,12 @@ def test_missing_dataset_lists_paths(tmp_path, monkeypatch):
 
 def test_missing_jpeg_test_set(tmp_path):
     save_npz(tmp_path / "cifar10.npz", tiny_cifar())
-    with pytest.raises(D.DatasetNotFoundError, match="cifar10_test10k_jpeg.npz"):
+    with pytest.raises(D.DatasetNotFoundError, match="cifar10_test10k_jpeg.npz") as err:
         D.read_cifar10(tmp_path, cifar_test="jpeg10k")
-    with pytest.raises(ValueError, match="cifar_test"):
+    msg = str(err.value)
+    assert "--cifar-test jpeg10k needs" in msg and "use --cifar-test exact" in msg and "cifar_test" not in msg
+    assert "--download" not in msg  # torchvision cannot download this file
+    with pytest.raises(ValueError, match=r"--cifar-test must be one of exact, jpeg10k, got 'jpeg'"):
         D.read_cifar10(tmp_path, cifar_test="jpeg")
 
 
@@ -354,6 +358,7 @@ def test_download_failure_and_success(tmp_path, monkeypatch):
     assert len(calls) == 3  # once per split
 
 
+
 def test_download_flag_reaches_the_readers(tmp_path, monkeypatch):
     import argparse
 
@@ -381,7 +386,6 @@ def test_download_flag_reaches_the_readers(tmp_path, monkeypatch):
     with pytest.raises(D.DatasetNotFoundError, match="download of mnist into .* failed"):
         Trainer(configs[("--download",)], tmp_path / "run2")
     assert roots == [str(empty)]
-
 
 
 # ---------------------------------------------------------------------------------------------------- image ops
@@ -506,8 +510,31 @@ def test_split_disjoint_and_balanced(tmp_path):
     uneven = D.balanced_subset(torch.arange(300), torch.from_numpy(arrays[1]).long(), 57, seed=0)
     counts = torch.from_numpy(arrays[1]).long()[uneven].bincount(minlength=10)
     assert counts.sum() == 57 and counts.max() - counts.min() == 1
-    with pytest.raises(ValueError, match="class"):
+    with pytest.raises(ValueError, match="--n-train 10 needs 5 training images of class 1, but only 2 are left"):
         D.balanced_subset(torch.arange(20), torch.tensor([0] * 18 + [1] * 2), 10, seed=0)
+
+
+def test_split_sizes_out_of_range_name_the_flags(tmp_path):
+    save_npz(tmp_path / "mnist.npz", tiny_mnist(n_train=40))
+    for n_valid in (40, -1):
+        with pytest.raises(ValueError, match=rf"--n-valid must lie in \[0, 40\) for 40 training images, got {n_valid}"):
+            D.load_dataset("mnist", tmp_path, n_valid=n_valid)
+    for fraction, held in ((1.0, 40), (-0.5, -20)):
+        with pytest.raises(ValueError, match=rf"--valid-fraction {fraction} holds out {held} of the 40 training"):
+            D.load_dataset("mnist", tmp_path, valid_fraction=fraction)
+    for n_train in (0, 37):
+        with pytest.raises(ValueError, match=rf"--n-train must lie in \[1, 36\] .* got {n_train}"):
+            D.load_dataset("mnist", tmp_path, n_valid=4, n_train=n_train)
+
+
+def test_single_class_training_data_is_warned_about(tmp_path, caplog):
+    save_npz(tmp_path / "mnist.npz", tiny_mnist(n_train=40))
+    with caplog.at_level(logging.WARNING, logger="ella.data"):
+        D.load_dataset("mnist", tmp_path, n_valid=4, n_train=10)
+        assert "single class" not in caplog.text
+        b = D.load_dataset("mnist", tmp_path, n_valid=4, n_train=1)
+    label = int(b.train[1][0])
+    assert f"single class (label {label} in all 1 images)" in caplog.text and "--n-train" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------- augmentation

@@ -40,6 +40,15 @@ class DataBundle:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _warn_if_single_class(labels: Tensor) -> None:
+    """Log a warning when the training labels ``(N,)`` hold only one class: nothing can be learnt from them."""
+    classes = labels.unique()
+    if len(classes) == 1:
+        log.warning("the training data hold a single class (label %d in all %d images), so the network can only "
+                    "learn to predict that label: raise --n-train, or check the labels of the data in --data-dir",
+                    int(classes[0]), len(labels))
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, *, task: str | None = None,
                  n_train: int | None = None, n_valid: int | None = None, valid_fraction: float = 0.1,
                  seed: int = 0, variant_seed: int = 0, download: bool = False, cifar_test: str = "exact",
@@ -51,6 +60,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, task: str | N
     the rest. ``seed`` drives the split and subset; ``variant_seed`` drives the per-image transforms
     (fixed by default, so the benchmark is the same for every run seed). ``task`` is required for
     ``quadrant_mnist`` ('digit' or 'digit_quadrant'). ``cifar_test``: see ``read_cifar10``.
+    Error messages name the command-line flags these arguments come from (``--n-train``, ``--n-valid``,
+    ``--valid-fraction``, ``--cifar-test``, ``--data-dir``, ``--download``).
     """
     n_classes = n_classes_of(name, task)
     cifar = "cifar" in name
@@ -62,9 +73,14 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, task: str | N
 
     params = sample_variant_params(name, n_full, variant_generator(variant_seed, name, "train"))
     y_all, strata = variant_labels(name, torch.as_tensor(y_tr), params, task)
-    n_valid = round(valid_fraction * n_full) if n_valid is None else n_valid
+    if n_valid is None:
+        n_valid = round(valid_fraction * n_full)
+        if not 0 <= n_valid < n_full:
+            raise ValueError(f"--valid-fraction {valid_fraction} holds out {n_valid} of the {n_full} training images; "
+                             "it must lie in [0, 1) and leave some for training")
     rest, valid_idx = split_train_valid(n_full, n_valid, seed)
     train_idx = rest if n_train is None else balanced_subset(rest, strata, n_train, seed)
+    _warn_if_single_class(y_all[train_idx])
 
     def render(idx: Tensor) -> tuple[Tensor, Tensor]:
         sub = {k: v[idx] for k, v in params.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# the usual way out of a missing MNIST / CIFAR-10
+# the usual way out of a missing MNIST / CIFAR-10, in the flags a user types
 FIX_HINT = (
     "To fix this, point --data-dir or the ELLA_DATA environment variable at a folder holding mnist.npz / "
     "cifar10.npz (the project's shared format), or torchvision's layout (MNIST/raw/*-ubyte[.gz], "
@@ -26,12 +26,10 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     return Path("data")
 
 
-def not_found(what: str, data_dir: Path, looked: list[str], extra: str = "") -> DatasetNotFoundError:
-    """The error for ``what`` missing from ``data_dir``: the folder, every path ``looked`` at, ``extra``, the fix."""
+def not_found(what: str, data_dir: Path, looked: list[str], fix: str = FIX_HINT) -> DatasetNotFoundError:
+    """The error for ``what`` missing from ``data_dir``: the folder, every path ``looked`` at, then ``fix``."""
     lines = [f"Could not find {what} (data dir: {data_dir.resolve()}"
              + ("" if data_dir.is_dir() else ", which does not exist") + "). Looked at:"]
     lines += [f"  {p}" for p in looked]
-    if extra:
-        lines.append(extra)
-    lines.append(FIX_HINT)
+    lines.append(fix)
     return DatasetNotFoundError("\n".join(lines))

@@ -225,7 +225,7 @@ def read_cifar10(data_dir: str | Path | None = None, *, cifar_test: str = "exact
     """CIFAR-10 as uint8 ``(x_train (50000,32,32,3) HWC RGB, y_train, x_test, y_test)``.
 
     Training images come from ``cifar10.npz``, else torchvision's ``cifar-10-batches-py``, else a download
-    (only if ``download``). The test set depends on ``cifar_test``:
+    (only if ``download``). The test set depends on ``cifar_test`` (the flag ``--cifar-test``):
 
     - ``"exact"``: bit-exact official test images: the first 1,000 (``cifar10.npz``) or all 10,000
       (torchvision layout). Exact, but 1,000 images give a test-accuracy standard error of about 1.3 points.
@@ -235,7 +235,7 @@ def read_cifar10(data_dir: str | Path | None = None, *, cifar_test: str = "exact
       numbers with exact-test-set numbers.
     """
     if cifar_test not in CIFAR_TEST_CHOICES:
-        raise ValueError(f"cifar_test must be one of {CIFAR_TEST_CHOICES}, got {cifar_test!r}")
+        raise ValueError(f"--cifar-test must be one of {', '.join(CIFAR_TEST_CHOICES)}, got {cifar_test!r}")
     root = resolve_data_dir(data_dir)
     npz = root / "cifar10.npz"
     folder = root / _CIFAR_FOLDER
@@ -253,7 +253,7 @@ def read_cifar10(data_dir: str | Path | None = None, *, cifar_test: str = "exact
         jpeg = root / _JPEG_TEST_FILE
         if not jpeg.is_file():
             raise not_found("the CIFAR-10 JPEG test set", root, [str(jpeg.resolve())],
-                            "cifar_test='jpeg10k' needs cifar10_test10k_jpeg.npz; use cifar_test='exact' "
-                            "otherwise.")
+                            f"--cifar-test jpeg10k needs {_JPEG_TEST_FILE} in the data folder (--data-dir or "
+                            "ELLA_DATA); use --cifar-test exact otherwise.")
         arrays = (*arrays[:2], *read_npz(jpeg, (32, 32, 3), keys=("x_test", "y_test")))
     return arrays  # type: ignore[return-value]

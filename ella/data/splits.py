@@ -17,7 +17,7 @@ def _seeded(seed: int, purpose: int) -> torch.Generator:
 def split_train_valid(n: int, n_valid: int, seed: int) -> tuple[Tensor, Tensor]:
     """Seeded disjoint split of ``range(n)``: (rest, valid) index tensors, each sorted ascending."""
     if not 0 <= n_valid < n:
-        raise ValueError(f"n_valid must lie in [0, {n}), got {n_valid}")
+        raise ValueError(f"--n-valid must lie in [0, {n}) for {n} training images, got {n_valid}")
     perm = torch.randperm(n, generator=_seeded(seed, 1))
     return perm[n_valid:].sort().values, perm[:n_valid].sort().values
 
@@ -29,7 +29,8 @@ def balanced_subset(indices: Tensor, strata: Tensor, n_train: int, seed: int) ->
     randomly chosen classes. Raises ValueError when a class has too few elements.
     """
     if not 0 < n_train <= len(indices):
-        raise ValueError(f"n_train must lie in [1, {len(indices)}], got {n_train}")
+        raise ValueError(f"--n-train must lie in [1, {len(indices)}] (the training images left after the validation "
+                         f"split), got {n_train}")
     gen = _seeded(seed, 2)
     labels = strata[indices]
     classes = labels.unique()
@@ -40,6 +41,7 @@ def balanced_subset(indices: Tensor, strata: Tensor, n_train: int, seed: int) ->
     for c, k in zip(classes.tolist(), (base + extra).tolist()):
         members = indices[labels == c]
         if k > len(members):
-            raise ValueError(f"class {c} has {len(members)} training examples, {k} needed for n_train={n_train}")
+            raise ValueError(f"--n-train {n_train} needs {k} training images of class {c}, but only {len(members)} "
+                             "are left after the validation split; lower --n-train or --n-valid")
         chosen.append(members[torch.randperm(len(members), generator=gen)[:k]])
     return torch.cat(chosen).sort().values
