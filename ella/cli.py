@@ -86,6 +86,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, presets: dict[str, d
     parser.add_argument("--per-tensor-prior", action="store_true", default=None, help="one precision per parameter tensor instead of per path")
     parser.add_argument("--report", action="store_true", default=None, help="write the effective-parameter report after a MAP run too")
     parser.add_argument("--data-dir", default=None, help="folder with the data (default: $ELLA_DATA, then ./data)")
+    parser.add_argument("--download", action="store_true", default=None, help="let torchvision download MNIST / CIFAR-10 into the data folder when they are not there (needs network access)")
     parser.add_argument("--device", default=None, help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<experiment>/<layer>-<map|laplace>-<preset>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

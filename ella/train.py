@@ -92,6 +92,7 @@ class TrainConfig:
     cifar_test: str = "exact"
     seed: int = 711
     data_dir: str | None = None
+    download: bool = False  # let torchvision download missing data into data_dir
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     capture: bool = True  # CUDA: record the training step once as a CUDA graph and replay it (ella.static_step)
 
@@ -174,6 +175,7 @@ class Trainer:
             valid_fraction=config.valid_fraction,
             seed=config.seed,
             cifar_test=config.cifar_test,
+            download=config.download,
             device=self.device,
         )
         self.model = build_model(

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import logging
 import os
 import pickle
 import struct
@@ -56,6 +58,7 @@ def write_mnist_torchvision(root: Path, arrays, compress: bool) -> None:
 
 
 def write_cifar_torchvision(root: Path, arrays) -> None:
+    """The official files' structure: dicts with str keys (the Python 2 pickles load so), plus batches.meta."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     x_tr, y_tr, x_te, y_te = arrays
@@ -63,8 +66,36 @@ def write_cifar_torchvision(root: Path, arrays) -> None:
     parts = [(f"data_batch_{i + 1}", x_tr[c], y_tr[c]) for i, c in enumerate(chunks)] + [("test_batch", x_te, y_te)]
     for name, x, y in parts:
         flat = x.transpose(0, 3, 1, 2).reshape(len(x), 3072)  # CHW, row-major, as in the official files
-        batch = {b"batch_label": name.encode(), b"data": flat, b"labels": [int(v) for v in y]}
+        batch = {"batch_label": name, "data": flat, "labels": [int(v) for v in y]}
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": len(chunks[0]), "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def trust_fixture_checksums(monkeypatch, root: Path) -> None:
+    """Make torchvision expect the MD5s of the tiny fixture files instead of the official ones.
+
+    The fixtures cannot match the official checksums, so this registers the checksums of the files as written;
+    torchvision's integrity checks then run for real: a file changed afterwards fails them.
+    """
+    import torchvision.datasets as tvd
+
+    raw = root / "MNIST" / "raw"
+    if raw.is_dir():
+        resources = [(f"{name}.gz", md5_of(raw / f"{name}.gz") if (raw / f"{name}.gz").is_file() else "none")
+                     for name in D.readers.MNIST_FILES]
+        monkeypatch.setattr(tvd.MNIST, "resources", resources)
+    folder = root / "cifar-10-batches-py"
+    if folder.is_dir():
+        monkeypatch.setattr(tvd.CIFAR10, "train_list", [[f"data_batch_{i}", md5_of(folder / f"data_batch_{i}")]
+                                                        for i in range(1, 6)])
+        monkeypatch.setattr(tvd.CIFAR10, "test_list", [["test_batch", md5_of(folder / "test_batch")]])
+        meta = {"filename": "batches.meta", "key": "label_names", "md5": md5_of(folder / "batches.meta")}
+        monkeypatch.setattr(tvd.CIFAR10, "meta", meta)
 
 
 def mnist_expected(x_u8: np.ndarray) -> torch.Tensor:
@@ -95,7 +126,7 @@ def test_missing_dataset_lists_paths(tmp_path, monkeypatch):
     assert isinstance(err.value, FileNotFoundError)
     assert str((tmp_path / "mnist.npz").resolve()) in msg
     assert str((tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").resolve()) in msg
-    assert "ELLA_DATA" in msg and "--data-dir" in msg and "download=True" in msg
+    assert "ELLA_DATA" in msg and "--data-dir" in msg and "--download" in msg and "download=True" not in msg
     with pytest.raises(D.DatasetNotFoundError) as err:
         D.load_dataset("rotated_cifar10", tmp_path / "nowhere")
     assert str((tmp_path / "nowhere" / "cifar10.npz").resolve()) in str(err.value)
@@ -104,9 +135,12 @@ def test_missing_dataset_lists_paths(tmp_path, monkeypatch):
 
 def test_missing_jpeg_test_set(tmp_path):
     save_npz(tmp_path / "cifar10.npz", tiny_cifar())
-    with pytest.raises(D.DatasetNotFoundError, match="cifar10_test10k_jpeg.npz"):
+    with pytest.raises(D.DatasetNotFoundError, match="cifar10_test10k_jpeg.npz") as err:
         D.read_cifar10(tmp_path, cifar_test="jpeg10k")
-    with pytest.raises(ValueError, match="cifar_test"):
+    msg = str(err.value)
+    assert "--cifar-test jpeg10k needs" in msg and "use --cifar-test exact" in msg and "cifar_test" not in msg
+    assert "--download" not in msg  # torchvision cannot download this file
+    with pytest.raises(ValueError, match=r"--cifar-test must be one of exact, jpeg10k, got 'jpeg'"):
         D.read_cifar10(tmp_path, cifar_test="jpeg")
 
 
@@ -148,32 +182,67 @@ def test_cifar_npz_roundtrip_and_jpeg_choice(tmp_path):
 
 
 @pytest.mark.parametrize("compress", [False, True])
-def test_mnist_torchvision_idx_roundtrip(tmp_path, compress):
+def test_mnist_torchvision_idx_roundtrip(tmp_path, monkeypatch, compress):
     arrays = tiny_mnist()
     write_mnist_torchvision(tmp_path, arrays, compress)
+    trust_fixture_checksums(monkeypatch, tmp_path)
     for got, want in zip(D.read_mnist(tmp_path), arrays):
         np.testing.assert_array_equal(got, want)
+    # a .gz is decompressed beside itself, as torchvision's download does, and nothing half-written is left
+    raw = sorted(p.name for p in (tmp_path / "MNIST" / "raw").iterdir())
+    assert raw == sorted(D.readers.MNIST_FILES + tuple(f"{n}.gz" for n in D.readers.MNIST_FILES) * compress)
     b = D.load_dataset("mnist", tmp_path, n_valid=0)
     torch.testing.assert_close(b.train[0].double(), mnist_expected(arrays[0]), atol=1e-5, rtol=0)
 
 
-def test_idx_rejects_bad_files(tmp_path):
-    bad = tmp_path / "bad"
-    bad.write_bytes(struct.pack(">IIII", 2051, 3, 28, 28) + b"\0" * 10)
-    with pytest.raises(ValueError, match="shape"):
-        D.read_idx(bad)
-    bad.write_bytes(struct.pack(">I", 0x0D03) + b"\0" * 12)
-    with pytest.raises(ValueError, match="unsigned byte"):
-        D.read_idx(bad)
+def test_damaged_idx_files_are_reported_by_name(tmp_path):
+    write_mnist_torchvision(tmp_path, tiny_mnist(), compress=False)
+    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(struct.pack(">IIII", 2051, 3, 28, 28) + b"\0" * 10)  # the header promises more than it holds
+    with pytest.raises(ValueError, match=r"shape '\[3, 28, 28\]' is invalid") as err:
+        D.read_mnist(tmp_path)
+    assert str(images) in str(err.value) and "damaged" in str(err.value)
+    floats = np.zeros((3, 28, 28), ">f4")
+    images.write_bytes(struct.pack(">IIII", 0x0D03, 3, 28, 28) + floats.tobytes())  # a valid IDX of float32
+    with pytest.raises(ValueError, match="not IDX files of unsigned bytes.*torch.float32"):
+        D.read_mnist(tmp_path)
+    images.write_text("<html>an error page saved under the data's name</html>")
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.*damaged"):
+        D.read_mnist(tmp_path)
 
 
-def test_cifar_torchvision_pickle_roundtrip_and_hwc(tmp_path):
+def test_mnist_gz_failing_its_checksum_is_not_decompressed(tmp_path, monkeypatch):
+    write_mnist_torchvision(tmp_path, tiny_mnist(), compress=True)
+    trust_fixture_checksums(monkeypatch, tmp_path)
+    gz = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(gz.read_bytes())
+    data[-12] ^= 0xFF  # inside the compressed stream
+    gz.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match torchvision's MD5 checksum") as err:
+        D.read_mnist(tmp_path)
+    assert str(gz) in str(err.value)
+    assert not (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").exists()
+
+
+def test_mnist_gz_that_cannot_be_decompressed_in_place(tmp_path, monkeypatch):
+    write_mnist_torchvision(tmp_path, tiny_mnist(), compress=True)
+    trust_fixture_checksums(monkeypatch, tmp_path)
+    blocker = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    blocker.mkdir()  # a folder where the decompressed file must go (as good as a read-only folder, even for root)
+    with pytest.raises(D.DatasetNotFoundError, match="cannot decompress .*train-labels-idx1-ubyte.gz") as err:
+        D.read_mnist(tmp_path)
+    assert "--data-dir" in str(err.value)
+    assert not any(p.name.endswith(".tmp") for p in blocker.parent.iterdir())
+
+
+def test_cifar_torchvision_pickle_roundtrip_and_hwc(tmp_path, monkeypatch):
     arrays = list(tiny_cifar())
     marker = np.zeros((32, 32, 3), np.uint8)
     marker[0, 1, 2] = 255  # row 0, column 1, blue: CHW flat position 2*1024 + 0*32 + 1
     arrays[0][0] = marker
     write_cifar_torchvision(tmp_path, arrays)
-    flat = pickle.loads((tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes())[b"data"][0]
+    trust_fixture_checksums(monkeypatch, tmp_path)
+    flat = pickle.loads((tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes())["data"][0]
     assert flat[2 * 1024 + 1] == 255 and flat.sum() == 255  # the file really is CHW row-major
     got = D.read_cifar10(tmp_path)
     for g, w in zip(got, arrays):
@@ -184,11 +253,33 @@ def test_cifar_torchvision_pickle_roundtrip_and_hwc(tmp_path):
     torch.testing.assert_close(b.test[0].double(), cifar_expected(arrays[2]), atol=1e-5, rtol=0)
 
 
-def test_cifar_pickle_refuses_foreign_objects(tmp_path):
+class _MakesFolderWhenUnpickled:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.path),)
+
+
+def test_cifar_file_failing_its_checksum_is_reported_and_never_unpickled(tmp_path, monkeypatch):
     write_cifar_torchvision(tmp_path, tiny_cifar())
-    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": os.getcwd}))
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    folder = tmp_path / "cifar-10-batches-py"
+    # not the official files: every one fails torchvision's checksums, and the message lists them
+    with pytest.raises(ValueError, match="do not match torchvision's MD5 checksums") as err:
         D.read_cifar10(tmp_path)
+    assert "'data_batch_1'" in str(err.value) and "'batches.meta'" in str(err.value)
+    assert "--download" in str(err.value) and str(folder) in str(err.value)
+
+    trust_fixture_checksums(monkeypatch, tmp_path)
+    touched = tmp_path / "unpickled"
+    payload = pickle.dumps({"data": _MakesFolderWhenUnpickled(touched)})
+    pickle.loads(payload)  # the payload is live: unpickling it makes the folder
+    assert touched.is_dir()
+    touched.rmdir()
+    (folder / "test_batch").write_bytes(payload)
+    with pytest.raises(ValueError, match=r"\['test_batch'\] do not match torchvision's MD5 checksums"):
+        D.read_cifar10(tmp_path)
+    assert not touched.exists()
 
 
 def test_bad_npz_gives_clear_errors(tmp_path):
@@ -237,25 +328,64 @@ def test_unknown_name_and_task(tmp_path):
 def test_download_failure_and_success(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
 
-    def offline(*args, **kwargs):
+    calls = []
+
+    def offline(self):
+        calls.append(self.root)
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(tvd, "MNIST", offline)
-    with pytest.raises(D.DatasetNotFoundError, match="download of mnist"):
+    monkeypatch.setattr(tvd.MNIST, "download", offline)
+    with pytest.raises(D.DatasetNotFoundError, match="download of mnist") as err:
         D.read_mnist(tmp_path / "dl", download=True)
+    assert "--data-dir" in str(err.value) and len(calls) == 1
     with pytest.raises(D.DatasetNotFoundError):  # never downloads unless asked
         D.read_mnist(tmp_path / "dl2")
+    assert len(calls) == 1
 
     arrays = tiny_mnist()
 
-    def fake_mnist(root, train, download):
-        assert download
-        if train:
-            write_mnist_torchvision(Path(root), arrays, compress=True)
+    def fake_download(self):  # what torchvision's download leaves behind: the .gz files and their contents
+        calls.append(self.root)
+        if not Path(self.raw_folder).is_dir():
+            write_mnist_torchvision(Path(self.root), arrays, compress=True)
+            write_mnist_torchvision(Path(self.root) / "copy", arrays, compress=False)
+            for path in (Path(self.root) / "copy" / "MNIST" / "raw").iterdir():
+                path.rename(Path(self.raw_folder) / path.name)
 
-    monkeypatch.setattr(tvd, "MNIST", fake_mnist)
+    monkeypatch.setattr(tvd.MNIST, "download", fake_download)
     for got, want in zip(D.read_mnist(tmp_path / "dl3", download=True), arrays):
         np.testing.assert_array_equal(got, want)
+    assert len(calls) == 3  # once per split
+
+
+
+def test_download_flag_reaches_the_readers(tmp_path, monkeypatch):
+    import argparse
+
+    import torchvision.datasets as tvd
+
+    from ella.cli import add_training_arguments, config_from_args
+    from ella.train import Trainer
+
+    parser = argparse.ArgumentParser()
+    add_training_arguments(parser, {"cpu": {}})
+    empty = tmp_path / "empty"
+    configs = {flag: config_from_args(parser.parse_args(["--data-dir", str(empty), "--device", "cpu", *flag]),
+                                      {"cpu": {}}, layer="conv", dataset="mnist") for flag in ((), ("--download",))}
+    assert [c.download for c in configs.values()] == [False, True]
+    roots = []
+
+    def offline(self):
+        roots.append(self.root)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tvd.MNIST, "download", offline)
+    with pytest.raises(D.DatasetNotFoundError, match="Could not find MNIST"):
+        Trainer(configs[()], tmp_path / "run")
+    assert roots == []
+    with pytest.raises(D.DatasetNotFoundError, match="download of mnist into .* failed"):
+        Trainer(configs[("--download",)], tmp_path / "run2")
+    assert roots == [str(empty)]
 
 
 # ---------------------------------------------------------------------------------------------------- image ops
@@ -380,8 +510,31 @@ def test_split_disjoint_and_balanced(tmp_path):
     uneven = D.balanced_subset(torch.arange(300), torch.from_numpy(arrays[1]).long(), 57, seed=0)
     counts = torch.from_numpy(arrays[1]).long()[uneven].bincount(minlength=10)
     assert counts.sum() == 57 and counts.max() - counts.min() == 1
-    with pytest.raises(ValueError, match="class"):
+    with pytest.raises(ValueError, match="--n-train 10 needs 5 training images of class 1, but only 2 are left"):
         D.balanced_subset(torch.arange(20), torch.tensor([0] * 18 + [1] * 2), 10, seed=0)
+
+
+def test_split_sizes_out_of_range_name_the_flags(tmp_path):
+    save_npz(tmp_path / "mnist.npz", tiny_mnist(n_train=40))
+    for n_valid in (40, -1):
+        with pytest.raises(ValueError, match=rf"--n-valid must lie in \[0, 40\) for 40 training images, got {n_valid}"):
+            D.load_dataset("mnist", tmp_path, n_valid=n_valid)
+    for fraction, held in ((1.0, 40), (-0.5, -20)):
+        with pytest.raises(ValueError, match=rf"--valid-fraction {fraction} holds out {held} of the 40 training"):
+            D.load_dataset("mnist", tmp_path, valid_fraction=fraction)
+    for n_train in (0, 37):
+        with pytest.raises(ValueError, match=rf"--n-train must lie in \[1, 36\] .* got {n_train}"):
+            D.load_dataset("mnist", tmp_path, n_valid=4, n_train=n_train)
+
+
+def test_single_class_training_data_is_warned_about(tmp_path, caplog):
+    save_npz(tmp_path / "mnist.npz", tiny_mnist(n_train=40))
+    with caplog.at_level(logging.WARNING, logger="ella.data"):
+        D.load_dataset("mnist", tmp_path, n_valid=4, n_train=10)
+        assert "single class" not in caplog.text
+        b = D.load_dataset("mnist", tmp_path, n_valid=4, n_train=1)
+    label = int(b.train[1][0])
+    assert f"single class (label {label} in all 1 images)" in caplog.text and "--n-train" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------- augmentation
