@@ -22,9 +22,8 @@ from ella.data import CIFAR_TEST_CHOICES
 from ella.layers.relaxed import COMBINE_MODES
 from ella.marglik import MarglikError
 from ella.train import TrainConfig
-from kfac.decomposition import CurvatureError
-from kfac.rules import GROUPED_MODES, KFAC_APPROXES
-from kfac.sqrt_hessian import CURVATURES
+from ella.layers import GROUPED_MODES
+from kfac import CURVATURES, KFAC_APPROXES, CurvatureError
 
 # flag name -> (type, help). Defaults are None so that "not given" can be told apart from a preset value.
 _OVERRIDES: dict[str, tuple[type, str]] = {

@@ -49,8 +49,8 @@ from ella.report import (
     with_output_shares,
     write_report,
 )
-from kfac.rules import GROUPED_MODES, KFAC_APPROXES
-from kfac.sqrt_hessian import CURVATURES, check_choice
+from ella.layers import GROUPED_MODES
+from kfac import CURVATURES, KFAC_APPROXES, check_choice
 
 log = logging.getLogger(__name__)
 

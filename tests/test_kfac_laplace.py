@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ella.layers import FC, Conv, FactoredFC, RelaxedLayer, SparseConv
 from ella.models import LAYER_NAMES, build_model
 from kfac.fit import fit_kfac
-from kfac.laplace_backend import EllaEF, EllaGGN, EllaMC
+from kfac.laplace_backend import EllaEF, EllaGGN, EllaMC, KfacEF, KfacGGN, KfacMC
 
 DT = torch.float64
 
@@ -93,6 +93,10 @@ def test_empirical_backend_matches_our_empirical_fisher():
 def test_per_group_mode_is_rejected():
     with pytest.raises(ValueError, match="reference"):
         EllaGGN(_model("ffc"), "classification", grouped_mode="per_group")
+
+
+def test_the_old_backend_names_are_the_kfac_backends():
+    assert (EllaGGN, EllaMC, EllaEF) == (KfacGGN, KfacMC, KfacEF)
 
 
 def _fit_on_paper_network(layer: str) -> torch.Tensor:
