@@ -8,6 +8,10 @@ for weights (laplace flattens a parameter as ``shape[0] x rest``; the rules' fac
 ``(1/N) sum B (x) sum A``. The returned loss is the summed negative log likelihood (cross-entropy, or
 ``0.5 * ||y - f||^2`` for regression, i.e. laplace's ``factor * MSELoss(sum)``).
 
+Factors are checked: a batch's factor and the summed factors that ``KronLaplace.fit`` eigendecomposes must be
+finite (laplace-torch's eigendecomposition calls ``exit()`` when it fails), else :class:`kfac.CurvatureError`
+names the block; a ``SystemExit`` from that eigendecomposition becomes one too.
+
 Limits: every block must be one Kronecker product, so every registered option with a ``kron_value``
 (:class:`kfac.RuleOption`) is set to it (another value is a ValueError); laplace's ``Kron.init_from_model``
 rejects parameters of more than 4 dimensions, so models with such weights cannot be used with ``KronLaplace``
@@ -22,11 +26,55 @@ from typing import Any
 
 import torch
 from laplace.curvature import EFInterface, GGNInterface
-from laplace.utils import Kron
+from laplace.utils import Kron, KronDecomposed
 from torch import nn
 
+from kfac.decomposition import CurvatureError
 from kfac.fit import kfac_batch
 from kfac.options import registered_options
+
+_SIDES = ("output-side", "input-side")
+
+
+def _check_finite(name: str, factors: list[torch.Tensor], what: str) -> None:
+    """Raise CurvatureError naming block ``name`` unless every factor of its laplace entry is finite."""
+    for side, factor in zip(_SIDES, factors):
+        if not bool(torch.isfinite(factor).all()):
+            raise CurvatureError(
+                f"block {name} ({side} factor): {what} has inf or NaN entries (inputs or parameters too large for "
+                f"{factor.dtype}?), so laplace-torch could not eigendecompose it"
+            )
+
+
+class _CheckedKron(Kron):
+    """laplace ``Kron`` that knows its blocks' names: sums with laplace's own ``Kron`` (``KronLaplace.fit``
+    adds the batches onto a zero ``Kron``, which calls ``__radd__`` here first) stay checked, and
+    :meth:`decompose` checks every block before laplace-torch's eigendecomposition can call ``exit()``."""
+
+    def __init__(self, kfacs: list[list[torch.Tensor]], names: list[str]) -> None:
+        super().__init__(kfacs)
+        self.names = names
+
+    def __add__(self, other: Kron) -> _CheckedKron:
+        return _CheckedKron(super().__add__(other).kfacs, self.names)
+
+    def __radd__(self, other: Kron) -> _CheckedKron:
+        return _CheckedKron(Kron.__add__(other, self).kfacs, self.names)
+
+    def decompose(self, damping: bool = False) -> KronDecomposed:
+        """laplace-torch's decomposition, block by block (the same numbers); raise CurvatureError naming the block
+        whose summed factors are not finite (laplace-torch would call ``exit()`` or, where its eigendecomposition
+        succeeds, silently replace the inf or NaN eigenvalues by finite ones) or whose decomposition exits."""
+        eigenvectors, eigenvalues = [], []
+        for name, factors in zip(self.names, self.kfacs):
+            _check_finite(name, factors, "the factor summed over the batches")
+            try:
+                block = Kron([factors]).decompose(damping)
+            except SystemExit:
+                raise CurvatureError(f"block {name}: laplace-torch's eigendecomposition failed (it called exit())") from None
+            eigenvectors.append(block.eigenvectors[0])
+            eigenvalues.append(block.eigenvalues[0])
+        return KronDecomposed(eigenvectors, eigenvalues, damping=damping)
 
 
 class _KfacKron:
@@ -58,8 +106,11 @@ class _KfacKron:
         if self.curvature_type == "mc":
             options.setdefault("mc_samples", self.num_samples)
         curvature = kfac_batch(self.model, x, y, self.likelihood, self.curvature_type, **options)
-        kfacs = [curvature.blocks[name].laplace_factors(N) for name in self.params_dict]
-        return curvature.loss.detach(), Kron(kfacs)
+        names = list(self.params_dict)
+        kfacs = [curvature.blocks[name].laplace_factors(N) for name in names]
+        for name, factors in zip(names, kfacs):
+            _check_finite(name, factors, "the factor of a batch")
+        return curvature.loss.detach(), _CheckedKron(kfacs, names)
 
 
 class KfacGGN(_KfacKron, GGNInterface):
