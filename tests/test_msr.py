@@ -256,7 +256,7 @@ def test_msr_synthetic_writes_config_and_results_through_the_cli_plumbing(tmp_pa
     the per-method dict of inner learning rates as JSON in its CSV cell."""
     script = Path(__file__).resolve().parents[1] / "experiments" / "msr_synthetic.py"
     command = [sys.executable, str(script), "--tables", "translation", "--ks", "1", "--regimes", "small",
-               "--methods", "maml_fc", "mtsr_fc", "--outer-steps", "2", "--out", str(tmp_path / "run"), "--no-progress"]
+               "--methods", "maml_fc", "maml_conv", "--outer-steps", "2", "--out", str(tmp_path / "run"), "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -265,6 +265,6 @@ def test_msr_synthetic_writes_config_and_results_through_the_cli_plumbing(tmp_pa
     rows = json.loads((tmp_path / "run" / "results.json").read_text())
     with (tmp_path / "run" / "results.csv").open() as handle:
         cells = list(csv.DictReader(handle))
-    assert [row["method"] for row in rows] == [row["method"] for row in cells] == ["MAML-FC", "MTSR-FC"]
+    assert [row["method"] for row in rows] == [row["method"] for row in cells] == ["MAML-FC", "MAML-Conv"]
     assert json.loads(cells[0]["inner_lrs"]) == rows[0]["inner_lrs"] and set(rows[0]["inner_lrs"]) == {"weight"}
-    assert cells[1]["inner_lrs"] == "" and float(cells[1]["mean"]) == rows[1]["mean"]
+    assert json.loads(cells[1]["inner_lrs"]) == rows[1]["inner_lrs"] and float(cells[1]["mean"]) == rows[1]["mean"]
