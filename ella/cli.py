@@ -15,16 +15,18 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields
+from datetime import datetime
 from pathlib import Path
+
+import torch
 
 from ella import distributed
 from ella.data import CIFAR_TEST_CHOICES
 from ella.layers.relaxed import COMBINE_MODES
 from ella.marglik import MarglikError
 from ella.train import TrainConfig
-from kfac.decomposition import CurvatureError
-from kfac.rules import GROUPED_MODES, KFAC_APPROXES
-from kfac.sqrt_hessian import CURVATURES
+from ella.layers import GROUPED_MODES
+from kfac import CURVATURES, KFAC_APPROXES, CurvatureError
 
 # flag name -> (type, help). Defaults are None so that "not given" can be told apart from a preset value.
 _OVERRIDES: dict[str, tuple[type, str]] = {
@@ -146,6 +148,20 @@ def setup_logging(verbose: bool) -> None:
     sys.stdout = open(os.devnull, "w")  # the experiment's summary is printed once, by rank 0
 
 
+def start_run(args: argparse.Namespace, default_root: str, **extra: object) -> Path:
+    """Start a script that is no training run (the MSR experiments): logging (:func:`setup_logging`), threads
+    (``args.threads``), the output folder ``args.out`` (else ``<default_root>/<timestamp>``) and its
+    ``config.json`` (the flags, the torch version and ``extra``); returns the folder."""
+    setup_logging(False)
+    torch.set_num_threads(args.threads)
+    out = args.out or Path(default_root) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config.update(torch=torch.__version__, **extra)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def run_many(runs: dict[str, TrainConfig], root: Path, resume: bool) -> dict[str, dict]:
     """Train every named configuration into ``root/<name>`` (skipping finished ones on ``resume``)."""
     from ella.train import train
@@ -165,7 +181,8 @@ def run_many(runs: dict[str, TrainConfig], root: Path, resume: bool) -> dict[str
 
 
 def write_table(rows: list[dict], root: Path, stem: str = "summary") -> str:
-    """Write ``rows`` as ``<stem>.json`` and ``<stem>.csv`` into ``root`` (rank 0 only); return a Markdown table."""
+    """Write ``rows`` as ``<stem>.json`` and ``<stem>.csv`` (lists and dicts as JSON) into ``root`` (rank 0 only);
+    return a Markdown table."""
     if distributed.is_main():
         _write_rows(rows, root, stem)
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -182,7 +199,7 @@ def _write_rows(rows: list[dict], root: Path, stem: str) -> None:
     with (root / f"{stem}.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()} for row in rows)
 
 
 def _cell(value: object) -> str:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ella import distributed
 from ella.data import DataBundle, TensorLoader, load_dataset
+from ella.layers import GROUPED_MODES
 from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace, optimise_prior
 from ella.models import build_model
 from ella.priors import Prior
@@ -50,8 +51,7 @@ from ella.report import (
     write_report,
 )
 from ella.static_step import StaticStep, StepRunner, graph_safe_optimizer, plan_epoch, supports_planning
-from kfac.rules import GROUPED_MODES, KFAC_APPROXES
-from kfac.sqrt_hessian import CURVATURES, check_choice
+from kfac import CURVATURES, KFAC_APPROXES, check_choice
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -40,8 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ella.cli import positive_int, run_script
-from ella.msr.evaluate import start_run
+from ella.cli import positive_int, run_script, start_run, write_table
 from ella.msr import MetaConfig, MetaLearner, MSRFC, TranslationProblem, conv_symmetry_matrix, mean_confidence_interval
 from ella.msr.compare import (
     FCConvModel,
@@ -205,13 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             logging.info("%s", rows[-1])
         rows.append(dict(k=k, method="generator", label=LABELS["generator"], regime=args.regime, **generator_row(problem)))
     wall = time.time() - start
-    (out / "results.json").write_text(json.dumps(dict(rows=rows, wall_seconds=wall), indent=2))
-    fields = list(dict.fromkeys(key for r in rows for key in r))
-    with open(out / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({key: json.dumps(v) if isinstance(v, list) else v for key, v in r.items()})
+    write_table(rows, out, "results")
     print_table(rows)
     print(f"wall time {wall:.1f}s; results in {out}")
 

@@ -17,8 +17,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -28,9 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ella.cli import positive_int, run_script
+from ella.cli import positive_int, run_script, start_run, write_table
 from ella.distributed import parse_device
-from ella.msr.evaluate import start_run
 from ella.msr import (
     Conv1dFlat,
     LocallyConnected1d,
@@ -257,13 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += translation_table(args)
     if "rotation" in args.tables:
         rows += rotation_table(args)
-    (out / "results.json").write_text(json.dumps(dict(rows=rows, wall_seconds=time.time() - start), indent=2))
-    fields = [f for f in rows[0] if f != "inner_lrs"] + ["inner_lrs"] if rows else []
-    with open(out / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "inner_lrs": json.dumps(r.get("inner_lrs"))})
+    write_table(rows, out, "results")
     print_table(rows)
     print(f"wall time {time.time() - start:.1f}s; results in {out}")
 

@@ -11,9 +11,9 @@ processes without knowing the data-set size in advance):
 
   * ``"kron"``: ``K = K_out = 1``, ``B (x) A`` in the parameter's ``(shape[0], rest)`` flattening.
   * ``"direct_sum"``: ``K = K_out = G``, weight ``(O, G, I)``; group ``g`` owns ``weight[:, g, :]`` with
-    block ``B_g (x) A_g`` and groups are uncoupled (GroupedLinear ``per_group`` mode).
+    block ``B_g (x) A_g`` and groups are uncoupled (e.g. a grouped linear layer's per-group blocks).
   * ``"shared_out"``: ``K_out = 1``, ``K = G``: ``B (x) blockdiag(A_1..A_G)`` in the ``(O, G*I)`` flattening
-    (GroupedLinear ``reference`` mode; representable as one laplace-torch Kronecker product).
+    (one output factor shared by the groups; representable as one laplace-torch Kronecker product).
 
 - one-factor block (biases): ``out_factors`` ``(1, o, o)``, ``in_factors`` ``None``, ``layout="single"``:
   the GGN block itself, summed over the data (no ``1 / n_data``).
@@ -27,6 +27,7 @@ import torch
 from torch import block_diag
 
 from kfac.decomposition import KronDecomposition
+from kfac.options import registered_options
 
 LAYOUTS = ("kron", "direct_sum", "shared_out", "single")
 
@@ -87,9 +88,10 @@ class KronBlock:
         if self.layout == "single":
             return [self.out_factors[0]]
         if self.layout == "direct_sum":
+            kron_values = [f"{o.name}={o.kron_value!r}" for o in registered_options() if o.kron_value is not None]
             raise ValueError(
                 f"block {self.name}: per-group (direct-sum) curvature has no single Kronecker product; "
-                "use grouped_mode='reference' for laplace-torch"
+                f"use {' or '.join(kron_values) or 'a single-product layout'} for laplace-torch"
             )
         a = self.in_factors / n_data
         return [self.out_factors[0], a[0] if self.layout == "kron" else block_diag(*a)]

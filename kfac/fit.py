@@ -10,7 +10,8 @@ from torch import nn
 from kfac.capture import Recorder, output_gradients
 from kfac.curvature import KronBlock, KronCurvature
 from kfac.decomposition import CurvatureError
-from kfac.rules import RuleOptions, curvature_modules
+from kfac.options import RuleOptions
+from kfac.rules import curvature_modules
 from kfac.sqrt_hessian import check_batch, hessian_sqrt, summed_loss
 
 
@@ -29,14 +30,13 @@ def kfac_batch(
     curvature: str = "ggn",
     *,
     mc_samples: int = 1,
-    grouped_mode: str = "per_group",
-    rotation_mode: str = "expand",
     position_norm: str = "used",
     kfac_approx: str = "expand",
     rank_reduced: bool = True,
     generator: torch.Generator | None = None,
     backward: str = "auto",
     factor_dtype: torch.dtype | None = None,
+    **rule_options: str,
 ) -> KronCurvature:
     """KFAC curvature of one batch ``x (B, ...)``, ``y (B,)`` or ``(B, K)``; ``model(x)`` must be ``(B, K)``.
 
@@ -46,11 +46,12 @@ def kfac_batch(
     :mod:`kfac.capture`, :mod:`kfac.sqrt_hessian`) whose gradients the per-module rules (:mod:`kfac.rules`)
     reduce as they come, then the rules' blocks. Blocks are returned for every trainable parameter in
     ``model.named_parameters()`` order; an unsupported module owning trainable parameters raises
-    ``NotImplementedError``. ``grouped_mode``, ``rotation_mode``, ``position_norm`` and ``kfac_approx``
-    (``"expand"`` or ``"reduce"`` over the positions a weight is shared across) are the rules' options.
+    ``NotImplementedError``. ``position_norm`` and ``kfac_approx`` (``"expand"`` or ``"reduce"`` over the
+    positions a weight is shared across) are the rules' own options (:mod:`kfac.statistics`); ``rule_options``
+    are those registered with the rules of other module types (:func:`kfac.options.register_option`).
     ``factor_dtype`` casts the batch's factors (e.g. ``torch.float64`` to accumulate float32 models safely).
     """
-    options = RuleOptions(grouped_mode, rotation_mode, position_norm, kfac_approx)
+    options = RuleOptions(position_norm=position_norm, kfac_approx=kfac_approx, **rule_options)
     modules = curvature_modules(model)
     with torch.enable_grad(), Recorder({name: module for name, (module, _) in modules.items()}) as recorder:
         logits = model(x)

@@ -25,14 +25,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kfac.options import check_choice
+
 LIKELIHOODS = ("classification", "regression")
 CURVATURES = ("ggn", "mc", "ef")
-
-
-def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
-    """Raise a ValueError naming ``what`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
 
 
 def check_batch(logits: torch.Tensor, y: torch.Tensor, likelihood: str) -> None:

@@ -40,3 +40,16 @@ def exact_ggn_blocks(model: nn.Module, x: torch.Tensor, likelihood: str = "class
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||a - b|| / ||b||`` (Frobenius)."""
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def stock_models() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """A stock MLP and a stock CNN (float64, fixed seed), each with 6 inputs and 3-class labels (stock modules
+    only, so that a process that cannot import ``ella`` can build them)."""
+    torch.manual_seed(0)
+    dt = torch.float64
+    mlp = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).to(dt)
+    cnn = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2), nn.Flatten(), nn.Linear(8, 3)
+    ).to(dt)
+    y = torch.arange(6) % 3
+    return {"mlp": (mlp, torch.randn(6, 5, dtype=dt), y), "cnn": (cnn, torch.randn(6, 2, 6, 6, dtype=dt), y)}

@@ -15,16 +15,15 @@ from ella.layers.factored import FactoredFC
 from ella.layers.group import GroupConv, LiftingConv, lift
 from ella.layers.relaxed import RelaxedLayer
 from ella.layers.sparse import SparseConv, SparseFC
-from kfac.rules import (
-    ConvWindows,
+from kfac.patches import ConvWindows, periodic_gram
+from kfac.statistics import (
     ExpandStats,
     RowsGram,
     SampleWeights,
     UsedPositions,
-    _mirror_lower,
-    _per_group_gram,
     input_factor,
-    periodic_gram,
+    mirror_lower,
+    per_group_gram,
     sample_weights,
 )
 from kfac.sqrt_hessian import hessian_sqrt
@@ -280,7 +279,7 @@ def test_wide_symmetric_products_are_complete():
         total.add(part)
     assert rel_err(total.result(), expected) < 1e-14
     grads = torch.randn(2, 3, 4, 530, dtype=DT)  # (D, B, G, O)
-    got = _mirror_lower(_per_group_gram(grads[1:], _per_group_gram(grads[:1], None)))
+    got = mirror_lower(per_group_gram(grads[1:], per_group_gram(grads[:1], None)))
     assert rel_err(got, torch.einsum("dngo,dngp->gop", grads, grads)) < 1e-14
 
 

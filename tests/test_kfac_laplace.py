@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ella.layers import FC, Conv, FactoredFC, RelaxedLayer, SparseConv
 from ella.models import LAYER_NAMES, build_model
+from kfac import CurvatureError
 from kfac.fit import fit_kfac
-from kfac.laplace_backend import EllaEF, EllaGGN, EllaMC
+from kfac.laplace_backend import EllaEF, EllaGGN, EllaMC, KfacEF, KfacGGN, KfacMC
 
 DT = torch.float64
 
@@ -93,6 +94,44 @@ def test_empirical_backend_matches_our_empirical_fisher():
 def test_per_group_mode_is_rejected():
     with pytest.raises(ValueError, match="reference"):
         EllaGGN(_model("ffc"), "classification", grouped_mode="per_group")
+
+
+def test_the_old_backend_names_are_the_kfac_backends():
+    assert (EllaGGN, EllaMC, EllaEF) == (KfacGGN, KfacMC, KfacEF)
+
+
+def test_huge_inputs_are_a_curvature_error_naming_the_block_not_a_silent_exit():
+    """Images x 1e20 (finite): a float32 input factor overflows, and laplace-torch's eigendecomposition of it
+    would call exit() (status 0, no message)."""
+    torch.manual_seed(5)
+    model = _model("fc").float()
+    x, y = 1e20 * torch.randn(10, 2, 4, 4), torch.arange(10) % 3
+    la = KronLaplace(model, "classification", backend=KfacGGN)
+    message = r"block 0\.paths\.fc\.linear\.weight \(input-side factor\): the factor of a batch has inf or NaN"
+    with pytest.raises(CurvatureError, match=message):
+        la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
+
+
+def test_factors_that_overflow_only_when_summed_over_batches_are_a_curvature_error():
+    """Each batch's output factor of the first layer (``sum W2^T W2``, 1e308) is finite, their sum is not."""
+    model = nn.Sequential(nn.Linear(2, 2, dtype=DT), nn.Linear(2, 1, dtype=DT))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(1e-3)
+        model[1].weight.fill_(1e154)
+    x, y = torch.randn(2, 2, dtype=DT), torch.zeros(2, 1, dtype=DT)
+    la = KronLaplace(model, "regression", backend=KfacGGN)
+    message = r"block 0\.weight \(output-side factor\): the factor summed over the batches has inf or NaN"
+    with pytest.raises(CurvatureError, match=message):
+        la.fit(DataLoader(TensorDataset(x, y), batch_size=1))
+
+
+def test_an_exit_in_laplace_eigendecomposition_is_a_curvature_error_naming_the_block(monkeypatch):
+    monkeypatch.setattr("laplace.utils.matrix.symeig", lambda matrix: exit())
+    la = KronLaplace(_model("fc"), "classification", backend=KfacGGN)
+    message = r"block 0\.paths\.fc\.linear\.weight: laplace-torch's eigendecomposition failed \(it called exit\(\)\)"
+    with pytest.raises(CurvatureError, match=message):
+        la.fit(_loader())
 
 
 def _fit_on_paper_network(layer: str) -> torch.Tensor:

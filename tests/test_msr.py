@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -243,3 +249,22 @@ def test_confidence_interval_matches_scipy_t():
     assert half == pytest.approx((hi - lo) / 2, rel=1e-10)
     with pytest.raises(ValueError):
         mean_confidence_interval([1.0])
+
+
+def test_msr_synthetic_writes_config_and_results_through_the_cli_plumbing(tmp_path):
+    """config.json holds the flags and settings; results.json / results.csv are ``ella.cli.write_table``'s, with
+    the per-method dict of inner learning rates as JSON in its CSV cell."""
+    script = Path(__file__).resolve().parents[1] / "experiments" / "msr_synthetic.py"
+    command = [sys.executable, str(script), "--tables", "translation", "--ks", "1", "--regimes", "small",
+               "--methods", "maml_fc", "maml_conv", "--outer-steps", "2", "--out", str(tmp_path / "run"), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["outer_steps"] == 2 and config["out"] == str(tmp_path / "run") and "torch" in config
+    assert config["translation_meta"]["outer_steps"] == 2
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    with (tmp_path / "run" / "results.csv").open() as handle:
+        cells = list(csv.DictReader(handle))
+    assert [row["method"] for row in rows] == [row["method"] for row in cells] == ["MAML-FC", "MAML-Conv"]
+    assert json.loads(cells[0]["inner_lrs"]) == rows[0]["inner_lrs"] and set(rows[0]["inner_lrs"]) == {"weight"}
+    assert json.loads(cells[1]["inner_lrs"]) == rows[1]["inner_lrs"] and float(cells[1]["mean"]) == rows[1]["mean"]

@@ -1,6 +1,10 @@
-"""The relaxed-layer zoo: dense, convolutional, factored, sparse and p4 paths, polyphase downsampling."""
+"""The relaxed-layer zoo: dense, convolutional, factored, sparse and p4 paths, polyphase downsampling.
+
+Importing it registers the layers' KFAC rules with :mod:`kfac` (:mod:`ella.layers.curvature`).
+"""
 
 from ella.layers.conv import Conv, with_stock_strided_convs
+from ella.layers.curvature import GROUPED_MODES, ROTATION_MODES
 from ella.layers.equivariance import (
     check_rotation_equivariance,
     check_rotation_invariance,
@@ -24,6 +28,8 @@ from ella.layers.sparse import (
 
 __all__ = [
     "FC",
+    "GROUPED_MODES",
+    "ROTATION_MODES",
     "Conv",
     "FactoredFC",
     "GroupConv",

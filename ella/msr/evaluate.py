@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-from argparse import Namespace
-from datetime import datetime
-from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import special
 
 
@@ -29,17 +23,3 @@ def mean_confidence_interval(values: np.ndarray | list[float], confidence: float
     sem = x.std(ddof=1) / math.sqrt(x.size)
     return float(x.mean()), float(quantile * sem)
 
-
-def start_run(args: Namespace, default_root: str, **extra: object) -> Path:
-    """Set up logging and threads, create the output folder and write ``config.json`` (the flags plus ``extra``).
-
-    The folder is ``args.out``, else ``<default_root>/<timestamp>``.
-    """
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(args.threads)
-    out = args.out or Path(default_root) / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    config.update(torch=torch.__version__, **extra)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
