@@ -359,10 +359,12 @@ class Trainer:
 
     def finish(self) -> dict:
         """Final metrics, and the effective-parameter report for Laplace runs (or when ``report``)."""
+        start = time.perf_counter()
         fit = self.laplace_fit() if self.config.laplace or self.config.report else None  # on every rank
-        return distributed.on_main(lambda: self._write_final(fit))
+        return distributed.on_main(lambda: self._write_final(fit, start))
 
-    def _write_final(self, fit: LaplaceFit | None) -> dict:
+    def _write_final(self, fit: LaplaceFit | None, start: float) -> dict:
+        """``final.json``; its ``seconds`` are the run's wall time: the epochs' (over resumes) and the finish's."""
         final = {
             "config": asdict(self.config),
             "epochs": self.epoch,
@@ -379,6 +381,7 @@ class Trainer:
             write_report(rows, self.out_dir)
             plot_relative(rows, self.figure_dir / "relative_effective_parameters.png", title=self.config.layer)
             final["effective_layer_types"] = effective_layer_types(rows)
+        final["seconds"] = sum(row["seconds"] for row in self.history) + time.perf_counter() - start
         _atomic_write(json.dumps(final, indent=2), self.out_dir / "final.json")
         return final
 

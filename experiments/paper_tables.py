@@ -1,0 +1,90 @@
+"""Run one experiment's set of models back to back under one preset and write one results table.
+
+    python experiments/paper_tables.py cifar10 --preset gpu
+    python experiments/paper_tables.py quadrant_mnist --preset gpu --seeds 711 1 2
+    python experiments/paper_tables.py multigroup --preset gpu --device cuda
+
+The sets are the paper's: CIFAR-10 (Table 2) CONV, F-FC and FC+CONV by MAP and the learned F-FC+CONV;
+quadrant MNIST (Table 1) FC and CONV by MAP and the learned F-FC+CONV on both tasks; multi-group (Table 3) the
+learned F-FC+CONV+GCONV on five data sets. The preset comes from the experiment's script (``--help`` of
+``experiments/<experiment>.py`` lists them); every training flag overrides it. Each run goes to
+``<out>/<run>-s<seed>/`` (``--out`` default ``runs/tables/<experiment>-<preset>``), and the table to
+``<out>/table.{json,csv}``, printed as Markdown: test accuracy and NLL, ``-log p(D)/N``, the paper's accuracy,
+wall minutes, and for learned models each path kind's relative effective parameters (``rel``) and share of the
+layer's output power (``out``) in blocks 0, 1, ... (head layers left out). ``--resume`` skips finished runs
+and continues an interrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from ella.cli import add_training_arguments, config_from_args, run_many, run_script, setup_logging, write_table
+
+EXPERIMENTS = ("cifar10", "quadrant_mnist", "multigroup")
+FIXED = {  # what each experiment's script fixes itself (the run set then chooses layers, tasks, data sets)
+    "cifar10": {"dataset": "cifar10"},
+    "quadrant_mnist": {"dataset": "quadrant_mnist"},
+    "multigroup": {"layer": "ffc_conv_gconv", "dataset": "cifar10"},
+}
+
+
+def experiment_module(name: str):
+    """The experiment's script as a module (its ``PRESETS``, ``make_runs`` and ``paper_accuracy``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    return importlib.import_module(name)
+
+
+def block_shares(run_dir: Path) -> dict[str, str]:
+    """Per path kind, the relative effective parameters and output shares of the relaxed blocks in order."""
+    report = run_dir / "effective_parameters.json"
+    if not report.exists():
+        return {}
+    rows = [r for r in json.loads(report.read_text())["paths"] if r["path"] is not None]
+    shares: dict[str, str] = {}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        mine = [r for r in rows if r["kind"] == kind]
+        shares[f"rel {kind}"] = " ".join(f"{r['relative']:.2f}" for r in mine)
+        if all(r["output_share"] is not None for r in mine):
+            shares[f"out {kind}"] = " ".join(f"{r['output_share']:.2f}" for r in mine)
+    return shares
+
+
+def table_row(name: str, final: dict, run_dir: Path, module) -> dict:
+    config = final["config"]
+    return {
+        "run": name, "params": final["n_params"], "test_acc": final["test"]["acc"], "test_nll": final["test"]["nll"],
+        "neg_log_marglik": final["neg_log_marglik"], "paper_acc": module.paper_accuracy(config),
+        "minutes": final.get("seconds", 0.0) / 60, **block_shares(run_dir),
+    }
+
+
+def main() -> None:
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("experiment", nargs="?", choices=EXPERIMENTS)
+    known, _ = first.parse_known_args()
+    module = experiment_module(known.experiment) if known.experiment else None
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=EXPERIMENTS, help="which paper table to run")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[711], help="seeds to run every model with (default: 711)")
+    add_training_arguments(parser, module.PRESETS if module else {"gpu": {}})
+    parser.set_defaults(preset="gpu")
+    args = parser.parse_args()
+    setup_logging(args.verbose)
+    base = config_from_args(args, module.PRESETS, **FIXED[args.experiment])
+    root = args.out or Path("runs") / "tables" / f"{args.experiment}-{args.preset}"
+    runs = {f"{name}-s{seed}": replace(config, seed=seed)
+            for seed in args.seeds for name, config in module.make_runs(base).items()}
+    results = run_many(runs, root, args.resume)
+    rows = [table_row(name, final, root / name, module) for name, final in results.items()]
+    print(write_table(rows, root, stem="table"))
+    print(f"results in {root}")
+
+
+if __name__ == "__main__":
+    run_script(main)
