@@ -14,82 +14,76 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import Field, fields
 from pathlib import Path
 
 from ella import distributed
-from ella.data import CIFAR_TEST_CHOICES
-from ella.layers.relaxed import COMBINE_MODES
 from ella.marglik import MarglikError
+from ella.options import COUNT, POSITIVE, Range, flag, is_option
 from ella.train import TrainConfig
 from kfac.decomposition import CurvatureError
-from kfac.rules import GROUPED_MODES, KFAC_APPROXES
-from kfac.sqrt_hessian import CURVATURES
 
-# flag name -> (type, help). Defaults are None so that "not given" can be told apart from a preset value.
-_OVERRIDES: dict[str, tuple[type, str]] = {
-    "alpha": (int, "network width (default: 10; 2 for ffc_conv_gconv)"),
-    "combine": (str, "how a relaxed layer combines its P paths: 'sqrt' (sum / sqrt(P), keeps the activation scale; default), 'sum' (paper) or 'mean' (reference code)"),
-    "epochs": (int, "training epochs"),
-    "batch_size": (int, "mini-batch size for parameter updates"),
-    "lr": (float, "initial learning rate (cosine-annealed per iteration)"),
-    "lr_min": (float, "final learning rate of the cosine schedule"),
-    "optimizer": (str, "'sgd' (momentum 0.9, reference code) or 'adam' (paper)"),
-    "burn_in": (int, "first epoch at which the prior precisions are updated"),
-    "marglik_every": (int, "update the precisions every this many epochs"),
-    "hyper_steps": (int, "Adam steps on the log precisions per KFAC fit"),
-    "hyper_lr": (float, "learning rate of the precision updates"),
-    "kfac_batch_size": (int, "batch size of the KFAC pass"),
-    "curvature": (str, "KFAC curvature: 'ggn' (exact), 'mc' (Monte-Carlo) or 'ef' (empirical Fisher)"),
-    "kfac_approx": (str, "KFAC for weights shared over positions (convolution sites, rotations): 'expand' (default) or 'reduce'"),
-    "grouped_mode": (str, "KFAC for the F-FC / S-FC stages: 'per_group' (exact per-channel blocks; default) or 'reference' (one shared output factor, as the reference code)"),
-    "prior_init": (float, "initial prior precision of every group"),
-    "n_train": (int, "use a class-balanced subset of this many training images"),
-    "cifar_test": (str, "CIFAR-10 test set: 'exact' (the 1,000 bit-exact official images) or 'jpeg10k' (all 10,000, lossy JPEG)"),
-    "n_valid": (int, "hold out this many training images for validation (overrides --valid-fraction)"),
-    "valid_fraction": (float, "fraction of the training data held out for validation"),
-    "seed": (int, "random seed"),
-}
+DEFAULT_PRESET = "cpu"
 
-# flags whose values come from a fixed list (argparse rejects anything else with the list)
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "combine": COMBINE_MODES, "optimizer": ("sgd", "adam"), "curvature": CURVATURES, "cifar_test": CIFAR_TEST_CHOICES,
-    "kfac_approx": KFAC_APPROXES, "grouped_mode": GROUPED_MODES,
-}
-
-
-def positive_int(text: str) -> int:
-    """argparse ``type`` for counts and sizes: an integer >= 1 (argparse reports anything else with the flag)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type`` for scales and rates: a finite number > 0."""
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+positive_int = COUNT  # argparse ``type`` for counts and sizes: an integer >= 1 (argparse names the flag)
+positive_float = POSITIVE  # argparse ``type`` for scales and rates: a finite number > 0
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
-    """Add the flags every training experiment shares."""
-    parser.add_argument("--laplace", action="store_true", help="learn the prior precisions by the Laplace marginal likelihood (otherwise MAP)")
-    parser.add_argument("--preset", choices=sorted(presets), default="cpu", help="a named configuration; explicit flags override it")
-    for name, (kind, text) in _OVERRIDES.items():
-        parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text, choices=_CHOICES.get(name)
-        )
-    parser.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no data augmentation for parameter updates")
-    parser.add_argument("--per-tensor-prior", action="store_true", default=None, help="one precision per parameter tensor instead of per path")
-    parser.add_argument("--report", action="store_true", default=None, help="write the effective-parameter report after a MAP run too")
-    parser.add_argument("--data-dir", default=None, help="folder with the data (default: $ELLA_DATA, then ./data)")
-    parser.add_argument("--device", default=None, help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)")
+    """Add the flags every training experiment shares: ``--preset``, one flag per option field of
+    :class:`~ella.train.TrainConfig` (see :mod:`ella.options`; its help shows the default it takes under the
+    default preset), ``--out``, ``--resume`` and ``--verbose``."""
+    parser.add_argument("--preset", choices=sorted(presets), default=DEFAULT_PRESET, help=_preset_help(presets))
+    group = parser.add_argument_group("training options (a preset sets some of them; a flag given overrides it)")
+    for item in fields(TrainConfig):
+        if is_option(item):
+            _add_option(group, item, presets[DEFAULT_PRESET])
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<experiment>/<layer>-<map|laplace>-<preset>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+
+
+def _add_option(group: argparse._ArgumentGroup, item: Field, preset: dict) -> None:
+    """The flag of the option field ``item``; its default is ``None``, so that a flag not given can be told apart
+    from a preset's value."""
+    text = item.metadata["help"]
+    if isinstance(item.default, bool):  # a switch
+        if item.name in preset and preset[item.name] != item.default:
+            text += f" (already so with --preset {DEFAULT_PRESET})"
+        action = "store_false" if item.default else "store_true"
+        group.add_argument(flag(item), dest=item.name, action=action, default=None, help=_escape(text))
+        return
+    if item.name in preset:
+        text += f" (default: {preset[item.name]}, from --preset {DEFAULT_PRESET})"
+    elif item.default is not None and isinstance(item.default, (int, float, str)):
+        text += f" (default: {item.default})"
+    values = item.metadata["values"]
+    group.add_argument(flag(item), dest=item.name, default=None, help=_escape(text),
+                       type=values if isinstance(values, Range) else str,
+                       choices=values if isinstance(values, tuple) else None)
+
+
+def _preset_help(presets: dict[str, dict]) -> str:
+    options = {item.name: item for item in fields(TrainConfig) if is_option(item)}
+
+    def as_flags(values: dict) -> str:
+        words = []
+        for name, value in values.items():
+            item = options[name]
+            if not isinstance(item.default, bool):
+                words.append(f"{flag(item)} {value}")
+            elif value != item.default:
+                words.append(flag(item))
+        return " ".join(words)
+
+    names = sorted(presets, key=lambda name: name != DEFAULT_PRESET)
+    listed = "; ".join(f"{name}{' (the default)' if name == DEFAULT_PRESET else ''}: {as_flags(presets[name])}"
+                       for name in names)
+    return _escape(f"a named configuration; flags given explicitly override its values. {listed}")
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help texts with %
 
 
 def config_from_args(args: argparse.Namespace, presets: dict[str, dict], **fixed) -> TrainConfig:
@@ -100,7 +94,6 @@ def config_from_args(args: argparse.Namespace, presets: dict[str, dict], **fixed
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
-    values["laplace"] = args.laplace
     values.update(fixed)
     if values.get("device") is None:
         values.pop("device", None)

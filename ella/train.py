@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -37,9 +37,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ella import distributed
-from ella.data import DataBundle, TensorLoader, load_dataset
+from ella.data import CIFAR_TEST_CHOICES, DataBundle, TensorLoader, load_dataset
+from ella.layers.relaxed import COMBINE_MODES
 from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace, optimise_prior
 from ella.models import build_model
+from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, option
 from ella.priors import Prior
 from ella.report import (
     effective_layer_types,
@@ -59,49 +61,66 @@ OUTPUT_SHARE_IMAGES = 1000  # unaugmented training images on which the report me
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; saved as ``config.json`` and checked on ``--resume``."""
+    """Everything that defines a run; saved as ``config.json`` and checked on ``--resume``.
+
+    A field made by :func:`~ella.options.option` is also a flag of every training experiment (``lr_min`` is
+    ``--lr-min``; see :mod:`ella.options`): adding a training option is adding one field here. ``layer``,
+    ``dataset``, ``task`` and ``momentum`` are set by the experiments, not by flags.
+    """
 
     layer: str = "ffc_conv"
     dataset: str = "cifar10"
     task: str | None = None
-    alpha: int | None = None
-    combine: str = "sqrt"  # how a relaxed layer combines P paths: sum / sqrt(P) ("sqrt"), "sum" (paper), "mean" (reference)
-    epochs: int = 4000
-    batch_size: int = 128
-    lr: float = 0.01
-    lr_min: float = 1e-6
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9, as the reference code) or "adam" (as the paper)
+    alpha: int | None = option(None, "network width; 10 when neither a preset nor this flag sets it (2 for "
+                                        "ffc_conv_gconv)", COUNT)
+    combine: str = option("sqrt", "how a relaxed layer combines its P paths: 'sqrt' (sum / sqrt(P), keeps the "
+                                  "activation scale), 'sum' (paper) or 'mean' (reference code)", COMBINE_MODES)
+    epochs: int = option(4000, "training epochs", COUNT)
+    batch_size: int = option(128, "mini-batch size for parameter updates", COUNT)
+    lr: float = option(0.01, "initial learning rate (cosine-annealed per iteration)", Range(float, 0))
+    lr_min: float = option(1e-6, "final learning rate of the cosine schedule (at most --lr)", Range(float, 0))
+    optimizer: str = option("sgd", "'sgd' (momentum 0.9, reference code) or 'adam' (paper)", ("sgd", "adam"))
     momentum: float = 0.9
-    augment: bool = True
-    laplace: bool = False
-    burn_in: int = 10
-    marglik_every: int = 5
-    hyper_steps: int = 20
-    hyper_lr: float = 0.1
-    kfac_batch_size: int = 150
-    curvature: str = "ggn"
-    kfac_approx: str = "expand"  # KFAC over the positions a weight is shared across: "expand" or "reduce"
-    grouped_mode: str = "per_group"  # KFAC of F-FC / S-FC stages: "per_group" blocks or the "reference" shared factor
-    prior_init: float = 1.0
-    per_tensor_prior: bool = False
-    report: bool = False  # effective-parameter report after a MAP run too
-    n_train: int | None = None
-    n_valid: int | None = None
-    valid_fraction: float = 0.1
-    cifar_test: str = "exact"
-    seed: int = 711
-    data_dir: str | None = None
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    augment: bool = option(True, "no data augmentation for parameter updates")
+    laplace: bool = option(False, "learn the prior precisions by the Laplace marginal likelihood (otherwise MAP)")
+    burn_in: int = option(10, "first epoch at which the prior precisions are updated", OPTIONAL_COUNT)
+    marglik_every: int = option(5, "update the precisions every this many epochs", COUNT)
+    hyper_steps: int = option(20, "Adam steps on the log precisions per KFAC fit", OPTIONAL_COUNT)
+    hyper_lr: float = option(0.1, "learning rate of the precision updates", Range(float, 0))
+    kfac_batch_size: int = option(150, "batch size of the KFAC pass", COUNT)
+    curvature: str = option("ggn", "KFAC curvature: 'ggn' (exact), 'mc' (Monte-Carlo) or 'ef' (empirical Fisher)",
+                            CURVATURES)
+    kfac_approx: str = option("expand", "KFAC for weights shared over positions (convolution sites, rotations): "
+                                        "'expand' or 'reduce'", KFAC_APPROXES)
+    grouped_mode: str = option("per_group", "KFAC for the F-FC / S-FC stages: 'per_group' (exact per-channel "
+                                            "blocks) or 'reference' (one shared output factor, as the reference code)",
+                               GROUPED_MODES)
+    prior_init: float = option(1.0, "initial prior precision of every group", POSITIVE)
+    per_tensor_prior: bool = option(False, "one precision per parameter tensor instead of per path")
+    report: bool = option(False, "write the effective-parameter report after a MAP run too")
+    n_train: int | None = option(None, "use a class-balanced subset of this many training images (all of them "
+                                          "when not set)", COUNT)
+    n_valid: int | None = option(None, "hold out this many training images for validation (overrides --valid-fraction)",
+                                 COUNT)
+    valid_fraction: float = option(0.1, "fraction of the training data held out for validation", Range(float, 0, True, 1))
+    cifar_test: str = option("exact", "CIFAR-10 test set: 'exact' (the 1,000 bit-exact official images) or 'jpeg10k' "
+                                      "(all 10,000, lossy JPEG)", CIFAR_TEST_CHOICES)
+    seed: int = option(711, "random seed", Range(int))
+    data_dir: str | None = option(None, "folder with the data (default: $ELLA_DATA, then ./data)")
+    device: str = option(help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)",
+                         default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
     def check(self) -> None:
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        check_choice(self.curvature, CURVATURES, "curvature")
-        check_choice(self.kfac_approx, KFAC_APPROXES, "kfac_approx")
-        check_choice(self.grouped_mode, GROUPED_MODES, "grouped_mode")
-        for name in ("epochs", "batch_size", "marglik_every", "kfac_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        """Raise a ValueError naming the first option outside its range (by its flag) or choices, or ``--lr-min``
+        above ``--lr``."""
+        for item in fields(self):
+            allowed, value = item.metadata.get("values"), getattr(self, item.name)
+            if isinstance(allowed, tuple):
+                check_choice(value, allowed, item.name)
+            elif isinstance(allowed, Range) and value is not None:
+                allowed.check(value, flag(item))
+        if self.lr_min > self.lr:
+            raise ValueError(f"--lr-min ({self.lr_min:g}) must not be above --lr ({self.lr:g})")
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> dict[str, float]:

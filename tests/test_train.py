@@ -173,6 +173,7 @@ def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
         (["--layer", "conv", "--combine", "avg"], "invalid choice: 'avg'"),
         (["--layer", "convv"], "invalid choice: 'convv'"),
         (["--layer", "conv", "--device", "tpu"], "device 'tpu' cannot be used here"),
+        (["--layer", "conv", "--prior-init", "nan"], "argument --prior-init: must be a finite number > 0, got nan"),
     ],
 )
 def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: list[str], message: str) -> None:
