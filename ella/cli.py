@@ -18,6 +18,7 @@ from dataclasses import Field, fields
 from pathlib import Path
 
 from ella import distributed
+from ella.checkpoint import CheckpointError, OutputError
 from ella.marglik import MarglikError
 from ella.options import COUNT, POSITIVE, Range, flag, is_option
 from ella.train import TrainConfig
@@ -114,14 +115,18 @@ def figure_dir(out: Path) -> Path:
 
 
 def run_script(main: Callable[[], None]) -> None:
-    """Run an experiment's ``main``, then :func:`ella.distributed.finish` (a no-op in a single process); a user
-    error (bad option, missing data, an output folder that already holds a run without ``--resume``, a training
-    loss that diverged, a marginal likelihood or a curvature that cannot be computed) ends with its message and
-    exit status 2 instead of a traceback (``-v`` / ``--verbose`` shows the traceback too)."""
+    """Run an experiment's ``main``, then :func:`ella.distributed.finish` (a no-op in a single process).
+
+    A user error (bad option, missing data, an output folder that cannot be written or already holds a run
+    without ``--resume``, a checkpoint that cannot be resumed, a training loss that diverged, a marginal
+    likelihood or a curvature that cannot be computed) ends with its message and exit status 2 instead of a
+    traceback (``-v`` / ``--verbose`` shows the traceback too).
+    """
     try:
         main()
         distributed.finish()
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, MarglikError, CurvatureError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, MarglikError, CurvatureError,
+            OutputError, CheckpointError) as error:
         if "-v" in sys.argv or "--verbose" in sys.argv:
             raise
         print(f"error: {error}\n(run with -v for the traceback)", file=sys.stderr)

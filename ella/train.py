@@ -5,12 +5,14 @@ Every epoch: SGD with momentum (Adam as an option) on the MAP objective ``mean C
 then validation and test metrics. With ``laplace=True``, after ``burn_in`` epochs and every ``marglik_every``
 epochs, KFAC is fitted on the *unaugmented* training data, eigendecomposed once, and ``hyper_steps`` Adam steps
 are taken on the log prior precisions. Each epoch ends with an atomic checkpoint, so an interrupted run loses
-at most the epoch in progress and ``resume=True`` continues from the last one.
+at most the epoch in progress and ``resume=True`` continues from the last one (the one before is kept; see
+:mod:`ella.checkpoint`).
 
 Outputs in ``out_dir``: ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch),
-``checkpoint.pt``, and after training ``final.json`` and (for Laplace or when asked) the effective-parameter
-report ``effective_parameters.{txt,json}``, with its figure ``relative_effective_parameters.png`` in
-``figure_dir`` (default ``out_dir/figures``; the experiment scripts use ``figures/<experiment>/<run>``).
+``checkpoint.pt`` and ``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or when
+asked) the effective-parameter report ``effective_parameters.{txt,json}``, with its figure
+``relative_effective_parameters.png`` in ``figure_dir`` (default ``out_dir/figures``; the experiment scripts use
+``figures/<experiment>/<run>``).
 
 Data parallel (launched with ``torchrun --nproc_per_node=N``, see :mod:`ella.distributed`): parameter updates
 go through ``DistributedDataParallel`` with ``batch_size`` samples per process per step (the torch convention:
@@ -26,7 +28,6 @@ import csv
 import io
 import json
 import logging
-import os
 import time
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -37,11 +38,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ella import distributed
+from ella.checkpoint import OutputError, open_run, save_checkpoint, write_text
 from ella.data import CIFAR_TEST_CHOICES, DataBundle, TensorLoader, load_dataset
 from ella.layers.relaxed import COMBINE_MODES
 from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace, optimise_prior
 from ella.models import build_model
-from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, option
+from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, is_option, option
 from ella.priors import Prior
 from ella.report import (
     effective_layer_types,
@@ -57,11 +59,14 @@ from kfac.sqrt_hessian import CURVATURES, check_choice
 log = logging.getLogger(__name__)
 
 OUTPUT_SHARE_IMAGES = 1000  # unaugmented training images on which the report measures each path's output power
+# what a checkpoint holds besides the run's configuration
+_STATE_KEYS = ("epoch", "model", "prior", "optimizer", "scheduler", "hyper_optimizer", "train_generator", "torch_rng",
+               "history", "last_marglik")
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; saved as ``config.json`` and checked on ``--resume``.
+    """Everything that defines a run; saved as ``config.json`` and with every checkpoint, and checked on ``--resume``.
 
     A field made by :func:`~ella.options.option` is also a flag of every training experiment (``lr_min`` is
     ``--lr-min``; see :mod:`ella.options`): adding a training option is adding one field here. ``layer``,
@@ -136,30 +141,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return {"nll": nll / len(y), "acc": 100.0 * correct / len(y)}
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 _NESTED = ("precisions", "relative_n_eff")  # per-group dictionaries: in the JSONL only
 
 
 def write_metrics(history: list[dict], out_dir: Path) -> None:
     """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the full history (atomic, so never half-written)."""
-    _atomic_write("".join(json.dumps(row) + "\n" for row in history), out_dir / "metrics.jsonl")
+    write_text("".join(json.dumps(row) + "\n" for row in history), out_dir / "metrics.jsonl")
     columns = list(dict.fromkeys(key for row in history for key in row if key not in _NESTED))
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
-    _atomic_write(text.getvalue(), out_dir / "metrics.csv")
+    write_text(text.getvalue(), out_dir / "metrics.csv")
 
 
 class Trainer:
@@ -171,8 +164,7 @@ class Trainer:
         self.out_dir = out_dir
         self.figure_dir = out_dir / "figures" if figure_dir is None else figure_dir
         self.device = distributed.setup(config.device)
-        self.checkpoint_path = out_dir / "checkpoint.pt"
-        distributed.on_main(lambda: self._check_config_file(resume))
+        state = distributed.on_main(lambda: self._open_run(resume))  # checks before it writes; rank 0's state
 
         torch.manual_seed(config.seed)
         self.data: DataBundle = load_dataset(
@@ -208,29 +200,20 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch = 0
         self.last_marglik: float | None = None
-        if resume and distributed.on_main(self.checkpoint_path.exists):
-            self._load_checkpoint()
+        if state is not None:
+            self._load_state(state)
         elif resume and distributed.is_main():
             log.warning("--resume: no checkpoint in %s yet, so this starts a new run", self.out_dir)
 
-    def _check_config_file(self, resume: bool) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / "config.json"
-        current = asdict(self.config)
-        if resume and path.exists():
-            saved = json.loads(path.read_text())
-            defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-            # a field added after the run started counts as its default
-            changed = {
-                k: (saved.get(k, defaults.get(k)), v)
-                for k, v in current.items()
-                if k != "device" and saved.get(k, defaults.get(k)) != v
-            }
-            if changed:
-                raise ValueError(f"--resume with a different configuration than {path}: {changed}")
-        elif not resume and (self.out_dir / "checkpoint.pt").exists():
-            raise FileExistsError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose --out")
-        _atomic_write(json.dumps(current, indent=2), path)
+    def _open_run(self, resume: bool) -> dict | None:
+        """Check the output folder (and on ``resume`` its checkpoint and configuration), then write
+        ``config.json``; return the checkpoint's state to continue from (see :func:`ella.checkpoint.open_run`)."""
+        options = fields(TrainConfig)
+        return open_run(
+            self.out_dir, asdict(self.config), resume, keys=_STATE_KEYS,
+            defaults={f.name: f.default for f in options if f.default is not MISSING},
+            flags={f.name: flag(f) for f in options if is_option(f)},
+        )
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         if self.config.optimizer == "adam":
@@ -238,7 +221,9 @@ class Trainer:
         return torch.optim.SGD(self.model.parameters(), lr=self.config.lr, momentum=self.config.momentum)
 
     def _state(self) -> dict:
+        """What a checkpoint holds: :data:`_STATE_KEYS` and the run's configuration."""
         return {
+            "config": asdict(self.config),
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "prior": self.prior.state_dict(),
@@ -251,8 +236,7 @@ class Trainer:
             "last_marglik": self.last_marglik,
         }
 
-    def _load_checkpoint(self) -> None:
-        state = distributed.on_main(lambda: torch.load(self.checkpoint_path, map_location="cpu", weights_only=False))
+    def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.prior.load_state_dict(state["prior"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -331,7 +315,7 @@ class Trainer:
         row["precisions"] = self.prior.as_dict()
         row["seconds"] = time.perf_counter() - start
         self.history.append(row)
-        _atomic_save(self._state(), self.checkpoint_path)
+        save_checkpoint(self._state(), self.out_dir)
         write_metrics(self.history, self.out_dir)
         log.info(
             "epoch %d: train %.4f valid nll %.4f acc %.2f test acc %.2f%s",
@@ -358,10 +342,13 @@ class Trainer:
             rows = path_reports(self.prior, effective_parameters(fit, self.prior), fit.n_params)
             power = path_output_power(self.model, self.data.train[0][:OUTPUT_SHARE_IMAGES])
             rows = with_output_shares(rows, power)
-            write_report(rows, self.out_dir)
-            plot_relative(rows, self.figure_dir / "relative_effective_parameters.png", title=self.config.layer)
+            try:
+                write_report(rows, self.out_dir)
+                plot_relative(rows, self.figure_dir / "relative_effective_parameters.png", title=self.config.layer)
+            except OSError as error:  # a full disk, a read-only figure folder
+                raise OutputError(f"cannot write the report of {self.out_dir}: {error}") from error
             final["effective_layer_types"] = effective_layer_types(rows)
-        _atomic_write(json.dumps(final, indent=2), self.out_dir / "final.json")
+        write_text(json.dumps(final, indent=2), self.out_dir / "final.json")
         return final
 
 

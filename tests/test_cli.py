@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import ella.cli as cli
-from ella.cli import add_training_arguments, config_from_args
+from ella.checkpoint import CheckpointError, OutputError
+from ella.cli import add_training_arguments, config_from_args, run_script
 from ella.options import COUNT, Range, flag, is_option, option
 from ella.train import TrainConfig
 
@@ -129,3 +130,18 @@ def test_help_shows_each_preset_and_the_defaults_the_run_uses(
     assert lines["--alpha"].endswith("(2 for ffc_conv_gconv) (default: 4, from --preset cpu)")
     assert lines["--epochs"].endswith("training epochs (default: 10, from --preset cpu)")
     assert lines["--hyper-lr"].endswith("(default: 0.1)")
+
+
+@pytest.mark.parametrize("error", [OutputError("cannot write x: No space left on device"),
+                                   CheckpointError("cannot resume: y cannot be read")])
+def test_run_script_turns_output_and_checkpoint_errors_into_a_message(
+    error: Exception, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def main() -> None:
+        raise error
+
+    monkeypatch.setattr(cli.sys, "argv", ["script.py"])
+    with pytest.raises(SystemExit) as stop:
+        run_script(main)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: {error}\n(run with -v for the traceback)\n"
