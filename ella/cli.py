@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import Field, fields
@@ -21,7 +22,7 @@ from ella import distributed
 from ella.checkpoint import CheckpointError, OutputError
 from ella.marglik import MarglikError
 from ella.options import COUNT, POSITIVE, Range, flag, is_option
-from ella.train import TrainConfig
+from ella.train import Interrupted, TrainConfig
 from kfac.decomposition import CurvatureError
 
 DEFAULT_PRESET = "cpu"
@@ -120,7 +121,8 @@ def run_script(main: Callable[[], None]) -> None:
     A user error (bad option, missing data, an output folder that cannot be written or already holds a run
     without ``--resume``, a checkpoint that cannot be resumed, a training loss that diverged, a marginal
     likelihood or a curvature that cannot be computed) ends with its message and exit status 2 instead of a
-    traceback (``-v`` / ``--verbose`` shows the traceback too).
+    traceback (``-v`` / ``--verbose`` shows the traceback too). Ctrl-C ends with one line and status 130: where
+    a training run stopped and the command that continues it.
     """
     try:
         main()
@@ -131,6 +133,18 @@ def run_script(main: Callable[[], None]) -> None:
             raise
         print(f"error: {error}\n(run with -v for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Interrupted):
+            print(f"{stop}; continue with: {resume_command()}", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that continues this run: the same one (``argv``, default ``sys.argv``) with ``--resume``."""
+    argv = sys.argv if argv is None else argv
+    return shlex.join(["python", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def setup_logging(verbose: bool) -> None:

@@ -6,7 +6,8 @@ then validation and test metrics. With ``laplace=True``, after ``burn_in`` epoch
 epochs, KFAC is fitted on the *unaugmented* training data, eigendecomposed once, and ``hyper_steps`` Adam steps
 are taken on the log prior precisions. Each epoch ends with an atomic checkpoint, so an interrupted run loses
 at most the epoch in progress and ``resume=True`` continues from the last one (the one before is kept; see
-:mod:`ella.checkpoint`).
+:mod:`ella.checkpoint`). Ctrl-C ends a run with :class:`Interrupted`, which says where it stopped. Progress bars
+(rank 0, on a terminal; :mod:`ella.progress`) follow the epochs, each epoch's batches and each KFAC-Laplace fit.
 
 Outputs in ``out_dir``: ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch),
 ``checkpoint.pt`` and ``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or when
@@ -29,6 +30,7 @@ import io
 import json
 import logging
 import time
+from contextlib import AbstractContextManager
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_lap
 from ella.models import build_model
 from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, is_option, option
 from ella.priors import Prior
+from ella.progress import BarLoader, RunBar, fit_progress
 from ella.report import (
     effective_layer_types,
     path_output_power,
@@ -191,8 +194,8 @@ class Trainer:
         augment = self.data.augment if config.augment else None
         self.train_loader = TensorLoader(*self.data.train, config.batch_size, shuffle=True, augment=augment,
                                          generator=generator, rank=rank, world_size=world)
-        self.marglik_loader = TensorLoader(*self.data.train, config.kfac_batch_size, rank=rank, world_size=world,
-                                           pad_shards=False)
+        self.marglik_loader = BarLoader(TensorLoader(*self.data.train, config.kfac_batch_size, rank=rank,
+                                                      world_size=world, pad_shards=False))
         self.optimizer = self._make_optimizer()
         total_steps = config.epochs * len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps, eta_min=config.lr_min)
@@ -200,6 +203,7 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch = 0
         self.last_marglik: float | None = None
+        self.saved_epoch = 0  # the epoch of the last checkpoint (rank 0)
         if state is not None:
             self._load_state(state)
         elif resume and distributed.is_main():
@@ -245,7 +249,7 @@ class Trainer:
         self.train_loader.generator.set_state(state["train_generator"])
         torch.set_rng_state(state["torch_rng"])
         self.history = state["history"]
-        self.epoch = state["epoch"]
+        self.epoch = self.saved_epoch = state["epoch"]
         self.last_marglik = state["last_marglik"]
         log.info("resumed %s at epoch %d", self.out_dir, self.epoch)
 
@@ -281,8 +285,9 @@ class Trainer:
         relaxed layers only), so that the metrics show how each layer's choice develops round by round.
         """
         try:
-            fit = self.laplace_fit()
-            self.last_marglik = optimise_prior(fit, self.prior, self.hyper_optimizer, self.config.hyper_steps)
+            with self._fit_progress("marginal likelihood", self.config.hyper_steps):
+                fit = self.laplace_fit()
+                self.last_marglik = optimise_prior(fit, self.prior, self.hyper_optimizer, self.config.hyper_steps)
         except MarglikError as error:
             log.warning("epoch %d: marginal-likelihood round skipped, precisions kept: %s", self.epoch + 1, error)
             return {"neg_log_marglik": None}
@@ -295,17 +300,29 @@ class Trainer:
         return c.laplace and epoch >= c.burn_in and epoch % c.marglik_every == 0
 
     def run(self) -> dict:
-        """Train from the current epoch to ``config.epochs``; then evaluate and report."""
+        """Train from the current epoch to ``config.epochs``; then evaluate and report.
+
+        Ctrl-C raises :class:`Interrupted`, saying where the run stopped and which epoch its last checkpoint holds.
+        """
         c = self.config
-        for epoch in tqdm(range(self.epoch + 1, c.epochs + 1), desc=f"{c.layer} on {c.dataset}", initial=self.epoch, total=c.epochs, disable=_no_bar()):
-            start = time.perf_counter()
-            train_loss = self.train_epoch()
-            row: dict = {"epoch": epoch, "train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0]}
-            if self.is_marglik_epoch(epoch):
-                row.update(self.hyper_round())
-            self.epoch = epoch
-            if distributed.is_main():
-                self._record(row, start)
+        seconds = [row["seconds"] for row in self.history]
+        with RunBar(total=c.epochs, initial=self.epoch, desc=f"{c.layer} on {c.dataset}", disable=_no_bar(),
+                     seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None) as bar:
+            for epoch in range(self.epoch + 1, c.epochs + 1):
+                start = time.perf_counter()
+                try:
+                    train_loss = self.train_epoch()
+                    row: dict = {"epoch": epoch, "train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0]}
+                    if self.is_marglik_epoch(epoch):
+                        row.update(self.hyper_round())
+                    self.epoch = epoch
+                    if distributed.is_main():
+                        self._record(row, start)
+                except KeyboardInterrupt:
+                    saved = (f"the checkpoint in {self.out_dir} holds epoch {self.saved_epoch}" if self.saved_epoch
+                             else "no epoch of it is saved yet")
+                    raise Interrupted(f"interrupted in epoch {epoch} of {c.epochs}; {saved}") from None
+                bar.update()
         return self.finish()
 
     def _record(self, row: dict, start: float) -> None:
@@ -316,6 +333,7 @@ class Trainer:
         row["seconds"] = time.perf_counter() - start
         self.history.append(row)
         save_checkpoint(self._state(), self.out_dir)
+        self.saved_epoch = self.epoch
         write_metrics(self.history, self.out_dir)
         log.info(
             "epoch %d: train %.4f valid nll %.4f acc %.2f test acc %.2f%s",
@@ -325,8 +343,18 @@ class Trainer:
 
     def finish(self) -> dict:
         """Final metrics, and the effective-parameter report for Laplace runs (or when ``report``)."""
-        fit = self.laplace_fit() if self.config.laplace or self.config.report else None  # on every rank
-        return distributed.on_main(lambda: self._write_final(fit))
+        try:
+            fit = None
+            if self.config.laplace or self.config.report:
+                with self._fit_progress("final report"):
+                    fit = self.laplace_fit()  # on every rank
+            return distributed.on_main(lambda: self._write_final(fit))
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted while writing the final report; the checkpoint in {self.out_dir} holds "
+                              f"all {self.epoch} epochs") from None
+
+    def _fit_progress(self, desc: str, hyper_steps: int = 0) -> AbstractContextManager:
+        return fit_progress(self.marglik_loader, self.hyper_optimizer, desc, hyper_steps, disable=_no_bar())
 
     def _write_final(self, fit: LaplaceFit | None) -> dict:
         final = {
@@ -350,6 +378,10 @@ class Trainer:
             final["effective_layer_types"] = effective_layer_types(rows)
         write_text(json.dumps(final, indent=2), self.out_dir / "final.json")
         return final
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says where the run stopped and what its checkpoint holds."""
 
 
 def _no_bar() -> bool | None:

@@ -14,9 +14,9 @@ import pytest
 
 import ella.cli as cli
 from ella.checkpoint import CheckpointError, OutputError
-from ella.cli import add_training_arguments, config_from_args, run_script
+from ella.cli import add_training_arguments, config_from_args, resume_command, run_script
 from ella.options import COUNT, Range, flag, is_option, option
-from ella.train import TrainConfig
+from ella.train import Interrupted, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"cpu": {"epochs": 10, "alpha": 4, "augment": False, "optimizer": "adam"}, "paper": {"epochs": 4000}}
@@ -145,3 +145,27 @@ def test_run_script_turns_output_and_checkpoint_errors_into_a_message(
         run_script(main)
     assert stop.value.code == 2
     assert capsys.readouterr().err == f"error: {error}\n(run with -v for the traceback)\n"
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def main() -> None:
+        raise Interrupted("interrupted in epoch 3 of 10; the checkpoint in runs/x holds epoch 2")
+
+    monkeypatch.setattr(cli.sys, "argv", ["experiments/cifar10.py", "--layer", "conv", "--out", "my runs/x"])
+    with pytest.raises(SystemExit) as stop:
+        run_script(main)
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == (
+        "interrupted in epoch 3 of 10; the checkpoint in runs/x holds epoch 2; continue with: "
+        "python experiments/cifar10.py --layer conv --out 'my runs/x' --resume\n"
+    )
+    assert resume_command(["a.py", "--resume", "--epochs", "3"]) == "python a.py --resume --epochs 3"
+
+    def other() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        run_script(other)
+    assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
