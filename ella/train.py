@@ -190,6 +190,10 @@ class Trainer:
         rank, world = distributed.rank(), distributed.world_size()
         if self.n_train < world:
             raise ValueError(f"{self.n_train} training images cannot be shared among {world} processes")
+        labels = self.data.train[1].unique()
+        if len(labels) < 2 and distributed.is_main():
+            log.warning("all %d training images are of class %d: the network can learn nothing but that class "
+                        "(check --data-dir and --n-train)", self.n_train, int(labels[0]))
         generator = torch.Generator(device="cpu").manual_seed(config.seed)
         augment = self.data.augment if config.augment else None
         self.train_loader = TensorLoader(*self.data.train, config.batch_size, shuffle=True, augment=augment,

@@ -381,3 +381,12 @@ def test_ctrl_c_on_the_command_prints_the_command_that_resumes_it(tmp_path: Path
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == list(range(1, 31))
+
+
+def test_single_class_training_data_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = _write_tiny_cifar(tmp_path / "data")
+    with np.load(data / "cifar10.npz") as arrays:
+        np.savez(data / "cifar10.npz", **{**arrays, "y_train": np.full_like(arrays["y_train"], 7)})
+    with caplog.at_level("WARNING", logger="ella.train"):
+        Trainer(_tiny_config(data), tmp_path / "run")
+    assert "all 40 training images are of class 7" in caplog.text
