@@ -17,7 +17,7 @@ import ella.checkpoint as checkpoint_module
 from ella.checkpoint import CHECKPOINT, PREVIOUS, CheckpointError, OutputError, read_checkpoint
 from ella.train import Trainer, train
 from test_cli import run_cifar10
-from test_train import _tiny_config, _without_timing, _write_tiny_cifar
+from test_train import _Interrupt, _raise_in_epoch, _tiny_config, _without_timing, _write_tiny_cifar
 
 
 def _rows(out: Path) -> list[dict]:
@@ -58,15 +58,8 @@ def test_resume_continues_from_the_previous_checkpoint_when_the_last_is_damaged(
     config = _tiny_config(data, epochs=3)
     train(config, tmp_path / "reference")
     out = tmp_path / "run"
-    original = Trainer.train_epoch
-
-    def stop_in_epoch_3(self: Trainer) -> float:
-        if self.epoch == 2:
-            raise _Stop
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_3)
-    with pytest.raises(_Stop):
+    original = _raise_in_epoch(monkeypatch, 3, _Interrupt)
+    with pytest.raises(_Interrupt):
         train(config, out)  # checkpoint.pt holds epoch 2, checkpoint.previous.pt epoch 1
     monkeypatch.setattr(Trainer, "train_epoch", original)
     assert torch.load(out / PREVIOUS, weights_only=False)["epoch"] == 1
@@ -80,10 +73,6 @@ def test_resume_continues_from_the_previous_checkpoint_when_the_last_is_damaged(
     trainer.run()
     assert torch.load(out / PREVIOUS, weights_only=False)["epoch"] == 2  # rotated as usual from here on
     assert _rows(out) == _rows(tmp_path / "reference")  # epochs 2 and 3 again, bit for bit
-
-
-class _Stop(Exception):
-    pass
 
 
 def test_resume_checks_the_configuration_before_it_writes_anything(tmp_path: Path) -> None:

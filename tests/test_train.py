@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,19 +56,25 @@ class _Interrupt(Exception):
     pass
 
 
+def _raise_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, error: type[BaseException]) -> Callable:
+    """Make ``Trainer.train_epoch`` raise ``error`` as epoch ``epoch`` starts; returns the original method."""
+    original = Trainer.train_epoch
+
+    def raising(self: Trainer) -> float:
+        if self.epoch == epoch - 1:
+            raise error
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", raising)
+    return original
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = _write_tiny_cifar(tmp_path / "data")
     config = _tiny_config(data)
     reference = train(config, tmp_path / "reference")
 
-    original = Trainer.train_epoch
-
-    def interrupt_in_epoch_3(self: Trainer) -> float:
-        if self.epoch == 2:
-            raise _Interrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupt_in_epoch_3)
+    original = _raise_in_epoch(monkeypatch, 3, _Interrupt)
     with pytest.raises(_Interrupt):
         train(config, tmp_path / "run")
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -138,6 +145,18 @@ def test_kfac_options_reach_the_laplace_fit(tmp_path: Path, layer: str, option: 
         TrainConfig(**{option: "sum"}).check()
 
 
+def _start_and_wait_for_two_epochs(command: list[str], env: dict, out: Path) -> subprocess.Popen:
+    """Start ``command`` and return once ``out/metrics.jsonl`` holds two epochs (or it ended, or 120 s passed)."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    return process
+
+
 def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     """SIGKILL the real command mid-run, re-run it with --resume, and it finishes without redoing epochs."""
     data = _write_tiny_cifar(tmp_path / "data", n_train=200)
@@ -149,14 +168,9 @@ def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
         "--out", str(out),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = _start_and_wait_for_two_epochs(command, env, out)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, process.stderr.read().decode()
+    assert process.poll() is None, process.stderr.read()
     process.send_signal(signal.SIGKILL)
     process.wait()
     done_before = len(metrics.read_text().splitlines())
@@ -339,14 +353,7 @@ def test_run_bar_shows_an_eta_at_once_after_a_resume() -> None:
 def test_ctrl_c_says_where_the_run_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ella.train import Interrupted
 
-    original = Trainer.train_epoch
-
-    def ctrl_c_in_epoch_3(self: Trainer) -> float:
-        if self.epoch == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_epoch", ctrl_c_in_epoch_3)
+    _raise_in_epoch(monkeypatch, 3, KeyboardInterrupt)
     out = tmp_path / "run"
     with pytest.raises(Interrupted, match=f"^interrupted in epoch 3 of 4; the checkpoint in {out} holds epoch 2$"):
         train(_tiny_config(_write_tiny_cifar(tmp_path / "data")), out)
@@ -363,13 +370,8 @@ def test_ctrl_c_on_the_command_prints_the_command_that_resumes_it(tmp_path: Path
         "--out", str(out),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = _start_and_wait_for_two_epochs(command, env, out)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     err = process.communicate(timeout=60)[1]
     assert process.returncode == 130, err
