@@ -21,14 +21,17 @@ from pathlib import Path
 from ella import distributed
 from ella.checkpoint import CheckpointError, OutputError
 from ella.marglik import MarglikError
-from ella.options import COUNT, POSITIVE, Range, flag, is_option
+from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, is_option
 from ella.train import Interrupted, TrainConfig
 from kfac.decomposition import CurvatureError
 
 DEFAULT_PRESET = "cpu"
 
-positive_int = COUNT  # argparse ``type`` for counts and sizes: an integer >= 1 (argparse names the flag)
-positive_float = POSITIVE  # argparse ``type`` for scales and rates: a finite number > 0
+# argparse ``type``s of the other scripts' numeric flags (argparse names the flag in its message)
+positive_int = COUNT  # counts and sizes: an integer >= 1
+nonnegative_int = OPTIONAL_COUNT  # counts that may be zero
+positive_float = POSITIVE  # scales and rates: a finite number > 0
+nonnegative_float = Range(float, 0)  # a finite number >= 0
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:

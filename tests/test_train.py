@@ -212,6 +212,8 @@ def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: li
         ("benchmarks/kfac_speed.py", ["--repeats", "0"], "--repeats: must be an integer >= 1, got 0"),
         ("experiments/msr_synthetic.py", ["--outer-steps", "0"], "--outer-steps: must be an integer >= 1, got 0"),
         ("experiments/compare_msr.py", ["--rounds", "-1"], "--rounds: must be an integer >= 1, got -1"),
+        ("experiments/compare_msr.py", ["--hyper-steps", "-3"], "--hyper-steps: must be an integer >= 0, got -3"),
+        ("experiments/count_params.py", ["--alpha", "0"], "--alpha: must be an integer >= 1, got 0"),
         ("experiments/known_symmetry.py", ["--noise", "0"], "--noise: must be a finite number > 0, got 0"),
         ("experiments/known_symmetry.py", ["--teachers", "gconv"], "invalid choice: 'gconv'"),
     ],
