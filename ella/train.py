@@ -321,13 +321,16 @@ class Trainer:
                         row.update(self.hyper_round())
                     self.epoch = epoch
                     if distributed.is_main():
+                        bar.set_postfix_str("evaluating, saving")
                         self._record(row, start)
                 except KeyboardInterrupt:
                     saved = (f"the checkpoint in {self.out_dir} holds epoch {self.saved_epoch}" if self.saved_epoch
                              else "no epoch of it is saved yet")
                     raise Interrupted(f"interrupted in epoch {epoch} of {c.epochs}; {saved}") from None
+                bar.set_postfix_str("", refresh=False)
                 bar.update()
-        return self.finish()
+            bar.set_postfix_str("final report")
+            return self.finish()
 
     def _record(self, row: dict, start: float) -> None:
         """Evaluate, then append ``row`` to the history, checkpoint and rewrite the metrics (rank 0 only)."""
