@@ -12,87 +12,88 @@ import csv
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import Field, fields
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from ella import distributed
-from ella.data import CIFAR_TEST_CHOICES
-from ella.layers.relaxed import COMBINE_MODES
+from ella.checkpoint import CheckpointError, OutputError
 from ella.marglik import MarglikError
-from ella.train import TrainConfig
-from ella.layers import GROUPED_MODES
-from kfac import CURVATURES, KFAC_APPROXES, CurvatureError
+from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, is_option
+from ella.train import Interrupted, TrainConfig
+from kfac import CurvatureError
 
-# flag name -> (type, help). Defaults are None so that "not given" can be told apart from a preset value.
-_OVERRIDES: dict[str, tuple[type, str]] = {
-    "alpha": (int, "network width (default: 10; 2 for ffc_conv_gconv)"),
-    "combine": (str, "how a relaxed layer combines its P paths: 'sqrt' (sum / sqrt(P), keeps the activation scale; default), 'sum' (paper) or 'mean' (reference code)"),
-    "epochs": (int, "training epochs"),
-    "batch_size": (int, "mini-batch size for parameter updates"),
-    "lr": (float, "initial learning rate (cosine-annealed per iteration)"),
-    "lr_min": (float, "final learning rate of the cosine schedule"),
-    "optimizer": (str, "'sgd' (momentum 0.9, reference code) or 'adam' (paper)"),
-    "burn_in": (int, "first epoch at which the prior precisions are updated"),
-    "marglik_every": (int, "update the precisions every this many epochs"),
-    "hyper_steps": (int, "Adam steps on the log precisions per KFAC fit"),
-    "hyper_lr": (float, "learning rate of the precision updates"),
-    "kfac_batch_size": (int, "batch size of the KFAC pass"),
-    "curvature": (str, "KFAC curvature: 'ggn' (exact), 'mc' (Monte-Carlo) or 'ef' (empirical Fisher)"),
-    "kfac_approx": (str, "KFAC for weights shared over positions (convolution sites, rotations): 'expand' (default) or 'reduce'"),
-    "grouped_mode": (str, "KFAC for the F-FC / S-FC stages: 'per_group' (exact per-channel blocks; default) or 'reference' (one shared output factor, as the reference code)"),
-    "prior_init": (float, "initial prior precision of every group"),
-    "n_train": (int, "use a class-balanced subset of this many training images"),
-    "cifar_test": (str, "CIFAR-10 test set: 'exact' (the 1,000 bit-exact official images) or 'jpeg10k' (all 10,000, lossy JPEG)"),
-    "n_valid": (int, "hold out this many training images for validation (overrides --valid-fraction)"),
-    "valid_fraction": (float, "fraction of the training data held out for validation"),
-    "seed": (int, "random seed"),
-}
+DEFAULT_PRESET = "cpu"
 
-# flags whose values come from a fixed list (argparse rejects anything else with the list)
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "combine": COMBINE_MODES, "optimizer": ("sgd", "adam"), "curvature": CURVATURES, "cifar_test": CIFAR_TEST_CHOICES,
-    "kfac_approx": KFAC_APPROXES, "grouped_mode": GROUPED_MODES,
-}
+# argparse ``type``s of the other scripts' numeric flags (argparse names the flag in its message)
+positive_int = COUNT  # counts and sizes: an integer >= 1
+nonnegative_int = OPTIONAL_COUNT  # counts that may be zero
+positive_float = POSITIVE  # scales and rates: a finite number > 0
+nonnegative_float = Range(float, 0)  # a finite number >= 0
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type`` for counts and sizes: an integer >= 1 (argparse reports anything else with the flag)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type`` for scales and rates: a finite number > 0."""
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def add_training_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
-    """Add the flags every training experiment shares."""
-    parser.add_argument("--laplace", action="store_true", help="learn the prior precisions by the Laplace marginal likelihood (otherwise MAP)")
-    parser.add_argument("--preset", choices=sorted(presets), default="cpu", help="a named configuration; explicit flags override it")
-    for name, (kind, text) in _OVERRIDES.items():
-        parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text, choices=_CHOICES.get(name)
-        )
-    parser.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no data augmentation for parameter updates")
-    parser.add_argument("--per-tensor-prior", action="store_true", default=None, help="one precision per parameter tensor instead of per path")
-    parser.add_argument("--report", action="store_true", default=None, help="write the effective-parameter report after a MAP run too")
-    parser.add_argument("--data-dir", default=None, help="folder with the data (default: $ELLA_DATA, then ./data)")
-    parser.add_argument("--download", action="store_true", default=None, help="let torchvision download MNIST / CIFAR-10 into the data folder when they are not there (needs network access)")
-    parser.add_argument("--device", default=None, help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)")
+def add_training_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict],
+                           default_preset: str = DEFAULT_PRESET) -> None:
+    """Add the flags every training experiment shares: ``--preset`` (``default_preset`` when not given), one flag
+    per option field of :class:`~ella.train.TrainConfig` (see :mod:`ella.options`; its help shows the default it
+    takes under the default preset), ``--out``, ``--resume`` and ``--verbose``."""
+    parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
+                        help=_preset_help(presets, default_preset))
+    group = parser.add_argument_group("training options (a preset sets some of them; a flag given overrides it)")
+    for item in fields(TrainConfig):
+        if is_option(item):
+            _add_option(group, item, presets[default_preset], default_preset)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<experiment>/<layer>-<map|laplace>-<preset>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+
+
+def _add_option(group: argparse._ArgumentGroup, item: Field, preset: dict, preset_name: str) -> None:
+    """The flag of the option field ``item``; its default is ``None``, so that a flag not given can be told apart
+    from a preset's value."""
+    text = item.metadata["help"]
+    if isinstance(item.default, bool):  # a switch
+        if item.name in preset and preset[item.name] != item.default:
+            text += f" (already so with --preset {preset_name})"
+        action = "store_false" if item.default else "store_true"
+        group.add_argument(flag(item), dest=item.name, action=action, default=None, help=_escape(text))
+        return
+    if item.name in preset:
+        text += f" (default: {preset[item.name]}, from --preset {preset_name})"
+    elif item.default is not None and isinstance(item.default, (int, float, str)):
+        text += f" (default: {item.default})"
+    values = item.metadata["values"]
+    group.add_argument(flag(item), dest=item.name, default=None, help=_escape(text),
+                       type=values if isinstance(values, Range) else str,
+                       choices=values if isinstance(values, tuple) else None)
+
+
+def _preset_help(presets: dict[str, dict], default_preset: str) -> str:
+    options = {item.name: item for item in fields(TrainConfig) if is_option(item)}
+
+    def as_flags(values: dict) -> str:
+        words = []
+        for name, value in values.items():
+            item = options[name]
+            if not isinstance(item.default, bool):
+                words.append(f"{flag(item)} {value}")
+            elif value != item.default:
+                words.append(flag(item))
+        return " ".join(words)
+
+    names = sorted(presets, key=lambda name: name != default_preset)
+    listed = "; ".join(f"{name}{' (the default)' if name == default_preset else ''}: {as_flags(presets[name])}"
+                       for name in names)
+    return _escape(f"a named configuration; flags given explicitly override its values. {listed}")
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help texts with %
 
 
 def config_from_args(args: argparse.Namespace, presets: dict[str, dict], **fixed) -> TrainConfig:
@@ -103,7 +104,6 @@ def config_from_args(args: argparse.Namespace, presets: dict[str, dict], **fixed
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
-    values["laplace"] = args.laplace
     values.update(fixed)
     if values.get("device") is None:
         values.pop("device", None)
@@ -124,18 +124,35 @@ def figure_dir(out: Path) -> Path:
 
 
 def run_script(main: Callable[[], None]) -> None:
-    """Run an experiment's ``main``, then :func:`ella.distributed.finish` (a no-op in a single process); a user
-    error (bad option, missing data, an output folder that already holds a run without ``--resume``, a training
-    loss that diverged, a marginal likelihood or a curvature that cannot be computed) ends with its message and
-    exit status 2 instead of a traceback (``-v`` / ``--verbose`` shows the traceback too)."""
+    """Run an experiment's ``main``, then :func:`ella.distributed.finish` (a no-op in a single process).
+
+    A user error (bad option, missing data, an output folder that cannot be written or already holds a run
+    without ``--resume``, a checkpoint that cannot be resumed, a training loss that diverged, a marginal
+    likelihood or a curvature that cannot be computed) ends with its message and exit status 2 instead of a
+    traceback (``-v`` / ``--verbose`` shows the traceback too). Ctrl-C ends with one line and status 130: where
+    a training run stopped and the command that continues it.
+    """
     try:
         main()
         distributed.finish()
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, MarglikError, CurvatureError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, MarglikError, CurvatureError,
+            OutputError, CheckpointError) as error:
         if "-v" in sys.argv or "--verbose" in sys.argv:
             raise
         print(f"error: {error}\n(run with -v for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Interrupted):
+            print(f"{stop}; continue with: {resume_command()}", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that continues this run: the same one (``argv``, default ``sys.argv``) with ``--resume``."""
+    argv = sys.argv if argv is None else argv
+    return shlex.join(["python", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def setup_logging(verbose: bool) -> None:

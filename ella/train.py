@@ -5,12 +5,15 @@ Every epoch: SGD with momentum (Adam as an option) on the MAP objective ``mean C
 then validation and test metrics. With ``laplace=True``, after ``burn_in`` epochs and every ``marglik_every``
 epochs, KFAC is fitted on the *unaugmented* training data, eigendecomposed once, and ``hyper_steps`` Adam steps
 are taken on the log prior precisions. Each epoch ends with an atomic checkpoint, so an interrupted run loses
-at most the epoch in progress and ``resume=True`` continues from the last one.
+at most the epoch in progress and ``resume=True`` continues from the last one (the one before is kept; see
+:mod:`ella.checkpoint`). Ctrl-C ends a run with :class:`Interrupted`, which says where it stopped. Progress bars
+(rank 0, on a terminal; :mod:`ella.progress`) follow the epochs, each epoch's batches and each KFAC-Laplace fit.
 
 Outputs in ``out_dir``: ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch),
-``checkpoint.pt``, and after training ``final.json`` and (for Laplace or when asked) the effective-parameter
-report ``effective_parameters.{txt,json}``, with its figure ``relative_effective_parameters.png`` in
-``figure_dir`` (default ``out_dir/figures``; the experiment scripts use ``figures/<experiment>/<run>``).
+``checkpoint.pt`` and ``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or when
+asked) the effective-parameter report ``effective_parameters.{txt,json}``, with its figure
+``relative_effective_parameters.png`` in ``figure_dir`` (default ``out_dir/figures``; the experiment scripts use
+``figures/<experiment>/<run>``).
 
 Data parallel (launched with ``torchrun --nproc_per_node=N``, see :mod:`ella.distributed`): parameter updates
 go through ``DistributedDataParallel`` with ``batch_size`` samples per process per step (the torch convention:
@@ -26,9 +29,9 @@ import csv
 import io
 import json
 import logging
-import os
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from contextlib import AbstractContextManager
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -37,11 +40,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ella import distributed
-from ella.data import DataBundle, TensorLoader, load_dataset
+from ella.checkpoint import OutputError, open_run, save_checkpoint, write_text
+from ella.data import CIFAR_TEST_CHOICES, DataBundle, TensorLoader, load_dataset
 from ella.layers import GROUPED_MODES
+from ella.layers.relaxed import COMBINE_MODES
 from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace, optimise_prior
 from ella.models import build_model
+from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, is_option, option
 from ella.priors import Prior
+from ella.progress import BarLoader, RunBar, fit_progress
 from ella.report import (
     effective_layer_types,
     path_output_power,
@@ -56,55 +63,78 @@ from kfac import CURVATURES, KFAC_APPROXES, check_choice
 log = logging.getLogger(__name__)
 
 OUTPUT_SHARE_IMAGES = 1000  # unaugmented training images on which the report measures each path's output power
+# what a checkpoint holds besides the run's configuration
+_STATE_KEYS = ("epoch", "model", "prior", "optimizer", "scheduler", "hyper_optimizer", "train_generator", "torch_rng",
+               "history", "last_marglik")
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; saved as ``config.json`` and checked on ``--resume``."""
+    """Everything that defines a run; saved as ``config.json`` and with every checkpoint, and checked on ``--resume``.
+
+    A field made by :func:`~ella.options.option` is also a flag of every training experiment (``lr_min`` is
+    ``--lr-min``; see :mod:`ella.options`): adding a training option is adding one field here. ``layer``,
+    ``dataset``, ``task`` and ``momentum`` are set by the experiments, not by flags.
+    """
 
     layer: str = "ffc_conv"
     dataset: str = "cifar10"
     task: str | None = None
-    alpha: int | None = None
-    combine: str = "sqrt"  # how a relaxed layer combines P paths: sum / sqrt(P) ("sqrt"), "sum" (paper), "mean" (reference)
-    epochs: int = 4000
-    batch_size: int = 128
-    lr: float = 0.01
-    lr_min: float = 1e-6
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9, as the reference code) or "adam" (as the paper)
+    alpha: int | None = option(None, "network width; 10 when neither a preset nor this flag sets it (2 for "
+                                        "ffc_conv_gconv)", COUNT)
+    combine: str = option("sqrt", "how a relaxed layer combines its P paths: 'sqrt' (sum / sqrt(P), keeps the "
+                                  "activation scale), 'sum' (paper) or 'mean' (reference code)", COMBINE_MODES)
+    epochs: int = option(4000, "training epochs", COUNT)
+    batch_size: int = option(128, "mini-batch size for parameter updates", COUNT)
+    lr: float = option(0.01, "initial learning rate (cosine-annealed per iteration)", Range(float, 0))
+    lr_min: float = option(1e-6, "final learning rate of the cosine schedule (at most --lr)", Range(float, 0))
+    optimizer: str = option("sgd", "'sgd' (momentum 0.9, reference code) or 'adam' (paper)", ("sgd", "adam"))
     momentum: float = 0.9
-    augment: bool = True
-    laplace: bool = False
-    burn_in: int = 10
-    marglik_every: int = 5
-    hyper_steps: int = 20
-    hyper_lr: float = 0.1
-    kfac_batch_size: int | None = None  # None: 150 on the CPU, 1024 on CUDA (factors are sums: same result)
-    curvature: str = "ggn"
-    kfac_approx: str = "expand"  # KFAC over the positions a weight is shared across: "expand" or "reduce"
-    grouped_mode: str = "per_group"  # KFAC of F-FC / S-FC stages: "per_group" blocks or the "reference" shared factor
-    prior_init: float = 1.0
-    per_tensor_prior: bool = False
-    report: bool = False  # effective-parameter report after a MAP run too
-    n_train: int | None = None
-    n_valid: int | None = None
-    valid_fraction: float = 0.1
-    cifar_test: str = "exact"
-    seed: int = 711
-    data_dir: str | None = None
-    download: bool = False  # let torchvision download missing data into data_dir
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-    capture: bool = True  # CUDA: record the training step once as a CUDA graph and replay it (ella.static_step)
+    augment: bool = option(True, "no data augmentation for parameter updates")
+    laplace: bool = option(False, "learn the prior precisions by the Laplace marginal likelihood (otherwise MAP)")
+    burn_in: int = option(10, "first epoch at which the prior precisions are updated", OPTIONAL_COUNT)
+    marglik_every: int = option(5, "update the precisions every this many epochs", COUNT)
+    hyper_steps: int = option(20, "Adam steps on the log precisions per KFAC fit", OPTIONAL_COUNT)
+    hyper_lr: float = option(0.1, "learning rate of the precision updates", Range(float, 0))
+    kfac_batch_size: int | None = option(None, "batch size of the KFAC pass (when not set: 150 on the CPU, 1024 on "
+                                                "CUDA; the factors are sums, so only the speed depends on it)", COUNT)
+    curvature: str = option("ggn", "KFAC curvature: 'ggn' (exact), 'mc' (Monte-Carlo) or 'ef' (empirical Fisher)",
+                            CURVATURES)
+    kfac_approx: str = option("expand", "KFAC for weights shared over positions (convolution sites, rotations): "
+                                        "'expand' or 'reduce'", KFAC_APPROXES)
+    grouped_mode: str = option("per_group", "KFAC for the F-FC / S-FC stages: 'per_group' (exact per-channel "
+                                            "blocks) or 'reference' (one shared output factor, as the reference code)",
+                               GROUPED_MODES)
+    prior_init: float = option(1.0, "initial prior precision of every group", POSITIVE)
+    per_tensor_prior: bool = option(False, "one precision per parameter tensor instead of per path")
+    report: bool = option(False, "write the effective-parameter report after a MAP run too")
+    n_train: int | None = option(None, "use a class-balanced subset of this many training images (all of them "
+                                          "when not set)", COUNT)
+    n_valid: int | None = option(None, "hold out this many training images for validation (overrides --valid-fraction)",
+                                 COUNT)
+    valid_fraction: float = option(0.1, "fraction of the training data held out for validation", Range(float, 0, True, 1))
+    cifar_test: str = option("exact", "CIFAR-10 test set: 'exact' (the 1,000 bit-exact official images) or 'jpeg10k' "
+                                      "(all 10,000, lossy JPEG)", CIFAR_TEST_CHOICES)
+    seed: int = option(711, "random seed", Range(int))
+    data_dir: str | None = option(None, "folder with the data (default: $ELLA_DATA, then ./data)")
+    download: bool = option(False, "let torchvision download MNIST / CIFAR-10 into the data folder when they are not "
+                                   "there (needs network access)")
+    device: str = option(help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)",
+                         default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    capture: bool = option(True, "on CUDA, run every training step eagerly instead of replaying it as a captured CUDA "
+                                 "graph (ella.static_step)")
 
     def check(self) -> None:
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        check_choice(self.curvature, CURVATURES, "curvature")
-        check_choice(self.kfac_approx, KFAC_APPROXES, "kfac_approx")
-        check_choice(self.grouped_mode, GROUPED_MODES, "grouped_mode")
-        for name in ("epochs", "batch_size", "marglik_every", "kfac_batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        """Raise a ValueError naming the first option outside its range (by its flag) or choices, or ``--lr-min``
+        above ``--lr``."""
+        for item in fields(self):
+            allowed, value = item.metadata.get("values"), getattr(self, item.name)
+            if isinstance(allowed, tuple):
+                check_choice(value, allowed, item.name)
+            elif isinstance(allowed, Range) and value is not None:
+                allowed.check(value, flag(item))
+        if self.lr_min > self.lr:
+            raise ValueError(f"--lr-min ({self.lr_min:g}) must not be above --lr ({self.lr:g})")
 
 
 EVAL_BATCH = {"cpu": 500, "cuda": 5000}  # evaluation batch per device type (sums accumulate on the device)
@@ -127,30 +157,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return {"nll": float(nll) / len(y), "acc": 100.0 * int(correct) / len(y)}
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 _NESTED = ("precisions", "relative_n_eff")  # per-group dictionaries: in the JSONL only
 
 
 def write_metrics(history: list[dict], out_dir: Path) -> None:
     """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the full history (atomic, so never half-written)."""
-    _atomic_write("".join(json.dumps(row) + "\n" for row in history), out_dir / "metrics.jsonl")
+    write_text("".join(json.dumps(row) + "\n" for row in history), out_dir / "metrics.jsonl")
     columns = list(dict.fromkeys(key for row in history for key in row if key not in _NESTED))
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
-    _atomic_write(text.getvalue(), out_dir / "metrics.csv")
+    write_text(text.getvalue(), out_dir / "metrics.csv")
 
 
 class Trainer:
@@ -162,8 +180,7 @@ class Trainer:
         self.out_dir = out_dir
         self.figure_dir = out_dir / "figures" if figure_dir is None else figure_dir
         self.device = distributed.setup(config.device)
-        self.checkpoint_path = out_dir / "checkpoint.pt"
-        distributed.on_main(lambda: self._check_config_file(resume))
+        state = distributed.on_main(lambda: self._open_run(resume))  # checks before it writes; rank 0's state
 
         torch.manual_seed(config.seed)
         self.data: DataBundle = load_dataset(
@@ -187,13 +204,17 @@ class Trainer:
         rank, world = distributed.rank(), distributed.world_size()
         if self.n_train < world:
             raise ValueError(f"{self.n_train} training images cannot be shared among {world} processes")
+        labels = self.data.train[1].unique()
+        if len(labels) < 2 and distributed.is_main():
+            log.warning("all %d training images are of class %d: the network can learn nothing but that class "
+                        "(check --data-dir and --n-train)", self.n_train, int(labels[0]))
         generator = torch.Generator(device="cpu").manual_seed(config.seed)
         augment = self.data.augment if config.augment else None
         self.train_loader = TensorLoader(*self.data.train, config.batch_size, shuffle=True, augment=augment,
                                          generator=generator, rank=rank, world_size=world)
         kfac_batch = config.kfac_batch_size or KFAC_BATCH.get(self.device.type, KFAC_BATCH["cpu"])
-        self.marglik_loader = TensorLoader(*self.data.train, kfac_batch, rank=rank, world_size=world,
-                                           pad_shards=False)
+        self.marglik_loader = BarLoader(TensorLoader(*self.data.train, kfac_batch, rank=rank, world_size=world,
+                                                      pad_shards=False))
         self.captured = (config.capture and self.device.type == "cuda" and world == 1
                          and supports_planning(self.train_loader))
         self.optimizer = self._make_optimizer()
@@ -204,29 +225,21 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch = 0
         self.last_marglik: float | None = None
-        if resume and distributed.on_main(self.checkpoint_path.exists):
-            self._load_checkpoint()
+        self.saved_epoch = 0  # the epoch of the last checkpoint (rank 0)
+        if state is not None:
+            self._load_state(state)
         elif resume and distributed.is_main():
             log.warning("--resume: no checkpoint in %s yet, so this starts a new run", self.out_dir)
 
-    def _check_config_file(self, resume: bool) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / "config.json"
-        current = asdict(self.config)
-        if resume and path.exists():
-            saved = json.loads(path.read_text())
-            defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-            # a field added after the run started counts as its default
-            changed = {
-                k: (saved.get(k, defaults.get(k)), v)
-                for k, v in current.items()
-                if k != "device" and saved.get(k, defaults.get(k)) != v
-            }
-            if changed:
-                raise ValueError(f"--resume with a different configuration than {path}: {changed}")
-        elif not resume and (self.out_dir / "checkpoint.pt").exists():
-            raise FileExistsError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose --out")
-        _atomic_write(json.dumps(current, indent=2), path)
+    def _open_run(self, resume: bool) -> dict | None:
+        """Check the output folder (and on ``resume`` its checkpoint and configuration), then write
+        ``config.json``; return the checkpoint's state to continue from (see :func:`ella.checkpoint.open_run`)."""
+        options = fields(TrainConfig)
+        return open_run(
+            self.out_dir, asdict(self.config), resume, keys=_STATE_KEYS,
+            defaults={f.name: f.default for f in options if f.default is not MISSING},
+            flags={f.name: flag(f) for f in options if is_option(f)},
+        )
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         if self.captured:
@@ -250,7 +263,9 @@ class Trainer:
         return self.prior.penalty(self.model) / self.n_train
 
     def _state(self) -> dict:
+        """What a checkpoint holds: :data:`_STATE_KEYS` and the run's configuration."""
         return {
+            "config": asdict(self.config),
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "prior": self.prior.state_dict(),
@@ -263,8 +278,7 @@ class Trainer:
             "last_marglik": self.last_marglik,
         }
 
-    def _load_checkpoint(self) -> None:
-        state = distributed.on_main(lambda: torch.load(self.checkpoint_path, map_location="cpu", weights_only=False))
+    def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.prior.load_state_dict(state["prior"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -273,7 +287,7 @@ class Trainer:
         self.train_loader.generator.set_state(state["train_generator"])
         torch.set_rng_state(state["torch_rng"])
         self.history = state["history"]
-        self.epoch = state["epoch"]
+        self.epoch = self.saved_epoch = state["epoch"]
         self.last_marglik = state["last_marglik"]
         log.info("resumed %s at epoch %d", self.out_dir, self.epoch)
 
@@ -315,8 +329,9 @@ class Trainer:
         relaxed layers only), so that the metrics show how each layer's choice develops round by round.
         """
         try:
-            fit = self.laplace_fit()
-            self.last_marglik = optimise_prior(fit, self.prior, self.hyper_optimizer, self.config.hyper_steps)
+            with self._fit_progress("marginal likelihood", self.config.hyper_steps):
+                fit = self.laplace_fit()
+                self.last_marglik = optimise_prior(fit, self.prior, self.hyper_optimizer, self.config.hyper_steps)
         except MarglikError as error:
             log.warning("epoch %d: marginal-likelihood round skipped, precisions kept: %s", self.epoch + 1, error)
             return {"neg_log_marglik": None}
@@ -329,18 +344,33 @@ class Trainer:
         return c.laplace and epoch >= c.burn_in and epoch % c.marglik_every == 0
 
     def run(self) -> dict:
-        """Train from the current epoch to ``config.epochs``; then evaluate and report."""
+        """Train from the current epoch to ``config.epochs``; then evaluate and report.
+
+        Ctrl-C raises :class:`Interrupted`, saying where the run stopped and which epoch its last checkpoint holds.
+        """
         c = self.config
-        for epoch in tqdm(range(self.epoch + 1, c.epochs + 1), desc=f"{c.layer} on {c.dataset}", initial=self.epoch, total=c.epochs, disable=_no_bar()):
-            start = time.perf_counter()
-            train_loss = self.train_epoch()
-            row: dict = {"epoch": epoch, "train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0]}
-            if self.is_marglik_epoch(epoch):
-                row.update(self.hyper_round())
-            self.epoch = epoch
-            if distributed.is_main():
-                self._record(row, start)
-        return self.finish()
+        seconds = [row["seconds"] for row in self.history]
+        with RunBar(total=c.epochs, initial=self.epoch, desc=f"{c.layer} on {c.dataset}", disable=_no_bar(),
+                     seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None) as bar:
+            for epoch in range(self.epoch + 1, c.epochs + 1):
+                start = time.perf_counter()
+                try:
+                    train_loss = self.train_epoch()
+                    row: dict = {"epoch": epoch, "train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0]}
+                    if self.is_marglik_epoch(epoch):
+                        row.update(self.hyper_round())
+                    self.epoch = epoch
+                    if distributed.is_main():
+                        bar.set_postfix_str("evaluating, saving")
+                        self._record(row, start)
+                except KeyboardInterrupt:
+                    saved = (f"the checkpoint in {self.out_dir} holds epoch {self.saved_epoch}" if self.saved_epoch
+                             else "no epoch of it is saved yet")
+                    raise Interrupted(f"interrupted in epoch {epoch} of {c.epochs}; {saved}") from None
+                bar.set_postfix_str("", refresh=False)
+                bar.update()
+            bar.set_postfix_str("final report")
+            return self.finish()
 
     def _record(self, row: dict, start: float) -> None:
         """Evaluate, then append ``row`` to the history, checkpoint and rewrite the metrics (rank 0 only)."""
@@ -349,7 +379,8 @@ class Trainer:
         row["precisions"] = self.prior.as_dict()
         row["seconds"] = time.perf_counter() - start
         self.history.append(row)
-        _atomic_save(self._state(), self.checkpoint_path)
+        save_checkpoint(self._state(), self.out_dir)
+        self.saved_epoch = self.epoch
         write_metrics(self.history, self.out_dir)
         log.info(
             "epoch %d: train %.4f valid nll %.4f acc %.2f test acc %.2f%s",
@@ -360,8 +391,18 @@ class Trainer:
     def finish(self) -> dict:
         """Final metrics, and the effective-parameter report for Laplace runs (or when ``report``)."""
         start = time.perf_counter()
-        fit = self.laplace_fit() if self.config.laplace or self.config.report else None  # on every rank
-        return distributed.on_main(lambda: self._write_final(fit, start))
+        try:
+            fit = None
+            if self.config.laplace or self.config.report:
+                with self._fit_progress("final report"):
+                    fit = self.laplace_fit()  # on every rank
+            return distributed.on_main(lambda: self._write_final(fit, start))
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted while writing the final report; the checkpoint in {self.out_dir} holds "
+                              f"all {self.epoch} epochs") from None
+
+    def _fit_progress(self, desc: str, hyper_steps: int = 0) -> AbstractContextManager:
+        return fit_progress(self.marglik_loader, self.hyper_optimizer, desc, hyper_steps, disable=_no_bar())
 
     def _write_final(self, fit: LaplaceFit | None, start: float) -> dict:
         """``final.json``; its ``seconds`` are the run's wall time: the epochs' (over resumes) and the finish's."""
@@ -378,12 +419,19 @@ class Trainer:
             rows = path_reports(self.prior, effective_parameters(fit, self.prior), fit.n_params)
             power = path_output_power(self.model, self.data.train[0][:OUTPUT_SHARE_IMAGES])
             rows = with_output_shares(rows, power)
-            write_report(rows, self.out_dir)
-            plot_relative(rows, self.figure_dir / "relative_effective_parameters.png", title=self.config.layer)
+            try:
+                write_report(rows, self.out_dir)
+                plot_relative(rows, self.figure_dir / "relative_effective_parameters.png", title=self.config.layer)
+            except OSError as error:  # a full disk, a read-only figure folder
+                raise OutputError(f"cannot write the report of {self.out_dir}: {error}") from error
             final["effective_layer_types"] = effective_layer_types(rows)
         final["seconds"] = sum(row["seconds"] for row in self.history) + time.perf_counter() - start
-        _atomic_write(json.dumps(final, indent=2), self.out_dir / "final.json")
+        write_text(json.dumps(final, indent=2), self.out_dir / "final.json")
         return final
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says where the run stopped and what its checkpoint holds."""
 
 
 def _no_bar() -> bool | None:

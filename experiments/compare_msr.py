@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ella.cli import positive_int, run_script, start_run, write_table
+from ella.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, run_script, start_run, write_table
 from ella.msr import MetaConfig, MetaLearner, MSRFC, TranslationProblem, conv_symmetry_matrix, mean_confidence_interval
 from ella.msr.compare import (
     FCConvModel,
@@ -74,11 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--regime", choices=("small", "large"), default="small",
                    help="examples per meta-training task (paper Table 5): small 2/2/4, large 20")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default all)")
-    p.add_argument("--noise-var", type=float, default=0.01,
+    p.add_argument("--noise-var", type=positive_float, default=0.01,
                    help="fixed observation-noise variance sigma^2 of the Gaussian likelihood (generator is noiseless)")
     p.add_argument("--rounds", type=positive_int, default=None, help="marglik rounds (MAP + KFAC + hyper steps); overrides preset")
-    p.add_argument("--hyper-steps", type=int, default=None, help="Adam steps on log precisions per round; overrides preset")
-    p.add_argument("--hyper-lr", type=float, default=0.1, help="Adam learning rate on the log precisions")
+    p.add_argument("--hyper-steps", type=nonnegative_int, default=None, help="Adam steps on log precisions per round; overrides preset")
+    p.add_argument("--hyper-lr", type=nonnegative_float, default=0.1, help="Adam learning rate on the log precisions")
     p.add_argument("--outer-steps", type=positive_int, default=None, help="MSR-FC outer steps; overrides preset")
     p.add_argument("--meta-batch", type=positive_int, default=32, help="MSR-FC tasks per outer step")
     p.add_argument("--latent-size", type=positive_int, default=None, help="MSR-FC latent size k of U (default 70 = paper)")
@@ -86,10 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=positive_int, default=1, help="torch.set_num_threads (default 1; ops are tiny)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare_msr/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
-    args = p.parse_args(argv)
-    if args.noise_var <= 0:
-        p.error(f"--noise-var must be positive, got {args.noise_var}")
-    return args
+    return p.parse_args(argv)
 
 
 def _setting(args: argparse.Namespace, key: str, attr: str) -> int:

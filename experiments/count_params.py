@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ella.cli import run_script
+from ella.cli import positive_int, run_script
 from ella.models import DEFAULT_ALPHA, LAYER_NAMES, build_model, count_parameters
 
 # Exact counts derived in the spec (section 1.13); S-CONV with 5 anchors per 3x3 filter (paper: half, rounded up).
@@ -59,9 +59,9 @@ def count(layer: str, in_channels: int, n_classes: int, alpha: int | None = None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--in-channels", type=int, default=3, help="input channels (3: CIFAR-10, 1: MNIST)")
-    parser.add_argument("--n-classes", type=int, default=10, help="number of classes of the head")
-    parser.add_argument("--alpha", type=int, default=None, help="width; default 10 (2 for ffc_conv_gconv)")
+    parser.add_argument("--in-channels", type=positive_int, default=3, help="input channels (3: CIFAR-10, 1: MNIST)")
+    parser.add_argument("--n-classes", type=positive_int, default=10, help="number of classes of the head")
+    parser.add_argument("--alpha", type=positive_int, default=None, help="width; default 10 (2 for ffc_conv_gconv)")
     parser.add_argument("--json", type=Path, default=None, help="also write the counts to this JSON file")
     args = parser.parse_args()
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ella.cli import positive_int, run_script, start_run, write_table
+from ella.cli import nonnegative_float, positive_int, run_script, start_run, write_table
 from ella.distributed import parse_device
 from ella.msr import (
     Conv1dFlat,
@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conv-structure", choices=("kron", "dense"), default="kron",
                    help="MSR-Conv symmetry form: kron (paper App. A.2 / reference) or dense (Prop. 1, latent size = "
                         "n_fields * 9: one base filter per output field)")
-    p.add_argument("--u-init-std", type=float, default=0.01,
+    p.add_argument("--u-init-std", type=nonnegative_float, default=0.01,
                    help="std of the Gaussian init of dense symmetry matrices U (MSR-FC/MTSR/MSR-Joint and dense MSR-Conv)")
     p.add_argument("--image-size", type=positive_int, default=12, help="rotation inputs are 1 x S x S")
     p.add_argument("--n-fields", type=positive_int, default=3, help="regular output fields of the rotation generator")

@@ -208,7 +208,7 @@ class _Interrupt(Exception):
 
 
 def _record_writes(writes: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("_atomic_write", "_atomic_save", "write_metrics", "write_report", "plot_relative"):
+    for name in ("write_text", "save_checkpoint", "write_metrics", "write_report", "plot_relative"):
         original = getattr(train_module, name)
 
         def recorded(*args, _name=name, _original=original, **kwargs):
@@ -258,7 +258,7 @@ def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_interrupted_distributed_run_resumes_exactly_and_only_rank0_writes(two_process_results: Path) -> None:
     tmp_path = two_process_results
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    assert ranks[1]["writes"] == [] and {"_atomic_save", "write_metrics", "write_report"} <= set(ranks[0]["writes"])
+    assert ranks[1]["writes"] == [] and {"save_checkpoint", "write_metrics", "write_report"} <= set(ranks[0]["writes"])
     for got in ranks:  # every rank returns rank 0's final metrics
         assert got["resumed"]["test"] == got["straight"]["test"] == ranks[0]["straight"]["test"]
         assert got["resumed"]["precisions"] == got["straight"]["precisions"]

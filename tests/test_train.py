@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 from ella import distributed
 from ella.train import TrainConfig, Trainer, train
@@ -52,19 +56,25 @@ class _Interrupt(Exception):
     pass
 
 
+def _raise_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, error: type[BaseException]) -> Callable:
+    """Make ``Trainer.train_epoch`` raise ``error`` as epoch ``epoch`` starts; returns the original method."""
+    original = Trainer.train_epoch
+
+    def raising(self: Trainer) -> float:
+        if self.epoch == epoch - 1:
+            raise error
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", raising)
+    return original
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = _write_tiny_cifar(tmp_path / "data")
     config = _tiny_config(data)
     reference = train(config, tmp_path / "reference")
 
-    original = Trainer.train_epoch
-
-    def interrupt_in_epoch_3(self: Trainer) -> float:
-        if self.epoch == 2:
-            raise _Interrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupt_in_epoch_3)
+    original = _raise_in_epoch(monkeypatch, 3, _Interrupt)
     with pytest.raises(_Interrupt):
         train(config, tmp_path / "run")
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -135,6 +145,18 @@ def test_kfac_options_reach_the_laplace_fit(tmp_path: Path, layer: str, option: 
         TrainConfig(**{option: "sum"}).check()
 
 
+def _start_and_wait_for_two_epochs(command: list[str], env: dict, out: Path) -> subprocess.Popen:
+    """Start ``command`` and return once ``out/metrics.jsonl`` holds two epochs (or it ended, or 120 s passed)."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    return process
+
+
 def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     """SIGKILL the real command mid-run, re-run it with --resume, and it finishes without redoing epochs."""
     data = _write_tiny_cifar(tmp_path / "data", n_train=200)
@@ -146,14 +168,9 @@ def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
         "--out", str(out),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = _start_and_wait_for_two_epochs(command, env, out)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, process.stderr.read().decode()
+    assert process.poll() is None, process.stderr.read()
     process.send_signal(signal.SIGKILL)
     process.wait()
     done_before = len(metrics.read_text().splitlines())
@@ -173,6 +190,7 @@ def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
         (["--layer", "conv", "--combine", "avg"], "invalid choice: 'avg'"),
         (["--layer", "convv"], "invalid choice: 'convv'"),
         (["--layer", "conv", "--device", "tpu"], "device 'tpu' cannot be used here"),
+        (["--layer", "conv", "--prior-init", "nan"], "argument --prior-init: must be a finite number > 0, got nan"),
     ],
 )
 def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: list[str], message: str) -> None:
@@ -194,6 +212,8 @@ def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: li
         ("benchmarks/kfac_speed.py", ["--repeats", "0"], "--repeats: must be an integer >= 1, got 0"),
         ("experiments/msr_synthetic.py", ["--outer-steps", "0"], "--outer-steps: must be an integer >= 1, got 0"),
         ("experiments/compare_msr.py", ["--rounds", "-1"], "--rounds: must be an integer >= 1, got -1"),
+        ("experiments/compare_msr.py", ["--hyper-steps", "-3"], "--hyper-steps: must be an integer >= 0, got -3"),
+        ("experiments/count_params.py", ["--alpha", "0"], "--alpha: must be an integer >= 1, got 0"),
         ("experiments/known_symmetry.py", ["--noise", "0"], "--noise: must be a finite number > 0, got 0"),
         ("experiments/known_symmetry.py", ["--teachers", "gconv"], "invalid choice: 'gconv'"),
     ],
@@ -291,3 +311,86 @@ def test_experiment_figures_go_under_figures() -> None:
 
     assert figure_dir(Path("runs/cifar10/a-run")) == Path("figures/cifar10/a-run")
     assert figure_dir(Path("/tmp/elsewhere")) == Path("/tmp/elsewhere/figures")
+
+
+def test_progress_bars_follow_the_kfac_pass_the_hyper_steps_and_the_final_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ella.progress as progress_module
+
+    bars: list[_RecordedBar] = []
+
+    class _RecordedBar(tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+            self.postfixes: list[str] = []
+            bars.append(self)
+
+        def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+            self.postfixes.append(text)
+            super().set_postfix_str(text, refresh)
+
+    monkeypatch.setattr(progress_module, "tqdm", _RecordedBar)
+    data = _write_tiny_cifar(tmp_path / "data")
+    trainer = Trainer(_tiny_config(data, epochs=2, burn_in=2, hyper_steps=3), tmp_path / "run")  # one round
+    trainer.run()
+    batches = len(trainer.marglik_loader)
+    assert batches == 2  # 40 training images in KFAC batches of 25
+    fits = {bar.desc: bar for bar in bars if bar.desc in ("marginal likelihood", "final report")}
+    assert fits.keys() == {"marginal likelihood", "final report"}
+    assert (fits["marginal likelihood"].n, fits["marginal likelihood"].total) == (batches + 3, batches + 3)
+    assert fits["marginal likelihood"].postfixes == ["eigendecomposition"] + ["hyper-steps"] * 3
+    assert (fits["final report"].n, fits["final report"].total) == (batches, batches)
+    assert trainer.marglik_loader.bar is None and not trainer.hyper_optimizer._optimizer_step_post_hooks
+
+
+def test_run_bar_shows_an_eta_at_once_after_a_resume() -> None:
+    from ella.progress import RunBar
+
+    bar = RunBar(total=10, initial=4, seconds_per_epoch=3.0, file=io.StringIO(), disable=False)
+    assert "4/10 [00:00<00:18," in str(bar)  # 6 epochs left at 3 s each
+    assert "4/10 [00:00<?," in str(tqdm(total=10, initial=4, file=io.StringIO()))  # what tqdm alone shows
+
+
+def test_ctrl_c_says_where_the_run_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ella.train import Interrupted
+
+    _raise_in_epoch(monkeypatch, 3, KeyboardInterrupt)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted, match=f"^interrupted in epoch 3 of 4; the checkpoint in {out} holds epoch 2$"):
+        train(_tiny_config(_write_tiny_cifar(tmp_path / "data")), out)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_ctrl_c_on_the_command_prints_the_command_that_resumes_it(tmp_path: Path) -> None:
+    """SIGINT the real command mid-run: one line, status 130, and the command it prints finishes the run."""
+    data = _write_tiny_cifar(tmp_path / "data", n_train=200)
+    out = tmp_path / "run"
+    command = [
+        sys.executable, str(REPO / "experiments" / "cifar10.py"), "--layer", "conv", "--alpha", "1", "--epochs", "30",
+        "--n-train", "100", "--n-valid", "20", "--cifar-test", "exact", "--data-dir", str(data), "--device", "cpu",
+        "--out", str(out),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = _start_and_wait_for_two_epochs(command, env, out)
+    metrics = out / "metrics.jsonl"
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("interrupted in epoch ")
+    resume = err.strip().split("; continue with: ")[1]
+    assert resume == shlex.join(["python", *command[1:], "--resume"])
+    result = subprocess.run([sys.executable, *shlex.split(resume)[1:]], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == list(range(1, 31))
+
+
+def test_single_class_training_data_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = _write_tiny_cifar(tmp_path / "data")
+    with np.load(data / "cifar10.npz") as arrays:
+        np.savez(data / "cifar10.npz", **{**arrays, "y_train": np.full_like(arrays["y_train"], 7)})
+    with caplog.at_level("WARNING", logger="ella.train"):
+        Trainer(_tiny_config(data), tmp_path / "run")
+    assert "all 40 training images are of class 7" in caplog.text
