@@ -118,7 +118,7 @@ def read_checkpoint(out_dir: Path, keys: Collection[str]) -> tuple[dict, Path] |
     return None
 
 
-UNCHECKED = ("device", "capture", "kfac_batch_size", "download")  # how a run is computed, not what it computes
+UNCHECKED = ("device", "capture", "kfac_batch_size", "download", "checkpoint_every")  # how a run is computed, not what it computes
 
 
 def check_config(state: dict, path: Path, config: dict, defaults: dict, flags: dict[str, str]) -> None:

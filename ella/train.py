@@ -121,6 +121,8 @@ class TrainConfig:
                                    "there (needs network access)")
     device: str = option(help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)",
                          default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint_every: int = option(1, "write the checkpoint every this many epochs (and after the last); a large "
+                                      "network's checkpoint can take longer than a captured epoch on a GPU", COUNT)
     capture: bool = option(True, "on CUDA, run every training step eagerly instead of replaying it as a captured CUDA "
                                  "graph (ella.static_step)")
 
@@ -379,8 +381,9 @@ class Trainer:
         row["precisions"] = self.prior.as_dict()
         row["seconds"] = time.perf_counter() - start
         self.history.append(row)
-        save_checkpoint(self._state(), self.out_dir)
-        self.saved_epoch = self.epoch
+        if self.epoch % self.config.checkpoint_every == 0 or self.epoch == self.config.epochs:
+            save_checkpoint(self._state(), self.out_dir)
+            self.saved_epoch = self.epoch
         write_metrics(self.history, self.out_dir)
         log.info(
             "epoch %d: train %.4f valid nll %.4f acc %.2f test acc %.2f%s",

@@ -39,7 +39,7 @@ PRESETS = {
     # 0.01 needs the paper's thousands of epochs on this normalisation-free network.
     "gpu": {
         "epochs": 150, "optimizer": "adam", "lr": 0.002, "burn_in": 10, "marglik_every": 5, "hyper_steps": 20,
-        "augment": True, "cifar_test": "jpeg10k",
+        "augment": True, "cifar_test": "jpeg10k", "checkpoint_every": 10,
     },
 }
 # The paper's Table 2 models: three fixed choices by MAP and the learned F-FC+CONV.
