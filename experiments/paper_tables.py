@@ -72,13 +72,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=EXPERIMENTS, help="which paper table to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[711], help="seeds to run every model with (default: 711)")
+    parser.add_argument("--only", nargs="+", metavar="RUN", default=None,
+                        help="run only these members of the set (names as in the table without the seed, e.g. "
+                             "conv-map ffc_conv-laplace; default: all)")
     add_training_arguments(parser, module.PRESETS if module else {"gpu": {}}, default_preset="gpu")
     args = parser.parse_args()
     setup_logging(args.verbose)
     base = config_from_args(args, module.PRESETS, **FIXED[args.experiment])
     root = args.out or Path("runs") / "tables" / f"{args.experiment}-{args.preset}"
-    runs = {f"{name}-s{seed}": replace(config, seed=seed)
-            for seed in args.seeds for name, config in module.make_runs(base).items()}
+    members = module.make_runs(base)
+    unknown = sorted(set(args.only or ()) - set(members))
+    if unknown:
+        parser.error(f"--only: {', '.join(unknown)} not in the {args.experiment} set ({', '.join(members)})")
+    chosen = {name: config for name, config in members.items() if args.only is None or name in args.only}
+    runs = {f"{name}-s{seed}": replace(config, seed=seed) for seed in args.seeds for name, config in chosen.items()}
     results = run_many(runs, root, args.resume)
     rows = [table_row(name, final, root / name, module) for name, final in results.items()]
     print(write_table(rows, root, stem="table"))

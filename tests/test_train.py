@@ -394,3 +394,27 @@ def test_single_class_training_data_is_a_warning(tmp_path: Path, caplog: pytest.
     with caplog.at_level("WARNING", logger="ella.train"):
         Trainer(_tiny_config(data), tmp_path / "run")
     assert "all 40 training images are of class 7" in caplog.text
+
+
+def test_paper_tables_runs_a_set_and_writes_one_table(tmp_path: Path) -> None:
+    """The launcher end to end at tiny size: two members of the CIFAR-10 set, one table with the learned
+    model's per-block shares; a name outside the set is a clear error."""
+    data = _write_tiny_cifar(tmp_path / "data")
+    command = [sys.executable, str(REPO / "experiments" / "paper_tables.py"), "cifar10", "--preset", "cpu",
+               "--only", "conv-map", "ffc_conv-laplace", "--seeds", "5", "--epochs", "2", "--alpha", "1",
+               "--n-train", "40", "--n-valid", "10", "--burn-in", "2", "--marglik-every", "1", "--hyper-steps", "2",
+               "--cifar-test", "exact", "--data-dir", str(data), "--device", "cpu", "--out", str(tmp_path / "t")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "t" / "table.json").read_text())
+    assert [row["run"] for row in rows] == ["conv-map-s5", "ffc_conv-laplace-s5"]
+    conv, learned = rows
+    assert conv["paper_acc"] == 82.81 and learned["paper_acc"] == 83.92
+    assert conv["neg_log_marglik"] is None and learned["neg_log_marglik"] is not None
+    for kind in ("F-FC", "CONV"):  # eight relaxed blocks each
+        assert len(learned[f"rel {kind}"].split()) == len(learned[f"out {kind}"].split()) == 8
+    shares = zip(learned["rel F-FC"].split(), learned["rel CONV"].split())
+    assert all(abs(float(a) + float(b) - 1) < 0.011 for a, b in shares)  # the relative shares of a block add up
+    assert all(row["minutes"] > 0 for row in rows) and "| ffc_conv-laplace-s5 |" in done.stdout
+    wrong = subprocess.run(command[:3] + ["--only", "conv-laplace"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "conv-laplace not in the cifar10 set" in wrong.stderr
