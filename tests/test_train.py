@@ -91,6 +91,23 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch:
     assert ours[1]["relative_n_eff"] == {f"blocks.{i}.conv": 1.0 for i in range(8)}  # one path per layer
 
 
+def test_checkpoints_every_few_epochs_resume_from_the_last_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --checkpoint-every 2, an interruption in epoch 4 resumes from epoch 2: epoch 3 (in the metrics, not
+    in a checkpoint) is computed again, and the run ends as the uninterrupted one."""
+    data = _write_tiny_cifar(tmp_path / "data")
+    config = _tiny_config(data, checkpoint_every=2)
+    reference = train(config, tmp_path / "reference")
+    original = _raise_in_epoch(monkeypatch, 4, _Interrupt)
+    with pytest.raises(_Interrupt):
+        train(config, tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    resumed = train(config, tmp_path / "run", resume=True)
+    assert resumed["test"] == reference["test"] and resumed["precisions"] == reference["precisions"]
+    ours = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in ours] == [1, 2, 3, 4]
+
+
 def test_run_writes_metrics_report_and_figure(tmp_path: Path) -> None:
     data = _write_tiny_cifar(tmp_path / "data")
     out = tmp_path / "run"
