@@ -144,11 +144,16 @@ class MarglikObjective:
                    sum(f.n_data for f in fits))
 
     def __call__(self, prior: Prior) -> torch.Tensor:
-        """``-log p(D | delta) / N`` (lower is better), differentiable in ``prior.log_precision``."""
-        delta = prior.tensor_precisions()
-        log_delta = prior.log_precision[prior.group_of_tensor]
+        """``-log p(D | delta) / N`` (lower is better), differentiable in ``prior.log_precision``.
+
+        Evaluated in the eigenvalues' precision (float64) whatever the prior's dtype: the gradient in a log
+        precision is a difference of terms of the size of the tensor's parameter count (``P_t / 2`` against
+        ``sum_i delta / (lambda_i + delta) / 2``), which float32 would get wrong in the fifth digit.
+        """
+        log_delta = prior.log_precision.to(self.eigenvalues)[prior.group_of_tensor]
+        delta = log_delta.exp()
         norms = self.squared_norms.to(delta)
-        logdet = _LogdetSum.apply(delta.to(self.eigenvalues).repeat(self.n_fits), self.eigenvalues, self.lengths)
+        logdet = _LogdetSum.apply(delta.repeat(self.n_fits), self.eigenvalues, self.lengths)
         sizes = self.n_params.to(delta)
         occam = logdet - self.n_fits * (sizes * log_delta).sum()
         return (self.loss_sum + 0.5 * (delta * norms).sum() + 0.5 * occam) / self.n_data

@@ -126,6 +126,19 @@ def test_fused_objective_equals_the_per_block_formula_and_its_gradient() -> None
     torch.testing.assert_close(g_fused, g_reference, rtol=1e-10, atol=1e-14)
 
 
+def test_objective_of_a_float32_prior_is_evaluated_in_float64() -> None:
+    """The gradient in a log precision cancels terms of the size of the parameter count: a float32 prior gets
+    the float64 gradient, rounded once (a float32 evaluation is off in the fifth digit)."""
+    fit, prior64 = _fit_with_spread_precisions()
+    prior32 = Prior(_tiny_relaxed(), per_tensor=True)
+    with torch.no_grad():
+        prior32.log_precision.copy_(prior64.log_precision)
+    (g64,) = torch.autograd.grad(neg_log_marglik(fit, prior64), prior64.log_precision)
+    (g32,) = torch.autograd.grad(neg_log_marglik(fit, prior32), prior32.log_precision)
+    assert g32.dtype == torch.float32
+    torch.testing.assert_close(g32, g64.float(), rtol=2e-7, atol=1e-9)
+
+
 def test_optimise_prior_follows_the_plain_step_by_step_loop() -> None:
     """Twenty fused hyper-steps give the precisions and value of the loop that evaluates the per-block objective
     twice per step and checks it on the host (the implementation before fusion)."""
