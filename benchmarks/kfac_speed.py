@@ -1,6 +1,6 @@
 """Speed of our exact-GGN KFAC pass vs one SGD epoch and vs curvlinops' KFAC, on real CIFAR-10 images.
 
-Example (the README's figures come from this command; data from --data-dir, else $ELLA_DATA, else ./data):
+Example (the figures of docs/kfac.md come from this command; data from --data-dir, else $ELLA_DATA, else ./data):
 
     OMP_NUM_THREADS=1 python benchmarks/kfac_speed.py --n-images 2048 --alpha 4 --repeats 7 --threads 1 --skip-variant
 

@@ -1,6 +1,7 @@
 """Speed of training on one device: eager against captured epochs, and a marginal-likelihood round in parts.
 
-Example (the README's GPU figures come from this command; data from --data-dir, else $ELLA_DATA, else ./data):
+Example (the GPU figures of docs/results.md are to come from this command; data from --data-dir, else $ELLA_DATA,
+else ./data):
 
     python benchmarks/train_speed.py --device cuda --alpha 10 --n-images 10000 --layer ffc_conv conv
 
