@@ -1,4 +1,4 @@
-"""The KFAC-Laplace log marginal likelihood with per-path prior precisions (spec sections 4.3, 5.7).
+"""The KFAC-Laplace log marginal likelihood with per-path prior precisions.
 
 With parameters ``theta`` fixed at the current iterate, KFAC blocks eigendecomposed once, and per-tensor
 precisions ``delta_t`` (taken from the prior's per-path log precisions), the objective per data point is

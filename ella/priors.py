@@ -1,4 +1,4 @@
-"""Gaussian priors with one learnable precision per path (spec section 3).
+"""Zero-mean isotropic Gaussian priors ``N(0, I / delta)`` with one learnable precision ``delta`` per path.
 
 A *prior group* is a name, not an index: ``"blocks.3.fc"`` is the F-FC path of block 3 (weights and biases of
 that path share one precision), ``"head.0"`` the first head layer. With ``per_tensor=True`` every parameter

@@ -1,4 +1,4 @@
-"""Effective number of parameters per path and layer (paper App. D.2; spec section 6).
+"""Effective number of parameters per path and layer (the paper's App. D.2).
 
 MacKay's effective number of parameters of a parameter tensor ``t`` under the KFAC-Laplace posterior is
 ``N_eff(t) = sum_i lambda_i / (lambda_i + delta_t)`` over the eigenvalues of its GGN block. For a path (all its

@@ -3,8 +3,9 @@
 A *teacher* F-FC+CONV relaxed layer with only one path nonzero (``active="conv"``: a translation-equivariant
 map; ``active="fc"``: a rank-one-per-channel-pair dense map that no convolution can express) generates regression
 data ``y = teacher(x) + noise`` from standard normal inputs. A *student* F-FC+CONV layer of the same shape then
-learns its path precisions by the method's alternation (spec section 4.2, with every step made exact so that
-only the alternation itself is under test): the MAP at fixed precisions by full-batch L-BFGS, then a KFAC-Laplace
+learns its path precisions by the method's alternation (the paper's online loop of MAP steps on the weights and
+hyper-steps on the precisions at the current weights, here with every step made exact so that only the
+alternation itself is under test): the MAP at fixed precisions by full-batch L-BFGS, then a KFAC-Laplace
 fit and Adam steps on the log precisions at fixed parameters (:func:`learn_precisions`).
 
 :func:`evidence_profile` answers the question the alternation only approximates: the Laplace evidence as a

@@ -1,4 +1,4 @@
-"""Print the parameter count of every model of the zoo beside the paper's (spec section 1.13).
+"""Print the parameter count of every model of the zoo beside the paper's (Tables 2 and 3).
 
 Models are built on the ``meta`` device, so the 133M-parameter FC models cost no memory.
 
@@ -15,7 +15,9 @@ from pathlib import Path
 from ella.cli import positive_int, run_script
 from ella.models import DEFAULT_ALPHA, LAYER_NAMES, build_model, count_parameters
 
-# Exact counts derived in the spec (section 1.13); S-CONV with 5 anchors per 3x3 filter (paper: half, rounded up).
+# Exact counts from the per-block formulas (FC C X C' Y + C' Y, CONV 9 C C' + C', F-FC C C' (X + Y) + C' + Y, S-FC
+# C C' (M_X + M_Y) + C', S-CONV C C' M + C', plus the head), which round to the paper's printed figures; S-CONV with
+# 5 anchors per 3x3 filter (paper: half, rounded up).
 CIFAR10_EXPECTED = {
     "fc": 133_635_690,
     "conv": 338_770,
@@ -41,7 +43,7 @@ PAPER_PRINTED = {
     "gconv": "0.3M (pointwise, App. Table 7)",
     "ffc_conv_gconv": "1.2M (alpha 2)",
 }
-# Quadrant-MNIST toy problem (1 channel, 32x32; 10-class digit / 40-class digit+quadrant task), spec 1.13.
+# Quadrant-MNIST toy problem (1 channel, 32x32; 10-class digit / 40-class digit+quadrant task), same formulas.
 TOY_EXPECTED = {
     ("fc", 10): 112_664_170,
     ("fc", 40): 112_683_400,

@@ -1,4 +1,4 @@
-"""CONV path: 3x3 circular convolution (spec 1.2), at stride 1 or as one polyphase component at stride 2."""
+"""CONV path: 3x3 circular convolution, at stride 1 or as one polyphase component at stride 2."""
 
 from __future__ import annotations
 

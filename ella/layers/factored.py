@@ -1,4 +1,4 @@
-"""F-FC path: factored dense map with a rank-one spatial block per channel pair (spec 1.4)."""
+"""F-FC path: factored dense map with a rank-one spatial block per channel pair."""
 
 from __future__ import annotations
 

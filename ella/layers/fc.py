@@ -1,4 +1,4 @@
-"""FC path: a dense affine map between whole feature maps (spec 1.1)."""
+"""FC path: a dense affine map between whole feature maps."""
 
 from __future__ import annotations
 

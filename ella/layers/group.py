@@ -1,4 +1,4 @@
-"""p4 (translations x 90-degree rotations) group convolutions in the common frame (spec 1.11).
+"""p4 (translations x 90-degree rotations) group convolutions in the common frame (Cohen & Welling 2016).
 
 Representation: a p4 feature map with ``C`` channels is stored as ``(B, 4*C, H, W)``, group-major (channel
 ``g*C + c`` is rotation ``g`` of channel ``c``). The generator ``r`` acts by rotating every slice with

@@ -1,4 +1,4 @@
-"""Adaptive polyphase downsampling by 2 (APS, Chaman & Dokmanic 2021; spec 1.10).
+"""Adaptive polyphase downsampling by 2 (APS, Chaman & Dokmanic 2021; the paper's App. F.2).
 
 The 4 polyphase components of ``x (B, C, H, W)`` are ``x[:, :, a::2, b::2]`` with row offset ``a`` and
 column offset ``b``; component index ``2*a + b``. Per sample, the component with the largest norm over

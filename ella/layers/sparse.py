@@ -1,4 +1,4 @@
-"""Sparse (anchor-interpolated) layers: S-CONV and S-FC (spec 1.6-1.8).
+"""Sparse (anchor-interpolated) layers: S-CONV and S-FC, the paper's sparsified CONV and F-FC paths.
 
 A weight defined on a spatial grid of ``T`` sites is parameterised by its values at ``M`` anchors ``Z``
 through the kernel-interpolation basis ``Psi = (K_ZZ + sigma^2 I)^{-1} K_ZT`` of shape ``(M, T)``:
