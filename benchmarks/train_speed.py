@@ -46,6 +46,11 @@ def trainers(layer: str, args: argparse.Namespace, root: Path) -> tuple[Trainer,
     return plain, captured
 
 
+def epoch_label(trainer: Trainer) -> str:
+    """``captured epoch`` on CUDA; on the CPU the static-shape steps run eagerly."""
+    return "captured epoch" if trainer.captured else "static-shape epoch"
+
+
 def steps(plain: Trainer, captured: Trainer, hyper_steps: int) -> dict:
     """The timed steps; the KFAC factors and the Laplace fit they start from are computed once here."""
     model, prior, c = captured.model, captured.prior, captured.config
@@ -61,7 +66,7 @@ def steps(plain: Trainer, captured: Trainer, hyper_steps: int) -> dict:
 
     return {
         "eager epoch": plain.train_epoch,
-        "captured epoch": captured.train_epoch,
+        epoch_label(captured): captured.train_epoch,
         "evaluation": lambda: evaluate(model, *captured.data.train),
         "KFAC pass": lambda: fit_kfac(model, captured.marglik_loader, **options),
         "eigendecomposition": kron.decompose,
@@ -69,27 +74,27 @@ def steps(plain: Trainer, captured: Trainer, hyper_steps: int) -> dict:
     }
 
 
-def paper_hours(rows: dict[str, Timing], n_images: int, epoch_label: str) -> float:
+def paper_hours(rows: dict[str, Timing], n_images: int, label: str) -> float:
     """The paper preset's wall time extrapolated from the medians (see the module docstring)."""
     scale = PAPER["images"] / n_images
-    per_epoch = rows[epoch_label].median * scale + rows["evaluation"].median * PAPER["evaluated"] / n_images
+    per_epoch = rows[label].median * scale + rows["evaluation"].median * PAPER["evaluated"] / n_images
     labels = list(rows)
     per_round = rows["KFAC pass"].median * scale + rows["eigendecomposition"].median + rows[labels[-1]].median
     return (PAPER["epochs"] * per_epoch + PAPER["rounds"] * per_round) / 3600
 
 
-def report(layer: str, n_params: int, rows: dict[str, Timing], n_images: int) -> None:
-    base = rows["captured epoch"]
+def report(layer: str, n_params: int, rows: dict[str, Timing], n_images: int, label: str) -> None:
+    base = rows[label]
     print(f"\n[{layer}] {n_params:,} parameters, {n_images} images (medians; ratios: medians of same-round ratios)")
-    for label, timing in rows.items():
-        print(f"  {label:20s} {timing.median:8.3f} s  ({median_ratio(timing, base):6.2f} x captured epoch)  "
+    for name, timing in rows.items():
+        print(f"  {name:20s} {timing.median:8.3f} s  ({median_ratio(timing, base):6.2f} x {label})  "
               f"peak +{timing.peak_mb:8.1f} MiB")
-    labels = list(rows)
-    round_s = sum(rows[k].median for k in ("KFAC pass", "eigendecomposition", labels[-1]))
-    print(f"  eager / captured epoch = {median_ratio(rows['eager epoch'], base):.2f}; "
+    names = list(rows)
+    round_s = sum(rows[k].median for k in ("KFAC pass", "eigendecomposition", names[-1]))
+    print(f"  eager / {label} = {median_ratio(rows['eager epoch'], base):.2f}; "
           f"marginal-likelihood round {round_s:.3f} s")
     print(f"  paper preset extrapolated: {paper_hours(rows, n_images, 'eager epoch'):.1f} h eager, "
-          f"{paper_hours(rows, n_images, 'captured epoch'):.1f} h captured")
+          f"{paper_hours(rows, n_images, label):.1f} h with the {label.split()[0]} steps")
 
 
 def main() -> None:
@@ -114,7 +119,8 @@ def main() -> None:
         for layer in args.layer:
             plain, captured = trainers(layer, args, Path(root))
             rows = measure(steps(plain, captured, args.hyper_steps), args.repeats, device)
-            report(layer, sum(p.numel() for p in captured.model.parameters()), rows, captured.n_train)
+            report(layer, sum(p.numel() for p in captured.model.parameters()), rows, captured.n_train,
+                   epoch_label(captured))
 
 
 if __name__ == "__main__":
