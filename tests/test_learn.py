@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
+from ella.layers import Conv, FactoredFC, RelaxedLayer, relaxed_layer
+from ella.layers.blocks import GROUP_LAYERS, LAYER_NAMES, LAYERS
+from ella.layers.group import N_ROTATIONS
 from ella.train import train
 from test_train import _tiny_config, _write_tiny_cifar
 
@@ -37,3 +42,44 @@ def test_the_trainer_gives_the_numbers_it_gave_before(tmp_path: Path) -> None:
     assert [row["train_loss"] for row in rows] == pytest.approx(TRAINER_BEFORE["train_loss"], **close)
     for name, value in TRAINER_BEFORE["precisions"].items():
         assert final["precisions"][name] == pytest.approx(value, **close), name
+
+
+@pytest.mark.parametrize("downsample", [False, True])
+def test_relaxed_layer_derives_the_sizes_and_strides_a_user_would_have_to_know(downsample: bool) -> None:
+    """F-FC+CONV from channels, input size and ``downsample``: the same parameters, the same function as the layer
+    built by hand (F-FC to the output size, CONV at stride 2 in a downsampling layer)."""
+    torch.manual_seed(0)
+    derived = relaxed_layer(3, 5, 8, "ffc_conv", downsample=downsample)
+    torch.manual_seed(0)
+    out_size, stride = (4, 2) if downsample else (8, 1)
+    by_hand = RelaxedLayer({"fc": FactoredFC(3, 5, 8, out_size), "conv": Conv(3, 5, stride=stride)},
+                           downsample=downsample)
+    assert (derived.paths["fc"].out_size, derived.paths["conv"].stride) == (out_size, stride)
+    assert derived.state_dict().keys() == by_hand.state_dict().keys()
+    for name, value in by_hand.state_dict().items():
+        assert torch.equal(derived.state_dict()[name], value), name
+    x = torch.randn(2, 3, 8, 8)
+    assert derived(x).shape == (2, 5, out_size, out_size)
+    assert torch.equal(derived(x), by_hand(x))
+
+
+@pytest.mark.parametrize("paths", LAYER_NAMES)
+def test_relaxed_layer_of_every_name_maps_its_input_to_the_output_shape(paths: str) -> None:
+    fields = N_ROTATIONS if paths in GROUP_LAYERS else 1  # group layers act on p4 feature maps (B, 4C, H, W)
+    layer = relaxed_layer(2, 3, 6, paths, downsample=True)
+    assert layer(torch.randn(2, 2 * fields, 6, 6)).shape == (2, 3 * fields, 3, 3)
+    assert set(layer.paths) == set(LAYERS[paths])
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((3, 4, 8, "ffc_cnv"), {}, "unknown layer 'ffc_cnv'; valid layers are: fc, conv"),
+        ((3, 4, 7), {"downsample": True}, "size must be even, got 7"),
+        ((0, 4, 8), {}, "in_channels must be a positive integer, got 0"),
+        ((3, 4, 8.0), {}, "size must be a positive integer, got 8.0"),
+    ],
+)
+def test_relaxed_layer_rejects_what_it_cannot_build(args: tuple, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        relaxed_layer(*args, **kwargs)
