@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -22,7 +26,7 @@ from ella.learn import learn
 from ella.models import build_model
 from ella.priors import prior_groups
 from ella.train import Interrupted, Learner, train
-from test_train import _tiny_config, _without_timing, _write_tiny_cifar
+from test_train import REPO, _tiny_config, _without_timing, _write_tiny_cifar
 
 # What the Trainer gave for ``_equivalence_config`` before the training loop became a library entry point
 # (commit cd55884); pinned so that the refactor is checked against the code it replaced, not against itself.
@@ -286,3 +290,27 @@ def test_loaders_whose_batches_are_not_pairs_are_a_clear_error(batches: list, me
 def test_options_that_learn_cannot_take_are_a_clear_error(options: dict, error: type, message: str) -> None:
     with pytest.raises(error, match=re.escape(message)):
         learn(_nested_model(), _images(), epochs=1, device="cpu", **options)
+
+
+def test_the_example_learns_the_precisions_of_its_network_and_prints_the_report(tmp_path: Path) -> None:
+    """examples/mnist_symmetries.py on a small stand-in for MNIST: one row per path of its three relaxed layers
+    (named by their index in the user's nn.Sequential) and one for the head, each layer's shares summing to 1."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (700, 28, 28), dtype=np.uint8),
+             y_train=np.arange(700) % 10, x_test=rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
+             y_test=np.arange(100) % 10)
+    command = [sys.executable, str(REPO / "examples" / "mnist_symmetries.py"), "--data-dir", str(tmp_path),
+               "--n-train", "100", "--epochs", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("layer"))
+    rows = [line.split() for line in lines[header + 1:header + 8]]
+    assert [row[:3] for row in rows] == [["0", "fc", "F-FC"], ["0", "conv", "CONV"], ["1", "fc", "F-FC"],
+                                         ["1", "conv", "CONV"], ["2", "fc", "F-FC"], ["2", "conv", "CONV"],
+                                         ["4", "-", "Linear"]]
+    for layer in ("0", "1", "2"):
+        relative = [float(row[7]) for row in rows if row[0] == layer]  # layer path kind precision params N_eff norm rel
+        assert sum(relative) == pytest.approx(1.0, abs=1e-3) and rows[int(layer) * 2][-1] in ("F-FC", "CONV")
+    assert lines[0].startswith("test accuracy ")
