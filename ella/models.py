@@ -1,7 +1,7 @@
-"""The paper's 8-block network (App. F, Table 6; spec section 2) built from relaxed layers.
+"""The paper's 8-block network (App. F, Table 6) built from relaxed layers.
 
-Every block is a :class:`~ella.layers.RelaxedLayer` whose paths are chosen by a *layer name*
-(``"ffc_conv"`` = F-FC + CONV, ...). Blocks 2, 4, 6, 7 and 8 halve the spatial size, so a 32x32 input
+Every block is a :class:`~ella.layers.RelaxedLayer` built by :func:`~ella.layers.relaxed_layer` from a *layer
+name* (``"ffc_conv"`` = F-FC + CONV, ...), its channels, input size and whether it downsamples. Blocks 2, 4, 6, 7 and 8 halve the spatial size, so a 32x32 input
 reaches 1x1 before the two-layer head. Group models (``gconv``, ``ffc_conv_gconv``) lift the input to the
 p4 common frame (4 copies, ``(B, 4C, H, W)``) and max-pool over rotations before the head.
 """
@@ -9,39 +9,16 @@ p4 common frame (4 copies, ``(B, 4C, H, W)``) and max-pool over rotations before
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
-from ella.layers import (
-    FC,
-    Conv,
-    FactoredFC,
-    GroupConv,
-    RelaxedLayer,
-    SparseConv,
-    SparseFC,
-    group_max_pool,
-    lift,
-)
+from ella.layers import group_max_pool, lift
+from ella.layers.blocks import GROUP_LAYERS, LAYER_NAMES, LAYERS, BlockSpec, check_layer_name, relaxed_layer
 
-GROUP_ORDER = 4  # p4: rotations by multiples of 90 degrees
+__all__ = ["DEFAULT_ALPHA", "LAYER_NAMES", "RelaxedNet", "block_specs", "build_model", "count_parameters"]
 
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """Shape of one block: channels ``in_channels -> out_channels`` on square maps ``in_size -> out_size``."""
-
-    in_channels: int
-    out_channels: int
-    in_size: int
-    out_size: int
-
-    @property
-    def downsample(self) -> bool:
-        return self.out_size != self.in_size
+DEFAULT_ALPHA: dict[str, int] = {name: (2 if name == "ffc_conv_gconv" else 10) for name in LAYERS}
 
 
 def block_specs(in_channels: int, alpha: int, image_size: int = 32) -> list[BlockSpec]:
@@ -60,68 +37,6 @@ def block_specs(in_channels: int, alpha: int, image_size: int = 32) -> list[Bloc
         (8 * a, 16 * a, 2, 1),
     ]
     return [BlockSpec(*row) for row in rows]
-
-
-PathFactory = Callable[[BlockSpec], nn.Module]
-
-
-def _fc(s: BlockSpec) -> nn.Module:
-    return FC(s.in_channels, s.out_channels, s.in_size, s.out_size)
-
-
-def _conv(s: BlockSpec) -> nn.Module:
-    # in a downsampling block the CONV path computes only the polyphase component the block keeps
-    return Conv(s.in_channels, s.out_channels, stride=2 if s.downsample else 1)
-
-
-def _ffc(s: BlockSpec) -> nn.Module:
-    return FactoredFC(s.in_channels, s.out_channels, s.in_size, s.out_size)
-
-
-def _sfc(s: BlockSpec) -> nn.Module:
-    return SparseFC(s.in_channels, s.out_channels, s.in_size, s.out_size)
-
-
-def _sconv(s: BlockSpec) -> nn.Module:
-    return SparseConv(s.in_channels, s.out_channels)
-
-
-def _gconv(s: BlockSpec) -> nn.Module:
-    return GroupConv(s.in_channels, s.out_channels, mode="pointwise")
-
-
-def _lifted(factory: PathFactory) -> PathFactory:
-    """A non-group path acting on the lifted ``4C``-channel tensor of a group model."""
-
-    def make(s: BlockSpec) -> nn.Module:
-        return factory(BlockSpec(GROUP_ORDER * s.in_channels, GROUP_ORDER * s.out_channels, s.in_size, s.out_size))
-
-    return make
-
-
-# layer name -> (path name -> factory); the order of the paths is the order of their parameters.
-LAYERS: dict[str, dict[str, PathFactory]] = {
-    "fc": {"fc": _fc},
-    "conv": {"conv": _conv},
-    "fc_conv": {"fc": _fc, "conv": _conv},
-    "ffc": {"fc": _ffc},
-    "ffc_conv": {"fc": _ffc, "conv": _conv},
-    "sfc": {"fc": _sfc},
-    "sconv": {"conv": _sconv},
-    "sfc_sconv": {"fc": _sfc, "conv": _sconv},
-    "gconv": {"gconv": _gconv},
-    "ffc_conv_gconv": {"fc": _lifted(_ffc), "conv": _lifted(_conv), "gconv": _gconv},
-}
-GROUP_LAYERS = frozenset({"gconv", "ffc_conv_gconv"})
-LAYER_NAMES: tuple[str, ...] = tuple(LAYERS)
-DEFAULT_ALPHA: dict[str, int] = {name: (2 if name == "ffc_conv_gconv" else 10) for name in LAYERS}
-
-
-def check_layer_name(layer: str) -> str:
-    """Return ``layer`` if it names a model, else raise a ValueError that lists the valid names."""
-    if layer not in LAYERS:
-        raise ValueError(f"unknown layer {layer!r}; valid layers are: {', '.join(LAYER_NAMES)}")
-    return layer
 
 
 class RelaxedNet(nn.Module):
@@ -144,14 +59,9 @@ class RelaxedNet(nn.Module):
         self.grouped = layer in GROUP_LAYERS
         self.in_channels = in_channels
         specs = block_specs(in_channels, alpha)
-        factories = LAYERS[layer]
         self.blocks = nn.ModuleList(
-            RelaxedLayer(
-                {name: make(spec) for name, make in factories.items()},
-                downsample=spec.downsample,
-                combine=combine,
-                criterion=criterion,
-            )
+            relaxed_layer(spec.in_channels, spec.out_channels, spec.in_size, layer, downsample=spec.downsample,
+                          combine=combine, criterion=criterion)
             for spec in specs
         )
         width = specs[-1].out_channels

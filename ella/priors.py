@@ -33,26 +33,35 @@ class PriorGroup:
 
 
 def _owners(model: nn.Module) -> dict[str, tuple[str, str | None, str]]:
-    """Map each module prefix that owns a prior to ``(layer, path, kind)``: relaxed-layer paths first."""
+    """Map each module prefix that owns a prior to ``(layer, path, kind)``: the paths of every relaxed layer,
+    however deeply nested (``layer`` is the relaxed layer's module path, ``""`` for the model itself)."""
     owners: dict[str, tuple[str, str | None, str]] = {}
     for layer_name, module in model.named_modules():
         if isinstance(module, RelaxedLayer):
             for path_name, path in module.paths.items():
-                owners[f"{layer_name}.paths.{path_name}"] = (layer_name, path_name, path.kind)
+                owners[_join(layer_name, f"paths.{path_name}")] = (layer_name, path_name, path.kind)
     return owners
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def prior_groups(model: nn.Module, per_tensor: bool = False) -> list[PriorGroup]:
-    """Prior groups of ``model`` in parameter order (one per path, or one per tensor with ``per_tensor``)."""
+    """Prior groups of ``model`` in parameter order (one per path, or one per tensor with ``per_tensor``).
+
+    A parameter belongs to the innermost relaxed-layer path holding it (a path may itself hold relaxed layers);
+    other parameters are grouped by the module owning them.
+    """
     owners = _owners(model)
     modules = dict(model.named_modules())
     members: dict[str, list[str]] = {}
     info: dict[str, tuple[str, str | None, str]] = {}
     for name, _ in model.named_parameters():
-        prefix = next((p for p in owners if name.startswith(p + ".")), None)
+        prefix = max((p for p in owners if name.startswith(p + ".")), key=len, default=None)
         if prefix is not None:
             layer, path, kind = owners[prefix]
-            group = f"{layer}.{path}"
+            group = _join(layer, path)
         else:
             layer = name.rsplit(".", 1)[0] if "." in name else ""
             path, kind = None, type(modules[layer]).__name__

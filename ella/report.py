@@ -152,11 +152,13 @@ def effective_layer_types(rows: list[PathReport]) -> dict[str, str]:
 
 
 def format_report(rows: list[PathReport]) -> str:
-    """A text table in the style of the paper's App. D Table 4, one line per path."""
+    """A text table in the style of the paper's App. D Table 4, one line per path (layers named by their module
+    path)."""
     types = effective_layer_types(rows)
     shares = any(row.output_share is not None for row in rows)
+    width = max([12] + [len(row.layer) + 2 for row in rows])  # the layer column fits nested module paths
     lines = [
-        f"{'layer':<12}{'path':<7}{'kind':<8}{'precision':>12}{'params':>12}{'N_eff':>12}"
+        f"{'layer':<{width}}{'path':<7}{'kind':<8}{'precision':>12}{'params':>12}{'N_eff':>12}"
         f"{'normalised':>12}{'relative':>10}" + (f"{'output':>10}" if shares else "") + "  effective type"
     ]
     for row in rows:
@@ -164,7 +166,7 @@ def format_report(rows: list[PathReport]) -> str:
         if shares:
             relative += f"{row.output_share:>10.4f}" if row.output_share is not None else f"{'':>10}"
         lines.append(
-            f"{row.layer:<12}{row.path or '-':<7}{row.kind:<8}{_precision_text(row):>12}{row.n_params:>12,}"
+            f"{row.layer:<{width}}{row.path or '-':<7}{row.kind:<8}{_precision_text(row):>12}{row.n_params:>12,}"
             f"{row.n_eff:>12.2f}{row.normalised:>12.3g}{relative}  {types.get(row.layer, '')}"
         )
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""MAP and Laplace (marginal-likelihood) training of the relaxed networks (spec section 4).
+"""MAP and Laplace (marginal-likelihood) training of networks with relaxed layers.
 
 Every epoch: SGD with momentum (Adam as an option) on the MAP objective ``mean CE + 1/2 sum_t delta_t
 ||theta_t||^2 / N`` over augmented mini-batches, with a cosine learning-rate schedule stepped per iteration;
@@ -9,9 +9,14 @@ at most the epoch in progress and ``resume=True`` continues from the last one (t
 :mod:`ella.checkpoint`). Ctrl-C ends a run with :class:`Interrupted`, which says where it stopped. Progress bars
 (rank 0, on a terminal; :mod:`ella.progress`) follow the epochs, each epoch's batches and each KFAC-Laplace fit.
 
-Outputs in ``out_dir``: ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch),
-``checkpoint.pt`` and ``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or when
-asked) the effective-parameter report ``effective_parameters.{txt,json}``, with its figure
+:class:`Learner` is that loop for any model holding relaxed layers and any data (tensors or loaders; see
+:mod:`ella.inputs`); :func:`ella.learn.learn` is its one-call form. :class:`Trainer` is an experiment's run:
+it loads the dataset and builds the paper's network from a :class:`TrainConfig`, then trains them as a
+:class:`Learner`.
+
+Outputs in ``out_dir`` (none without one): ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per
+epoch), ``checkpoint.pt`` and ``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or
+when asked) the effective-parameter report ``effective_parameters.{txt,json}``, with its figure
 ``relative_effective_parameters.png`` in ``figure_dir`` (default ``out_dir/figures``; the experiment scripts use
 ``figures/<experiment>/<run>``).
 
@@ -19,7 +24,8 @@ Data parallel (launched with ``torchrun --nproc_per_node=N``, see :mod:`ella.dis
 go through ``DistributedDataParallel`` with ``batch_size`` samples per process per step (the torch convention:
 the global batch is ``N * batch_size``); KFAC runs on each process's shard of the training data and is summed
 over processes before the eigendecomposition, so the marginal likelihood and the precisions equal the
-single-process ones. Rank 0 alone evaluates, logs and writes the files above; ``resume`` loads rank 0's
+single-process ones. Training data given as tensors are sharded here; a loader must yield this process's shard
+(``DistributedSampler``). Rank 0 alone evaluates, logs and writes the files above; ``resume`` loads rank 0's
 checkpoint on every rank.
 """
 
@@ -30,6 +36,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -40,8 +47,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ella import distributed
-from ella.checkpoint import OutputError, open_run, save_checkpoint, write_text
+from ella.checkpoint import CheckpointError, OutputError, open_run, save_checkpoint, write_text
 from ella.data import CIFAR_TEST_CHOICES, DataBundle, TensorLoader, load_dataset
+from ella.inputs import Data, PairLoader, check_curvature, check_model, dataset_size, first_inputs, is_pair
 from ella.layers import GROUPED_MODES
 from ella.layers.relaxed import COMBINE_MODES
 from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace, optimise_prior
@@ -50,6 +58,7 @@ from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, is_option
 from ella.priors import Prior
 from ella.progress import BarLoader, RunBar, fit_progress
 from ella.report import (
+    PathReport,
     effective_layer_types,
     path_output_power,
     path_reports,
@@ -74,7 +83,9 @@ class TrainConfig:
 
     A field made by :func:`~ella.options.option` is also a flag of every training experiment (``lr_min`` is
     ``--lr-min``; see :mod:`ella.options`): adding a training option is adding one field here. ``layer``,
-    ``dataset``, ``task`` and ``momentum`` are set by the experiments, not by flags.
+    ``dataset``, ``task`` and ``momentum`` are set by the experiments, not by flags. The fields in
+    :data:`EXPERIMENT_FIELDS` choose the dataset and the network (:class:`Trainer`); the others are the options
+    of training itself, also those of :func:`ella.learn.learn`.
     """
 
     layer: str = "ffc_conv"
@@ -139,24 +150,44 @@ class TrainConfig:
             raise ValueError(f"--lr-min ({self.lr_min:g}) must not be above --lr ({self.lr:g})")
 
 
+EXPERIMENT_FIELDS = ("layer", "dataset", "task", "alpha", "combine", "augment", "n_train", "n_valid", "valid_fraction",
+                     "cifar_test", "data_dir", "download")  # what an experiment trains, not how
+
+
+def training_record(config: TrainConfig) -> dict:
+    """The training options of ``config`` (all fields but :data:`EXPERIMENT_FIELDS`), as a run records them."""
+    return {name: value for name, value in asdict(config).items() if name not in EXPERIMENT_FIELDS}
+
+
 EVAL_BATCH = {"cpu": 500, "cuda": 5000}  # evaluation batch per device type (sums accumulate on the device)
 KFAC_BATCH = {"cpu": 150, "cuda": 1024}  # default KFAC batch per device type (a performance choice only)
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # x (B, C, H, W), generator -> x (B, C, H, W)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> dict[str, float]:
     """Mean negative log-likelihood and accuracy of ``model`` on ``(x, y)`` (no augmentation), summed on the
     device and read back once; ``batch_size`` defaults to :data:`EVAL_BATCH` of the data's device type."""
     batch_size = batch_size or EVAL_BATCH.get(x.device.type, EVAL_BATCH["cpu"])
+    return evaluate_batches(model, TensorLoader(x, y, batch_size), x.device)
+
+
+def evaluate_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     device: torch.device) -> dict[str, float]:
+    """:func:`evaluate` over ``(x (B, ...), y (B,))`` batches on ``device``."""
     model.eval()
-    nll = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    count = 0
     with torch.no_grad():
-        for xb, yb in TensorLoader(x, y, batch_size):
+        for xb, yb in batches:
             logits = model(xb)
             nll += F.cross_entropy(logits, yb, reduction="sum").double()
             correct += (logits.argmax(-1) == yb).sum()
+            count += len(yb)
     model.train()
-    return {"nll": float(nll) / len(y), "acc": 100.0 * int(correct) / len(y)}
+    if count == 0:
+        raise ValueError("cannot evaluate on no data")
+    return {"nll": float(nll) / count, "acc": 100.0 * int(correct) / count}
 
 
 _NESTED = ("precisions", "relative_n_eff")  # per-group dictionaries: in the JSONL only
@@ -173,54 +204,67 @@ def write_metrics(history: list[dict], out_dir: Path) -> None:
     write_text(text.getvalue(), out_dir / "metrics.csv")
 
 
-class Trainer:
-    """Holds the model, prior, optimisers and data of one run; ``run()`` trains to the end."""
+def open_output(out_dir: Path | None, record: dict, resume: bool) -> dict | None:
+    """Check the output folder (and on ``resume`` its checkpoint and configuration), then write ``config.json``
+    (``record``); return the checkpoint's state to continue from (see :func:`ella.checkpoint.open_run`). Runs on
+    rank 0; every rank gets its result. Without a folder nothing is written and there is nothing to resume."""
+    if out_dir is None:
+        if resume:
+            raise ValueError("resume needs the output folder of the run to continue (out_dir)")
+        return None
+    options = fields(TrainConfig)
+    return distributed.on_main(lambda: open_run(
+        out_dir, record, resume, keys=_STATE_KEYS,
+        defaults={f.name: f.default for f in options if f.default is not MISSING},
+        flags={f.name: flag(f) for f in options if is_option(f)},
+    ))
 
-    def __init__(self, config: TrainConfig, out_dir: Path, resume: bool = False, figure_dir: Path | None = None) -> None:
+
+class Learner:
+    """Trains ``model`` (any module holding relaxed layers, stock layers anywhere) on ``train`` with the training
+    options of ``config`` (see :class:`TrainConfig`), learning its prior precisions with ``config.laplace``;
+    ``run()`` trains to the end.
+
+    Data (:mod:`ella.inputs`): tensors ``(x, y)`` or loaders of ``(x, y)`` batches. Training tensors are batched
+    here (``batch_size``, shuffled by a generator seeded with ``seed``, augmented by ``augment``), sharded in a
+    data-parallel run, and on CUDA trained by captured CUDA graphs (:mod:`ella.static_step`; a
+    :class:`~ella.data.TensorLoader` too); any other loader (a ``torch.utils.data.DataLoader``) is trained by the
+    plain loop, batch after batch as it yields them, moved to the device. ``laplace_data``: the *unaugmented*
+    data KFAC runs on (default: the training tensors; the training loader itself when ``train`` is a loader);
+    ``valid`` and ``test`` are evaluated after every epoch and at the end. ``out_dir``: the run's folder
+    (checkpoints, metrics, report; None: nothing is written and the run cannot be resumed), prepared by
+    :func:`open_output`, whose ``state`` it continues from; ``record``: the configuration the run records
+    (default: :func:`training_record`). ``description`` labels the progress bar, ``title`` the report's figure.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train: Data, *, valid: Data | None = None,
+                 test: Data | None = None, laplace_data: Data | None = None, augment: Augment | None = None,
+                 out_dir: Path | None = None, figure_dir: Path | None = None, state: dict | None = None,
+                 resume: bool = False, record: dict | None = None, description: str = "training",
+                 title: str = "") -> None:
         config.check()
+        check_model(model)
         self.config = config
-        self.out_dir = out_dir
-        self.figure_dir = out_dir / "figures" if figure_dir is None else figure_dir
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.figure_dir = self.out_dir / "figures" if figure_dir is None and self.out_dir is not None else figure_dir
+        self.record = training_record(config) if record is None else record
+        self.description, self.title = description, title
         self.device = distributed.setup(config.device)
-        state = distributed.on_main(lambda: self._open_run(resume))  # checks before it writes; rank 0's state
-
-        torch.manual_seed(config.seed)
-        self.data: DataBundle = load_dataset(
-            config.dataset,
-            config.data_dir,
-            task=config.task,
-            n_train=config.n_train,
-            n_valid=config.n_valid,
-            valid_fraction=config.valid_fraction,
-            seed=config.seed,
-            cifar_test=config.cifar_test,
-            download=config.download,
-            device=self.device,
-        )
-        self.model = build_model(
-            config.layer, self.data.in_channels, self.data.n_classes, config.alpha, combine=config.combine
-        ).to(self.device)
+        self.model = model.to(self.device)
         self.prior = Prior(self.model, per_tensor=config.per_tensor_prior, init_precision=config.prior_init)
         self.ddp_model = distributed.wrap_model(self.model, self.device)  # training forward only
-        self.n_train = len(self.data.train[1])
+        self.n_train = dataset_size(train, "training")
         rank, world = distributed.rank(), distributed.world_size()
         if self.n_train < world:
             raise ValueError(f"{self.n_train} training images cannot be shared among {world} processes")
-        labels = self.data.train[1].unique()
-        if len(labels) < 2 and distributed.is_main():
-            log.warning("all %d training images are of class %d: the network can learn nothing but that class "
-                        "(check --data-dir and --n-train)", self.n_train, int(labels[0]))
-        generator = torch.Generator(device="cpu").manual_seed(config.seed)
-        augment = self.data.augment if config.augment else None
-        self.train_loader = TensorLoader(*self.data.train, config.batch_size, shuffle=True, augment=augment,
-                                         generator=generator, rank=rank, world_size=world)
-        kfac_batch = config.kfac_batch_size or KFAC_BATCH.get(self.device.type, KFAC_BATCH["cpu"])
-        self.marglik_loader = BarLoader(TensorLoader(*self.data.train, kfac_batch, rank=rank, world_size=world,
-                                                      pad_shards=False))
+        self.train_loader = self._train_loader(train, augment, rank, world)
+        self.laplace_data = train if laplace_data is None else laplace_data
+        self.marglik_loader = BarLoader(self._laplace_loader(self.laplace_data, rank, world))
+        self.eval_data = {name: data for name, data in (("valid", valid), ("test", test)) if data is not None}
         self.captured = (config.capture and self.device.type == "cuda" and world == 1
-                         and supports_planning(self.train_loader))
+                         and isinstance(self.train_loader, TensorLoader) and supports_planning(self.train_loader))
         self.optimizer = self._make_optimizer()
-        self.runner = self._make_runner(augment, capture=True) if self.captured else None
+        self.runner = self._make_runner(self.train_loader.augment, capture=True) if self.captured else None
         total_steps = config.epochs * len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps, eta_min=config.lr_min)
         self.hyper_optimizer = torch.optim.Adam(self.prior.parameters(), lr=config.hyper_lr)
@@ -228,20 +272,41 @@ class Trainer:
         self.epoch = 0
         self.last_marglik: float | None = None
         self.saved_epoch = 0  # the epoch of the last checkpoint (rank 0)
+        self.report: list[PathReport] = []  # the effective-parameter report, once finished
+        if config.laplace or config.report:  # before training, a model KFAC cannot handle says so
+            check_curvature(self.model, self.marglik_loader.loader, "laplace", **self._kfac_options())
         if state is not None:
             self._load_state(state)
         elif resume and distributed.is_main():
             log.warning("--resume: no checkpoint in %s yet, so this starts a new run", self.out_dir)
+        if config.laplace and not any(map(self.is_marglik_epoch, range(1, config.epochs + 1))) and distributed.is_main():
+            log.warning("no marginal-likelihood round in %d epochs (burn_in %d): the precisions stay at %g",
+                        config.epochs, config.burn_in, config.prior_init)
 
-    def _open_run(self, resume: bool) -> dict | None:
-        """Check the output folder (and on ``resume`` its checkpoint and configuration), then write
-        ``config.json``; return the checkpoint's state to continue from (see :func:`ella.checkpoint.open_run`)."""
-        options = fields(TrainConfig)
-        return open_run(
-            self.out_dir, asdict(self.config), resume, keys=_STATE_KEYS,
-            defaults={f.name: f.default for f in options if f.default is not MISSING},
-            flags={f.name: flag(f) for f in options if is_option(f)},
-        )
+    def _train_loader(self, train: Data, augment: Augment | None, rank: int, world: int):
+        """Tensors as a shuffled (and sharded) :class:`TensorLoader`; a loader as it is."""
+        if is_pair(train):
+            generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
+            x, y = (t.to(self.device) for t in train)
+            return TensorLoader(x, y, self.config.batch_size, shuffle=True, augment=augment, generator=generator,
+                                rank=rank, world_size=world)
+        if augment is not None:
+            raise ValueError("augment applies to training tensors; a training loader augments its batches itself")
+        return train
+
+    def _laplace_loader(self, data: Data, rank: int, world: int):
+        """The KFAC data in batches of ``kfac_batch_size`` (tensors, sharded exactly) or a loader, checked."""
+        if is_pair(data):
+            kfac_batch = self.config.kfac_batch_size or KFAC_BATCH.get(self.device.type, KFAC_BATCH["cpu"])
+            x, y = (t.to(self.device) for t in data)
+            return TensorLoader(x, y, kfac_batch, rank=rank, world_size=world, pad_shards=False)
+        return PairLoader(data, "laplace", self.device)
+
+    def _train_batches(self):
+        """The training batches of an epoch: a TensorLoader's, or a loader's checked and on the device."""
+        if isinstance(self.train_loader, TensorLoader):
+            return self.train_loader
+        return PairLoader(self.train_loader, "training", self.device)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         if self.captured:
@@ -253,10 +318,13 @@ class Trainer:
 
     def _make_runner(self, augment, capture: bool) -> StepRunner:
         """Static-shape training steps on the whole training set held on the device, captured as CUDA graphs
-        or (``capture=False``) run eagerly (see :mod:`ella.static_step`)."""
+        or (``capture=False``) run eagerly (see :mod:`ella.static_step`); needs the training data as tensors."""
+        if not isinstance(self.train_loader, TensorLoader):
+            raise ValueError("static-shape training steps need the training data as tensors (x, y)")
+        x, y = self.train_loader.x, self.train_loader.y
 
         def make_step(size: int, totals: torch.Tensor, lr: torch.Tensor | None) -> StaticStep:
-            return StaticStep(self.model, self._penalty, self.optimizer, *self.data.train, augment, size, totals, lr)
+            return StaticStep(self.model, self._penalty, self.optimizer, x, y, augment, size, totals, lr)
 
         return StepRunner(make_step, self.optimizer, self.device, capture=capture)
 
@@ -266,27 +334,33 @@ class Trainer:
 
     def _state(self) -> dict:
         """What a checkpoint holds: :data:`_STATE_KEYS` and the run's configuration."""
+        generator = getattr(self.train_loader, "generator", None)
         return {
-            "config": asdict(self.config),
+            "config": self.record,
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "prior": self.prior.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "hyper_optimizer": self.hyper_optimizer.state_dict(),
-            "train_generator": self.train_loader.generator.get_state(),
+            "train_generator": generator.get_state() if isinstance(generator, torch.Generator) else None,
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
             "last_marglik": self.last_marglik,
         }
 
     def _load_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.prior.load_state_dict(state["prior"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.prior.load_state_dict(state["prior"])
+        except RuntimeError as error:  # missing or unexpected parameters, other shapes
+            raise CheckpointError(f"the checkpoint in {self.out_dir} holds another model than this run's: "
+                                  f"{str(error).splitlines()[0]}; choose another output folder") from error
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.hyper_optimizer.load_state_dict(state["hyper_optimizer"])
-        self.train_loader.generator.set_state(state["train_generator"])
+        if state["train_generator"] is not None:
+            self.train_loader.generator.set_state(state["train_generator"])
         torch.set_rng_state(state["torch_rng"])
         self.history = state["history"]
         self.epoch = self.saved_epoch = state["epoch"]
@@ -303,7 +377,7 @@ class Trainer:
                 raise FloatingPointError(f"training loss became non-finite in epoch {self.epoch + 1}")
             return total / self.train_loader.num_samples()
         total, count = 0.0, 0
-        for xb, yb in tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}", leave=False, disable=_no_bar()):
+        for xb, yb in tqdm(self._train_batches(), desc=f"epoch {self.epoch + 1}", leave=False, disable=_no_bar()):
             self.optimizer.zero_grad(set_to_none=True)
             ce = F.cross_entropy(self.ddp_model(xb), yb)
             loss = ce + self._penalty()
@@ -317,11 +391,14 @@ class Trainer:
         total, count = distributed.all_reduce_sum(total, count)
         return total / count
 
+    def _kfac_options(self) -> dict:
+        return {"curvature": self.config.curvature, "kfac_approx": self.config.kfac_approx,
+                "grouped_mode": self.config.grouped_mode}
+
     def laplace_fit(self) -> LaplaceFit:
         """KFAC-Laplace at the current parameters on the unaugmented training data."""
-        return fit_laplace(self.model, self.marglik_loader, self.prior, curvature=self.config.curvature,
-                           sharded=distributed.is_distributed(), kfac_approx=self.config.kfac_approx,
-                           grouped_mode=self.config.grouped_mode)
+        return fit_laplace(self.model, self.marglik_loader, self.prior, sharded=distributed.is_distributed(),
+                           **self._kfac_options())
 
     def hyper_round(self) -> dict:
         """Fit KFAC-Laplace, then take the hyper-steps; a failed round is skipped (precisions kept), not fatal.
@@ -346,13 +423,13 @@ class Trainer:
         return c.laplace and epoch >= c.burn_in and epoch % c.marglik_every == 0
 
     def run(self) -> dict:
-        """Train from the current epoch to ``config.epochs``; then evaluate and report.
+        """Train from the current epoch to ``config.epochs``; then evaluate and report (see :meth:`finish`).
 
         Ctrl-C raises :class:`Interrupted`, saying where the run stopped and which epoch its last checkpoint holds.
         """
         c = self.config
         seconds = [row["seconds"] for row in self.history]
-        with RunBar(total=c.epochs, initial=self.epoch, desc=f"{c.layer} on {c.dataset}", disable=_no_bar(),
+        with RunBar(total=c.epochs, initial=self.epoch, desc=self.description, disable=_no_bar(),
                      seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None) as bar:
             for epoch in range(self.epoch + 1, c.epochs + 1):
                 start = time.perf_counter()
@@ -366,71 +443,124 @@ class Trainer:
                         bar.set_postfix_str("evaluating, saving")
                         self._record(row, start)
                 except KeyboardInterrupt:
-                    saved = (f"the checkpoint in {self.out_dir} holds epoch {self.saved_epoch}" if self.saved_epoch
-                             else "no epoch of it is saved yet")
-                    raise Interrupted(f"interrupted in epoch {epoch} of {c.epochs}; {saved}") from None
+                    raise Interrupted(f"interrupted in epoch {epoch} of {c.epochs}; {self._saved()}") from None
                 bar.set_postfix_str("", refresh=False)
                 bar.update()
             bar.set_postfix_str("final report")
             return self.finish()
 
+    def _saved(self) -> str:
+        """What an interrupted run has saved."""
+        if self.out_dir is None:
+            return "nothing is saved (no output folder)"
+        if self.saved_epoch:
+            return f"the checkpoint in {self.out_dir} holds epoch {self.saved_epoch}"
+        return "no epoch of it is saved yet"
+
+    def _evaluate(self, name: str) -> dict[str, float]:
+        """Negative log-likelihood and accuracy on the ``name`` data (``valid`` or ``test``)."""
+        data = self.eval_data[name]
+        if is_pair(data):
+            return evaluate(self.model, *(t.to(self.device) for t in data))
+        return evaluate_batches(self.model, PairLoader(data, name, self.device), self.device)
+
     def _record(self, row: dict, start: float) -> None:
         """Evaluate, then append ``row`` to the history, checkpoint and rewrite the metrics (rank 0 only)."""
-        row.update({f"valid_{k}": v for k, v in evaluate(self.model, *self.data.valid).items()})
-        row.update({f"test_{k}": v for k, v in evaluate(self.model, *self.data.test).items()})
+        for name in self.eval_data:
+            row.update({f"{name}_{k}": v for k, v in self._evaluate(name).items()})
         row["precisions"] = self.prior.as_dict()
         row["seconds"] = time.perf_counter() - start
         self.history.append(row)
-        if self.epoch % self.config.checkpoint_every == 0 or self.epoch == self.config.epochs:
-            save_checkpoint(self._state(), self.out_dir)
-            self.saved_epoch = self.epoch
-        write_metrics(self.history, self.out_dir)
-        log.info(
-            "epoch %d: train %.4f valid nll %.4f acc %.2f test acc %.2f%s",
-            row["epoch"], row["train_loss"], row["valid_nll"], row["valid_acc"], row["test_acc"],
-            f" -log p(D)/N {row['neg_log_marglik']:.4f}" if row.get("neg_log_marglik") is not None else "",
-        )
+        if self.out_dir is not None:
+            if self.epoch % self.config.checkpoint_every == 0 or self.epoch == self.config.epochs:
+                save_checkpoint(self._state(), self.out_dir)
+                self.saved_epoch = self.epoch
+            write_metrics(self.history, self.out_dir)
+        log.info("epoch %d: train %.4f%s%s%s", row["epoch"], row["train_loss"],
+                 f" valid nll {row['valid_nll']:.4f} acc {row['valid_acc']:.2f}" if "valid" in self.eval_data else "",
+                 f" test acc {row['test_acc']:.2f}" if "test" in self.eval_data else "",
+                 f" -log p(D)/N {row['neg_log_marglik']:.4f}" if row.get("neg_log_marglik") is not None else "")
 
     def finish(self) -> dict:
-        """Final metrics, and the effective-parameter report for Laplace runs (or when ``report``)."""
+        """Final metrics (``final.json``), and the effective-parameter report (:attr:`report`) for Laplace runs
+        (or when ``report``)."""
         start = time.perf_counter()
         try:
             fit = None
             if self.config.laplace or self.config.report:
                 with self._fit_progress("final report"):
                     fit = self.laplace_fit()  # on every rank
-            return distributed.on_main(lambda: self._write_final(fit, start))
+            final, self.report = distributed.on_main(lambda: self._write_final(fit, start))
+            return final
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted while writing the final report; the checkpoint in {self.out_dir} holds "
-                              f"all {self.epoch} epochs") from None
+            saved = (f"the checkpoint in {self.out_dir} holds all {self.epoch} epochs" if self.out_dir is not None
+                     else "nothing is saved (no output folder)")
+            raise Interrupted(f"interrupted while writing the final report; {saved}") from None
 
     def _fit_progress(self, desc: str, hyper_steps: int = 0) -> AbstractContextManager:
         return fit_progress(self.marglik_loader, self.hyper_optimizer, desc, hyper_steps, disable=_no_bar())
 
-    def _write_final(self, fit: LaplaceFit | None, start: float) -> dict:
-        """``final.json``; its ``seconds`` are the run's wall time: the epochs' (over resumes) and the finish's."""
-        final = {
-            "config": asdict(self.config),
-            "epochs": self.epoch,
-            "valid": evaluate(self.model, *self.data.valid),
-            "test": evaluate(self.model, *self.data.test),
+    def _write_final(self, fit: LaplaceFit | None, start: float) -> tuple[dict, list[PathReport]]:
+        """``final.json`` and the report's rows; its ``seconds`` are the run's wall time: the epochs' (over
+        resumes) and the finish's."""
+        final = {"config": self.record, "epochs": self.epoch}
+        final.update({name: self._evaluate(name) for name in self.eval_data})
+        final.update({
             "n_params": sum(p.numel() for p in self.model.parameters()),
             "neg_log_marglik": self.last_marglik,
             "precisions": self.prior.as_dict(),
-        }
+        })
+        rows = []
         if fit is not None:
             rows = path_reports(self.prior, effective_parameters(fit, self.prior), fit.n_params)
-            power = path_output_power(self.model, self.data.train[0][:OUTPUT_SHARE_IMAGES])
-            rows = with_output_shares(rows, power)
-            try:
-                write_report(rows, self.out_dir)
-                plot_relative(rows, self.figure_dir / "relative_effective_parameters.png", title=self.config.layer)
-            except OSError as error:  # a full disk, a read-only figure folder
-                raise OutputError(f"cannot write the report of {self.out_dir}: {error}") from error
+            inputs = first_inputs(self.laplace_data, OUTPUT_SHARE_IMAGES, "laplace", self.device)
+            rows = with_output_shares(rows, path_output_power(self.model, inputs))
+            if self.out_dir is not None:
+                try:
+                    write_report(rows, self.out_dir)
+                    plot_relative(rows, self.figure_dir / "relative_effective_parameters.png", title=self.title)
+                except OSError as error:  # a full disk, a read-only figure folder
+                    raise OutputError(f"cannot write the report of {self.out_dir}: {error}") from error
             final["effective_layer_types"] = effective_layer_types(rows)
         final["seconds"] = sum(row["seconds"] for row in self.history) + time.perf_counter() - start
-        write_text(json.dumps(final, indent=2), self.out_dir / "final.json")
-        return final
+        if self.out_dir is not None:
+            write_text(json.dumps(final, indent=2), self.out_dir / "final.json")
+        return final, rows
+
+
+class Trainer(Learner):
+    """One run of an experiment: the dataset and the paper's network that ``config`` names, trained as a
+    :class:`Learner` with its training options, into ``out_dir``."""
+
+    def __init__(self, config: TrainConfig, out_dir: Path, resume: bool = False, figure_dir: Path | None = None) -> None:
+        config.check()
+        device = distributed.setup(config.device)
+        state = open_output(out_dir, asdict(config), resume)  # checks before it loads or writes; rank 0's state
+
+        torch.manual_seed(config.seed)
+        self.data: DataBundle = load_dataset(
+            config.dataset,
+            config.data_dir,
+            task=config.task,
+            n_train=config.n_train,
+            n_valid=config.n_valid,
+            valid_fraction=config.valid_fraction,
+            seed=config.seed,
+            cifar_test=config.cifar_test,
+            download=config.download,
+            device=device,
+        )
+        model = build_model(config.layer, self.data.in_channels, self.data.n_classes, config.alpha, combine=config.combine)
+        labels = self.data.train[1].unique()
+        if len(labels) < 2 and distributed.is_main():
+            log.warning("all %d training images are of class %d: the network can learn nothing but that class "
+                        "(check --data-dir and --n-train)", len(self.data.train[1]), int(labels[0]))
+        super().__init__(
+            model, config, self.data.train, valid=self.data.valid, test=self.data.test,
+            augment=self.data.augment if config.augment else None, out_dir=out_dir, figure_dir=figure_dir,
+            state=state, resume=resume, record=asdict(config), description=f"{config.layer} on {config.dataset}",
+            title=config.layer,
+        )
 
 
 class Interrupted(KeyboardInterrupt):

@@ -1,8 +1,10 @@
-"""The relaxed-layer zoo: dense, convolutional, factored, sparse and p4 paths, polyphase downsampling.
+"""The relaxed-layer zoo: dense, convolutional, factored, sparse and p4 paths, polyphase downsampling, and
+:func:`relaxed_layer`, which builds a relaxed layer from its paths' names, channels and input size.
 
 Importing it registers the layers' KFAC rules with :mod:`kfac` (:mod:`ella.layers.curvature`).
 """
 
+from ella.layers.blocks import LAYER_NAMES, check_layer_name, relaxed_layer
 from ella.layers.conv import Conv, with_stock_strided_convs
 from ella.layers.curvature import GROUPED_MODES, ROTATION_MODES
 from ella.layers.equivariance import (
@@ -34,12 +36,14 @@ __all__ = [
     "FactoredFC",
     "GroupConv",
     "GroupedLinear",
+    "LAYER_NAMES",
     "LiftingConv",
     "PolyphaseDownsample",
     "RelaxedLayer",
     "SparseConv",
     "SparseFC",
     "anchor_count",
+    "check_layer_name",
     "check_rotation_equivariance",
     "check_rotation_invariance",
     "check_translation_equivariance",
@@ -50,6 +54,7 @@ __all__ = [
     "lift",
     "polyphase_select",
     "project_onto_basis",
+    "relaxed_layer",
     "rotate_p4",
     "with_stock_strided_convs",
 ]

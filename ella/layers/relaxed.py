@@ -1,4 +1,4 @@
-"""Relaxed layer: a combination of equivariant and dense paths followed by ReLU (spec 1.0, 1.3, 1.5, 1.12)."""
+"""Relaxed layer: a combination of equivariant and dense paths followed by ReLU."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ class RelaxedLayer(nn.Module):
     of the full one, in the forward and in every backward (training, and each KFAC direction). The result is
     the same function. Other equivariant paths run at full resolution and are subsampled with the same choice.
 
-    Parameters: ``paths: nn.ModuleDict`` (names ``fc``, ``conv``, ``gconv`` by convention).
+    Parameters: ``paths: nn.ModuleDict`` (names ``fc``, ``conv``, ``gconv`` by convention); every path declares
+    ``equivariant`` and ``kind`` (the paper's name of its type, which the report shows).
+    :func:`ella.layers.relaxed_layer` builds the library's paths from a layer name and the layer's shape.
     """
 
     def __init__(
@@ -59,6 +61,11 @@ class RelaxedLayer(nn.Module):
                 raise ValueError(
                     f"RelaxedLayer path {name!r} ({type(path).__name__}) lacks a boolean class attribute "
                     "'equivariant'"
+                )
+            if not isinstance(getattr(path, "kind", None), str):
+                raise ValueError(
+                    f"RelaxedLayer path {name!r} ({type(path).__name__}) lacks a string class attribute 'kind' "
+                    "(the path type the report names, e.g. 'CONV')"
                 )
             stride = _stride(path)
             if stride != 1 and (stride != 2 or not path.equivariant or not downsample):
