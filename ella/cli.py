@@ -18,6 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ella import distributed
+from ella.bilinear_ray import MARGLIK_METHODS
 from ella.data import CIFAR_TEST_CHOICES
 from ella.layers.relaxed import COMBINE_MODES
 from ella.marglik import MarglikError
@@ -37,8 +38,9 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "optimizer": (str, "'sgd' (momentum 0.9, reference code) or 'adam' (paper)"),
     "burn_in": (int, "first epoch at which the prior precisions are updated"),
     "marglik_every": (int, "update the precisions every this many epochs"),
-    "hyper_steps": (int, "Adam steps on the log precisions per KFAC fit"),
+    "hyper_steps": (int, "Adam steps (L-BFGS iterations with --marglik-method ray) on the log precisions per KFAC fit"),
     "hyper_lr": (float, "learning rate of the precision updates"),
+    "marglik_method": (str, "precision updates: 'alternation' (the paper's Adam steps at fixed parameters; default) or 'ray' (L-BFGS on the evidence profiled along every F-FC / S-FC path's scaling ray; ella.bilinear_ray)"),
     "kfac_batch_size": (int, "batch size of the KFAC pass"),
     "curvature": (str, "KFAC curvature: 'ggn' (exact), 'mc' (Monte-Carlo) or 'ef' (empirical Fisher)"),
     "kfac_approx": (str, "KFAC for weights shared over positions (convolution sites, rotations): 'expand' (default) or 'reduce'"),
@@ -54,7 +56,7 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
 # flags whose values come from a fixed list (argparse rejects anything else with the list)
 _CHOICES: dict[str, tuple[str, ...]] = {
     "combine": COMBINE_MODES, "optimizer": ("sgd", "adam"), "curvature": CURVATURES, "cifar_test": CIFAR_TEST_CHOICES,
-    "kfac_approx": KFAC_APPROXES, "grouped_mode": GROUPED_MODES,
+    "kfac_approx": KFAC_APPROXES, "grouped_mode": GROUPED_MODES, "marglik_method": MARGLIK_METHODS,
 }
 
 

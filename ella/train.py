@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from ella import distributed
 from ella.data import DataBundle, TensorLoader, load_dataset
-from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace, optimise_prior
+from ella.bilinear_ray import MARGLIK_METHODS, METHOD_CAPTIONS, optimise_precisions
+from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace
 from ella.models import build_model
 from ella.priors import Prior
 from ella.report import (
@@ -78,6 +79,7 @@ class TrainConfig:
     marglik_every: int = 5
     hyper_steps: int = 20
     hyper_lr: float = 0.1
+    marglik_method: str = "alternation"  # hyper-steps: the paper's "alternation" or "ray" (ella.bilinear_ray)
     kfac_batch_size: int = 150
     curvature: str = "ggn"
     kfac_approx: str = "expand"  # KFAC over the positions a weight is shared across: "expand" or "reduce"
@@ -99,6 +101,7 @@ class TrainConfig:
         check_choice(self.curvature, CURVATURES, "curvature")
         check_choice(self.kfac_approx, KFAC_APPROXES, "kfac_approx")
         check_choice(self.grouped_mode, GROUPED_MODES, "grouped_mode")
+        check_choice(self.marglik_method, MARGLIK_METHODS, "marglik_method")
         for name in ("epochs", "batch_size", "marglik_every", "kfac_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -279,7 +282,8 @@ class Trainer:
         """
         try:
             fit = self.laplace_fit()
-            self.last_marglik = optimise_prior(fit, self.prior, self.hyper_optimizer, self.config.hyper_steps)
+            self.last_marglik = optimise_precisions(self.config.marglik_method, fit, self.prior, self.model,
+                                                    self.hyper_optimizer, self.config.hyper_steps)
         except MarglikError as error:
             log.warning("epoch %d: marginal-likelihood round skipped, precisions kept: %s", self.epoch + 1, error)
             return {"neg_log_marglik": None}
@@ -339,7 +343,8 @@ class Trainer:
             rows = path_reports(self.prior, effective_parameters(fit, self.prior), fit.n_params)
             power = path_output_power(self.model, self.data.train[0][:OUTPUT_SHARE_IMAGES])
             rows = with_output_shares(rows, power)
-            write_report(rows, self.out_dir)
+            caption = METHOD_CAPTIONS[self.config.marglik_method] if self.config.laplace else "precisions fixed (MAP run)"
+            write_report(rows, self.out_dir, caption=caption)
             plot_relative(rows, self.figure_dir / "relative_effective_parameters.png", title=self.config.layer)
             final["effective_layer_types"] = effective_layer_types(rows)
         _atomic_write(json.dumps(final, indent=2), self.out_dir / "final.json")
