@@ -97,8 +97,9 @@ def test_ray_objective_equals_the_evidence_refitted_along_the_ray(path: type[nn.
             for i, p in enumerate(scaled.parameters()):
                 if i in rays[0].tensors:
                     p.mul_(math.sqrt(t))
-        truth = neg_log_marglik(fit_laplace(scaled, [(x, y)], shifted, likelihood="regression"), shifted)
-        return float(ray_neg_log_marglik(fit, shifted, rays)), float(truth), t
+        with torch.no_grad():
+            truth = neg_log_marglik(fit_laplace(scaled, [(x, y)], shifted, likelihood="regression"), shifted)
+            return float(ray_neg_log_marglik(fit, shifted, rays)), float(truth), t
 
     scales = []
     for offset in (-0.5, 0.7, 2.0, 6.0):
