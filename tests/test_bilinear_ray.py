@@ -106,7 +106,7 @@ def test_ray_objective_equals_the_evidence_refitted_along_the_ray(path: type[nn.
         predicted, truth, t = refitted(start + offset)
         assert predicted == pytest.approx(truth, rel=1e-7), offset
         scales.append(t)
-    assert scales[0] > 1 > scales[1] > scales[2] > 0 and scales[3] == 0  # grows, shrinks, switched off
+    assert scales[0] == 1 > scales[1] > scales[2] > 0 and scales[3] == 0  # below delta0, shrinks, switched off
 
     h = 1e-4  # the hyper-gradient against finite differences of the refitted evidence
     shifted = _at(prior, start + 0.7)
