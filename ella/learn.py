@@ -53,8 +53,10 @@ class Result:
         return self.prior.as_dict()
 
     def table(self) -> str:
-        """The report as a text table (:func:`ella.report.format_report`)."""
-        return format_report(self.report)
+        """The report as a text table (:func:`ella.report.format_report`) and its caption, which says how the
+        precisions were learned: the text of ``effective_parameters.txt``."""
+        caption = self.metrics.get("caption")
+        return format_report(self.report) + (f"\n{caption}" if caption else "")
 
 
 def learn(model: nn.Module, train: Data, *, epochs: int, valid: Data | None = None, test: Data | None = None,

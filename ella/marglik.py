@@ -150,13 +150,19 @@ class MarglikObjective:
         precision is a difference of terms of the size of the tensor's parameter count (``P_t / 2`` against
         ``sum_i delta / (lambda_i + delta) / 2``), which float32 would get wrong in the fifth digit.
         """
-        log_delta = prior.log_precision.to(self.eigenvalues)[prior.group_of_tensor]
+        return self.value(self.log_precisions(prior))
+
+    def log_precisions(self, prior: Prior) -> torch.Tensor:
+        """``(n_tensors,)`` every tensor's log precision in the eigenvalues' dtype: one conversion, so that the
+        gradients of all terms built on it add in that precision before they reach the prior."""
+        return prior.log_precision.to(self.eigenvalues)[prior.group_of_tensor]
+
+    def value(self, log_delta: torch.Tensor) -> torch.Tensor:
+        """The objective at per-tensor log precisions ``log_delta (n_tensors,)`` (see :meth:`log_precisions`)."""
         delta = log_delta.exp()
-        norms = self.squared_norms.to(delta)
         logdet = _LogdetSum.apply(delta.repeat(self.n_fits), self.eigenvalues, self.lengths)
-        sizes = self.n_params.to(delta)
-        occam = logdet - self.n_fits * (sizes * log_delta).sum()
-        return (self.loss_sum + 0.5 * (delta * norms).sum() + 0.5 * occam) / self.n_data
+        occam = logdet - self.n_fits * (self.n_params.to(delta) * log_delta).sum()
+        return (self.loss_sum + 0.5 * (delta * self.squared_norms.to(delta)).sum() + 0.5 * occam) / self.n_data
 
     def value_and_grad(self, prior: Prior) -> tuple[torch.Tensor, torch.Tensor]:
         """The objective (detached) and its gradient in ``prior.log_precision``, with no host synchronisation."""

@@ -103,9 +103,10 @@ class Prior(nn.Module):
         """``(n_groups,)`` precisions ``delta_g``."""
         return self.log_precision.exp()
 
-    def tensor_precisions(self) -> torch.Tensor:
-        """``(n_tensors,)`` precision of each parameter tensor, differentiable in ``log_precision``."""
-        return self.precisions()[self.group_of_tensor]
+    def tensor_precisions(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(n_tensors,)`` precision of each parameter tensor, differentiable in ``log_precision``; with
+        ``dtype`` the exponential is taken in that precision (e.g. float64 for the marginal likelihood)."""
+        return self.log_precision.to(dtype or self.log_precision.dtype)[self.group_of_tensor].exp()
 
     def squared_norms(self, model: nn.Module) -> torch.Tensor:
         """``(n_tensors,)`` squared norms ``||theta_t||^2`` of the parameter tensors (differentiable in theta)."""

@@ -179,12 +179,15 @@ def _precision_text(row: PathReport) -> str:
     return f"{min(row.precisions):.3g}-{max(row.precisions):.3g}"
 
 
-def write_report(rows: list[PathReport], out_dir: Path, stem: str = "effective_parameters") -> tuple[Path, Path]:
-    """Write ``<stem>.txt`` (the table) and ``<stem>.json`` (rows and effective layer types) into ``out_dir``."""
+def write_report(rows: list[PathReport], out_dir: Path, stem: str = "effective_parameters",
+                 caption: str | None = None) -> tuple[Path, Path]:
+    """Write ``<stem>.txt`` (the table, then ``caption`` if given: e.g. how the precisions were learned) and
+    ``<stem>.json`` (rows, effective layer types and ``caption``) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text_path, json_path = out_dir / f"{stem}.txt", out_dir / f"{stem}.json"
-    text_path.write_text(format_report(rows) + "\n")
-    payload = {"paths": [asdict(r) for r in rows], "effective_layer_types": effective_layer_types(rows)}
+    text_path.write_text(format_report(rows) + "\n" + (f"{caption}\n" if caption else ""))
+    payload = {"paths": [asdict(r) for r in rows], "effective_layer_types": effective_layer_types(rows),
+               "caption": caption}
     json_path.write_text(json.dumps(payload, indent=2))
     return text_path, json_path
 

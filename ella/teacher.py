@@ -4,9 +4,10 @@ A *teacher* F-FC+CONV relaxed layer with only one path nonzero (``active="conv"`
 map; ``active="fc"``: a rank-one-per-channel-pair dense map that no convolution can express) generates regression
 data ``y = teacher(x) + noise`` from standard normal inputs. A *student* F-FC+CONV layer of the same shape then
 learns its path precisions by the method's alternation (the paper's online loop of MAP steps on the weights and
-hyper-steps on the precisions at the current weights, here with every step made exact so that only the
-alternation itself is under test): the MAP at fixed precisions by full-batch L-BFGS, then a KFAC-Laplace
-fit and Adam steps on the log precisions at fixed parameters (:func:`learn_precisions`).
+hyper-steps on the precisions, here with every step made exact so that only the alternation itself is under
+test): the MAP at fixed precisions by full-batch L-BFGS, then a KFAC-Laplace fit and steps on the log precisions
+(:func:`learn_precisions`), either at fixed parameters (the paper's ``"alternation"``) or on the evidence profiled
+along the F-FC path's scaling ray (``"ray"``, :mod:`ella.bilinear_ray`).
 
 :func:`evidence_profile` answers the question the alternation only approximates: the Laplace evidence as a
 function of one path's precision, with the MAP refitted at each value.
@@ -25,8 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ella.bilinear_ray import optimise_precisions
 from ella.layers import Conv, FactoredFC, RelaxedLayer
-from ella.marglik import LaplaceFit, effective_parameters, fit_laplace, neg_log_marglik, optimise_prior
+from ella.marglik import LaplaceFit, effective_parameters, fit_laplace, neg_log_marglik
 from ella.priors import Prior
 from ella.report import PathReport, path_output_power, path_reports, pyplot, save_figure, with_output_shares
 
@@ -57,14 +59,15 @@ class OutputScale(nn.Module):
         return x * self.scale
 
 
-def relaxed_model(problem: Problem, seed: int) -> nn.Sequential:
+def relaxed_model(problem: Problem, seed: int, fc: type[nn.Module] = FactoredFC) -> nn.Sequential:
     """F-FC+CONV relaxed layer (no downsampling), flattened and divided by the noise level, in float64.
 
-    ``(N, C, S, S) -> (N, C * S * S)``; parameters named ``0.paths.fc.*`` and ``0.paths.conv.*``.
+    ``(N, C, S, S) -> (N, C * S * S)``; parameters named ``0.paths.fc.*`` and ``0.paths.conv.*``. ``fc``: the
+    dense path's type (``SparseFC`` for S-FC+CONV).
     """
     torch.manual_seed(seed)
     c, s = problem.channels, problem.size
-    layer = RelaxedLayer({"fc": FactoredFC(c, c, s, s), "conv": Conv(c, c, 3)}, downsample=False)
+    layer = RelaxedLayer({"fc": fc(c, c, s, s), "conv": Conv(c, c, 3)}, downsample=False)
     return nn.Sequential(layer, nn.Flatten(), OutputScale(1.0 / problem.noise)).double()
 
 
@@ -131,16 +134,17 @@ def path_columns(value: float, rows: list[PathReport]) -> dict:
 
 
 def learn_precisions(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor, rounds: int,
-                     hyper_steps: int = 50, hyper_lr: float = 0.1, progress=None) -> list[dict]:
-    """The alternation: per round, exact MAP, then KFAC-Laplace and ``hyper_steps`` Adam steps on the log
-    precisions. Returns one row (``round`` and :func:`path_columns`) per round (after its hyper-steps). ``progress``: optional callable
-    invoked once per round."""
+                     hyper_steps: int = 50, hyper_lr: float = 0.1, progress=None, method: str = "alternation") -> list[dict]:
+    """Per round, exact MAP, then KFAC-Laplace and ``hyper_steps`` Adam steps on the log precisions by ``method``
+    (:data:`ella.bilinear_ray.MARGLIK_METHODS`). Returns one row (``round`` and :func:`path_columns`) per round,
+    after its hyper-steps: the method's objective, and the paths' effective parameters and output shares at the
+    round's MAP. ``progress``: optional callable invoked once per round."""
     optimizer = torch.optim.Adam([prior.log_precision], lr=hyper_lr)
     history = []
     for index in range(rounds):
         fit = fit_map_and_laplace(model, prior, x, y)
-        optimise_prior(fit, prior, optimizer, hyper_steps)
-        value, rows = report(fit, model, prior, x)
+        value = optimise_precisions(method, fit, prior, model, optimizer, hyper_steps)
+        _, rows = report(fit, model, prior, x)
         history.append({"round": index, **path_columns(value, rows)})
         log.info("round %d: -log p(D)/N %.5f, precisions %s", index, value, prior.as_dict())
         if progress is not None:
@@ -171,23 +175,27 @@ def evidence_profile(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.T
     return rows
 
 
-def plot_profile(rounds: list[dict], profile: list[dict], path: str, out: Path, title: str = "") -> Path:
-    """Left: the unused ``path``'s relative N_eff and output share per round of the alternation; right: the
-    profiled ``-log p(D)/N`` against its precision (the first point is where the alternation stopped)."""
+def plot_profile(runs: dict[str, tuple[list[dict], list[dict]]], path: str, out: Path, title: str = "") -> Path:
+    """One line per method in ``runs`` (method -> (rounds, profile)). Left: the unused ``path``'s relative N_eff
+    (solid) and output share (dashed) per round; right: the profiled ``-log p(D)/N`` against its precision (the
+    first point of each line is where the method stopped)."""
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(9.0, 3.2))
-    steps = [row["round"] for row in rounds]
-    left.plot(steps, [row[f"relative_{path}"] for row in rounds], "o-", label="relative N_eff")
-    left.plot(steps, [row[f"output_share_{path}"] for row in rounds], "s-", label="output share")
+    for method, (rounds, profile) in runs.items():
+        steps = [row["round"] for row in rounds]
+        line, = left.plot(steps, [row[f"relative_{path}"] for row in rounds], "o-", label=f"{method}: relative N_eff")
+        left.plot(steps, [row[f"output_share_{path}"] for row in rounds], "s--", color=line.get_color(),
+                  label=f"{method}: output share")
+        precisions = [math.exp(row[f"log_precision_{path}"]) for row in profile]
+        right.plot(precisions, [row["neg_log_marglik"] for row in profile], "o-", label=method)
     left.set_yscale("log")
     left.set_xlabel("round")
-    left.set_title(f"{path} path during the alternation")
-    left.legend()
-    precisions = [math.exp(row[f"log_precision_{path}"]) for row in profile]
-    right.plot(precisions, [row["neg_log_marglik"] for row in profile], "o-")
+    left.set_title(f"{path} path per round")
+    left.legend(fontsize="small")
     right.set_xscale("log")
     right.set_xlabel(f"{path} precision (MAP refitted)")
     right.set_ylabel("-log p(D) / N")
     right.set_title("profiled evidence")
+    right.legend(fontsize="small")
     if title:
         fig.suptitle(title)
     return save_figure(fig, out)

@@ -47,12 +47,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ella import distributed
+from ella.bilinear_ray import MARGLIK_METHODS, METHOD_CAPTIONS, optimise_precisions
 from ella.checkpoint import CheckpointError, OutputError, open_run, save_checkpoint, write_text
 from ella.data import CIFAR_TEST_CHOICES, DataBundle, TensorLoader, load_dataset
 from ella.inputs import Data, PairLoader, check_curvature, check_model, dataset_size, first_inputs, is_pair
 from ella.layers import GROUPED_MODES
 from ella.layers.relaxed import COMBINE_MODES
-from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace, optimise_prior
+from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace
 from ella.models import build_model
 from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, is_option, option
 from ella.priors import Prior
@@ -105,8 +106,12 @@ class TrainConfig:
     laplace: bool = option(False, "learn the prior precisions by the Laplace marginal likelihood (otherwise MAP)")
     burn_in: int = option(10, "first epoch at which the prior precisions are updated", OPTIONAL_COUNT)
     marglik_every: int = option(5, "update the precisions every this many epochs", COUNT)
-    hyper_steps: int = option(20, "Adam steps on the log precisions per KFAC fit", OPTIONAL_COUNT)
+    hyper_steps: int = option(20, "Adam steps on the log precisions per KFAC fit (L-BFGS iterations with "
+                                  "--marglik-method ray)", OPTIONAL_COUNT)
     hyper_lr: float = option(0.1, "learning rate of the precision updates", Range(float, 0))
+    marglik_method: str = option("alternation", "precision updates: 'alternation' (the paper's Adam steps at fixed "
+                                                "parameters) or 'ray' (L-BFGS on the evidence profiled along every "
+                                                "F-FC / S-FC path's scaling ray; ella.bilinear_ray)", MARGLIK_METHODS)
     kfac_batch_size: int | None = option(None, "batch size of the KFAC pass (when not set: 150 on the CPU, 1024 on "
                                                 "CUDA; the factors are sums, so only the speed depends on it)", COUNT)
     curvature: str = option("ggn", "KFAC curvature: 'ggn' (exact), 'mc' (Monte-Carlo) or 'ef' (empirical Fisher)",
@@ -410,7 +415,8 @@ class Learner:
         try:
             with self._fit_progress("marginal likelihood", self.config.hyper_steps):
                 fit = self.laplace_fit()
-                self.last_marglik = optimise_prior(fit, self.prior, self.hyper_optimizer, self.config.hyper_steps)
+                self.last_marglik = optimise_precisions(self.config.marglik_method, fit, self.prior, self.model,
+                                                        self.hyper_optimizer, self.config.hyper_steps)
         except MarglikError as error:
             log.warning("epoch %d: marginal-likelihood round skipped, precisions kept: %s", self.epoch + 1, error)
             return {"neg_log_marglik": None}
@@ -500,6 +506,10 @@ class Learner:
     def _fit_progress(self, desc: str, hyper_steps: int = 0) -> AbstractContextManager:
         return fit_progress(self.marglik_loader, self.hyper_optimizer, desc, hyper_steps, disable=_no_bar())
 
+    def _caption(self) -> str:
+        """The report's last line: which method learned the precisions."""
+        return METHOD_CAPTIONS[self.config.marglik_method] if self.config.laplace else "precisions fixed (MAP run)"
+
     def _write_final(self, fit: LaplaceFit | None, start: float) -> tuple[dict, list[PathReport]]:
         """``final.json`` and the report's rows; its ``seconds`` are the run's wall time: the epochs' (over
         resumes) and the finish's."""
@@ -517,11 +527,12 @@ class Learner:
             rows = with_output_shares(rows, path_output_power(self.model, inputs))
             if self.out_dir is not None:
                 try:
-                    write_report(rows, self.out_dir)
+                    write_report(rows, self.out_dir, caption=self._caption())
                     plot_relative(rows, self.figure_dir / "relative_effective_parameters.png", title=self.title)
                 except OSError as error:  # a full disk, a read-only figure folder
                     raise OutputError(f"cannot write the report of {self.out_dir}: {error}") from error
             final["effective_layer_types"] = effective_layer_types(rows)
+            final["caption"] = self._caption()
         final["seconds"] = sum(row["seconds"] for row in self.history) + time.perf_counter() - start
         if self.out_dir is not None:
             write_text(json.dumps(final, indent=2), self.out_dir / "final.json")

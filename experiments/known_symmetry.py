@@ -2,17 +2,20 @@
 
 A teacher F-FC+CONV layer with only its CONV path on (translation equivariant) or only its F-FC path on (dense,
 not expressible by any convolution) generates regression data from Gaussian inputs; a student F-FC+CONV layer
-learns its two path precisions by the method's alternation, every step exact (L-BFGS MAP, KFAC-Laplace, Adam on
-the log precisions). Then, for the path the teacher does not use, the Laplace evidence is profiled: its precision
-is set to the value the alternation reached times exp(k) for each --profile offset k, and the MAP refitted.
+learns its two path precisions, every step exact (L-BFGS MAP, KFAC-Laplace, Adam on the log precisions), by each
+--methods entry: the paper's "alternation" (hyper-steps at fixed parameters) and "ray" (hyper-steps on the
+evidence profiled along the F-FC path's scaling ray, ella.bilinear_ray). Then, for the path the teacher does not
+use, the Laplace evidence is profiled: its precision is set to the value the method reached times exp(k) for
+each --profile offset k, and the MAP refitted (offset 0: the honest evidence where the method stopped).
 
     python experiments/known_symmetry.py
     python experiments/known_symmetry.py --teachers conv --rounds 20 --noise 0.3 --n 1024
 
-Writes <out>/<teacher>/rounds.{json,csv} (per round: -log p(D)/N, per path the precision, relative effective
-parameters, N_eff and share of the layer's output power), <out>/<teacher>/profile.{json,csv}, config.json, and
-the figure profile.png in figures/<path of --out below runs/>/<teacher>/ (or <out>/<teacher>/figures).
-Takes about 20 s on one CPU core.
+Writes <out>/<teacher>/<method>/rounds.{json,csv} (per round: -log p(D)/N, per path the precision, relative
+effective parameters, N_eff and share of the layer's output power), <out>/<teacher>/<method>/profile.{json,csv},
+<out>/summary.{json,csv} (one row per teacher and method, printed), config.json, and the figure profile.png (both
+methods) in figures/<path of --out below runs/>/<teacher>/ (or <out>/<teacher>/figures).
+Takes about 30 s on one CPU core.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ella.bilinear_ray import MARGLIK_METHODS
 from ella.cli import figure_dir, positive_float, positive_int, run_script, setup_logging, write_table
 from ella.priors import Prior
 from ella.teacher import (
@@ -37,16 +41,28 @@ from ella.teacher import (
     teacher_data,
 )
 
-SHOWN = ("precision_fc", "precision_conv", "relative_fc", "relative_conv", "output_share_fc", "output_share_conv")
+SHOWN = ("precision", "relative", "output_share")  # columns of the unused path where a method stopped
+
+
+def summary_row(teacher: str, method: str, unused: str, last: dict, profile: list[dict]) -> dict:
+    """One line of the printed comparison: where ``method`` stopped, and the profile of the ``unused`` path."""
+    best = min(profile, key=lambda row: row["neg_log_marglik"])
+    return {
+        "teacher": teacher, "method": method, "unused": unused, "neg_log_marglik": last["neg_log_marglik"],
+        "refitted": profile[0]["neg_log_marglik"], **{k: last[f"{k}_{unused}"] for k in SHOWN},
+        "profile_best": best["neg_log_marglik"], "profile_best_precision": best[f"precision_{unused}"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teachers", nargs="+", choices=PATHS, default=list(PATHS),
                         help="which path the teacher has on ('conv': equivariant data; 'fc': dense data)")
-    parser.add_argument("--rounds", type=positive_int, default=10, help="MAP + Laplace rounds of the alternation")
-    parser.add_argument("--hyper-steps", type=positive_int, default=50, help="Adam steps on the log precisions per round")
-    parser.add_argument("--hyper-lr", type=positive_float, default=0.1, help="learning rate of those steps")
+    parser.add_argument("--methods", nargs="+", choices=MARGLIK_METHODS, default=list(MARGLIK_METHODS),
+                        help="how the precisions are learned: 'alternation' (the paper's) and/or 'ray'")
+    parser.add_argument("--rounds", type=positive_int, default=10, help="MAP + Laplace rounds of each method")
+    parser.add_argument("--hyper-steps", type=positive_int, default=50, help="hyper-steps per round: Adam steps (alternation) or L-BFGS iterations (ray)")
+    parser.add_argument("--hyper-lr", type=positive_float, default=0.1, help="learning rate of the alternation's Adam steps")
     parser.add_argument("--channels", type=positive_int, default=2, help="input and output channels")
     parser.add_argument("--size", type=positive_int, default=6, help="image side (size x size)")
     parser.add_argument("--n", type=positive_int, default=256, help="number of examples")
@@ -61,25 +77,38 @@ def main() -> None:
     problem = Problem(channels=args.channels, size=args.size, n=args.n, noise=args.noise)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(json.dumps({**vars(args), "out": str(args.out)}, indent=2))
+    summary = []
     for teacher in args.teachers:
         unused = next(p for p in PATHS if p != teacher)
         x, y = teacher_data(problem, teacher, seed=args.seed)
-        model = relaxed_model(problem, seed=0)
-        prior = Prior(model)
-        with tqdm(total=args.rounds + len(args.profile), desc=f"teacher {teacher}") as bar:
-            rounds = learn_precisions(model, prior, x, y, args.rounds, args.hyper_steps, args.hyper_lr, bar.update)
-            reached = math.log(rounds[-1][f"precision_{unused}"])
-            profile = evidence_profile(model, prior, x, y, unused, [reached + k for k in args.profile], bar.update)
-        folder = args.out / teacher
-        write_table(rounds, folder, "rounds")
-        table = write_table(profile, folder, "profile")
-        figure = plot_profile(rounds, profile, unused, figure_dir(folder) / "profile.png", title=f"teacher: {teacher}")
-        last = rounds[-1]
-        print(f"\nteacher {teacher} ({asdict(problem)}), after {args.rounds} rounds: -log p(D)/N "
-              f"{last['neg_log_marglik']:.4f}, " + ", ".join(f"{k} {last[k]:.4g}" for k in SHOWN))
-        print(f"evidence profile over the {unused} precision (MAP refitted at each):")
-        print(table)
+        runs = {}
+        for method in args.methods:
+            model = relaxed_model(problem, seed=0)
+            prior = Prior(model)
+            with tqdm(total=args.rounds + len(args.profile), desc=f"teacher {teacher}, {method}") as bar:
+                rounds = learn_precisions(model, prior, x, y, args.rounds, args.hyper_steps, args.hyper_lr,
+                                          bar.update, method=method)
+                reached = math.log(rounds[-1][f"precision_{unused}"])
+                profile = evidence_profile(model, prior, x, y, unused, [reached + k for k in args.profile],
+                                           bar.update)
+            folder = args.out / teacher / method
+            write_table(rounds, folder, "rounds")
+            table = write_table(profile, folder, "profile")
+            runs[method] = (rounds, profile)
+            summary.append(summary_row(teacher, method, unused, rounds[-1], profile))
+            print(f"\nteacher {teacher}, {method}: evidence profile over the {unused} precision (MAP refitted at "
+                  f"each; the first row is where the method stopped):\n{table}")
+        figure = plot_profile(runs, unused, figure_dir(args.out / teacher) / "profile.png",
+                              title=f"teacher: {teacher}")
         print(f"figure: {figure}")
+    write_table(summary, args.out, "summary")
+    print(f"\n{asdict(problem)}, {args.rounds} rounds; -log p(D)/N where each method stopped, after refitting the "
+          "MAP there, and the best of the unused path's profile:")
+    for row in summary:
+        print(f"teacher {row['teacher']:<5} {row['method']:<12} -log p(D)/N {row['neg_log_marglik']:.4f} (refitted "
+              f"{row['refitted']:.4f}); unused {row['unused']}: precision {row['precision']:.4g}, relative N_eff "
+              f"{row['relative']:.4f}, output share {row['output_share']:.2g}; profile best {row['profile_best']:.4f} "
+              f"at precision {row['profile_best_precision']:.3g}")
     print(f"results in {args.out}")
 
 

@@ -2,7 +2,8 @@
 
 - sharding of ``TensorLoader`` against ``torch.utils.data.DistributedSampler``;
 - KFAC factors, loss, ``n_data``, the log marginal likelihood and one hyper-step from 2 shards equal the
-  single-process fit on all the data (float64, 1e-6), and precisions are bit-identical on both ranks;
+  single-process fit on all the data (float64, 1e-6), and precisions are bit-identical on both ranks; likewise
+  two ray-profiled hyper-steps (``ella.bilinear_ray``) on the S-FC paths;
 - ``torchrun --nproc_per_node=2 experiments/cifar10.py`` with ``batch_size`` 8 (no augmentation) reproduces the
   single-process run with ``batch_size`` 16 (the same global batches) and writes the documented files once;
 - an interrupted 2-process run resumes to exactly the uninterrupted one, and rank 1 writes nothing.
@@ -24,6 +25,7 @@ from torch.utils.data import DistributedSampler
 
 import ella.train as train_module
 from ella import distributed
+from ella.bilinear_ray import bilinear_rays, optimise_precisions
 from ella.data import TensorLoader
 from ella.marglik import effective_parameters, fit_laplace, neg_log_marglik, optimise_prior
 from ella.models import build_model
@@ -127,7 +129,9 @@ def _kfac_part(rank: int, out: Path) -> None:
     kron = distributed.all_reduce_curvature(fit_kfac(model, loader))
     factors = {name: (b.out_factors, b.in_factors) for name, b in kron.blocks.items()}
     result = _fit_and_step(model, prior, loader, sharded=True)
-    torch.save({"factors": factors, "n_data": kron.n_data, "loss": float(kron.loss), **result}, out / f"rank{rank}.pt")
+    ray = _ray_steps(*_float64_model(), loader, sharded=True)
+    torch.save({"factors": factors, "n_data": kron.n_data, "loss": float(kron.loss), **result, "ray": ray},
+               out / f"rank{rank}.pt")
 
 
 def test_sharded_kfac_marglik_and_hyper_step_equal_single_process(two_process_results: Path) -> None:
@@ -153,6 +157,28 @@ def test_sharded_kfac_marglik_and_hyper_step_equal_single_process(two_process_re
         torch.testing.assert_close(got["log_precision"], reference["log_precision"], rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(got["effective"], reference["effective"], rtol=1e-6, atol=1e-9)
     assert not torch.equal(reference["log_precision"], _float64_model()[1].log_precision.detach())  # it moved
+    assert torch.equal(ranks[0]["log_precision"], ranks[1]["log_precision"])  # in sync without communication
+
+
+def _ray_steps(model, prior, loader, sharded: bool) -> dict:
+    """Two ray-profiled hyper-steps (the model's S-FC paths have rays): their objective and the precisions."""
+    fit = fit_laplace(model, loader, prior, sharded=sharded)
+    rays = len(bilinear_rays(model, prior, fit))
+    optimizer = torch.optim.Adam(prior.parameters(), lr=0.1)
+    value = optimise_precisions("ray", fit, prior, model, optimizer, steps=2)
+    return {"rays": rays, "value": value, "log_precision": prior.log_precision.detach().clone()}
+
+
+def test_sharded_ray_steps_equal_single_process(two_process_results: Path) -> None:
+    x, y = _float64_data()
+    model, prior = _float64_model()
+    reference = _ray_steps(model, prior, TensorLoader(x, y, 25), sharded=False)
+    ranks = [torch.load(two_process_results / f"rank{r}.pt")["ray"] for r in range(WORLD)]
+    assert reference["rays"] == 8  # one per block
+    for got in ranks:
+        assert got["rays"] == reference["rays"]
+        assert got["value"] == pytest.approx(reference["value"], rel=1e-6)
+        torch.testing.assert_close(got["log_precision"], reference["log_precision"], rtol=1e-6, atol=1e-9)
     assert torch.equal(ranks[0]["log_precision"], ranks[1]["log_precision"])  # in sync without communication
 
 

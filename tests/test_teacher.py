@@ -68,9 +68,14 @@ def test_the_experiment_writes_rounds_profile_config_and_figure(tmp_path: Path) 
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    rounds = json.loads((out / "conv" / "rounds.json").read_text())
-    profile = json.loads((out / "conv" / "profile.json").read_text())
-    assert [row["round"] for row in rounds] == [0, 1] and len(profile) == 2
-    assert profile[1]["log_precision_fc"] == pytest.approx(profile[0]["log_precision_fc"] + 3)
-    assert (out / "conv" / "rounds.csv").is_file() and (out / "conv" / "figures" / "profile.png").is_file()
+    for method in ("alternation", "ray"):
+        rounds = json.loads((out / "conv" / method / "rounds.json").read_text())
+        profile = json.loads((out / "conv" / method / "profile.json").read_text())
+        assert [row["round"] for row in rounds] == [0, 1] and len(profile) == 2
+        assert profile[1]["log_precision_fc"] == pytest.approx(profile[0]["log_precision_fc"] + 3)
+        assert (out / "conv" / method / "rounds.csv").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(row["teacher"], row["method"]) for row in summary] == [("conv", "alternation"), ("conv", "ray")]
+    assert "teacher conv  alternation" in result.stdout and "teacher conv  ray" in result.stdout
+    assert (out / "conv" / "figures" / "profile.png").is_file()
     assert json.loads((out / "config.json").read_text())["rounds"] == 2
