@@ -25,7 +25,8 @@ from ella import distributed
 from ella.checkpoint import CheckpointError, OutputError
 from ella.marglik import MarglikError
 from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, is_option
-from ella.train import Interrupted, TrainConfig
+from ella.config import TrainConfig
+from ella.train import Interrupted
 from kfac import CurvatureError
 
 DEFAULT_PRESET = "cpu"

@@ -31,7 +31,8 @@ from ella import distributed
 from ella.inputs import Data
 from ella.priors import Prior
 from ella.report import PathReport, format_report
-from ella.train import EXPERIMENT_FIELDS, Augment, Learner, TrainConfig, open_output, training_record
+from ella.config import EXPERIMENT_FIELDS, TrainConfig, training_record
+from ella.train import Augment, Learner, open_output
 
 
 @dataclass

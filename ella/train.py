@@ -4,15 +4,22 @@ Every epoch: SGD with momentum (Adam as an option) on the MAP objective ``mean C
 ||theta_t||^2 / N`` over augmented mini-batches, with a cosine learning-rate schedule stepped per iteration;
 then validation and test metrics. With ``laplace=True``, after ``burn_in`` epochs and every ``marglik_every``
 epochs, KFAC is fitted on the *unaugmented* training data, eigendecomposed once, and ``hyper_steps`` Adam steps
-are taken on the log prior precisions. Each epoch ends with an atomic checkpoint, so an interrupted run loses
-at most the epoch in progress and ``resume=True`` continues from the last one (the one before is kept; see
-:mod:`ella.checkpoint`). Ctrl-C ends a run with :class:`Interrupted`, which says where it stopped. Progress bars
+are taken on the log prior precisions (or, with ``marglik_method="ray"``, L-BFGS steps on the evidence profiled
+along the factored paths' scaling rays: :mod:`ella.bilinear_ray`). On CUDA every training step is a replayed CUDA
+graph (:mod:`ella.static_step`). Every ``checkpoint_every`` epochs (default 1) and after the last an atomic
+checkpoint is written, so an interrupted run loses at most the epochs since and ``resume=True`` continues from
+the last one (the one before is kept; see :mod:`ella.checkpoint`). Ctrl-C ends a run with :class:`Interrupted`, which says where it stopped. Progress bars
 (rank 0, on a terminal; :mod:`ella.progress`) follow the epochs, each epoch's batches and each KFAC-Laplace fit.
 
 :class:`Learner` is that loop for any model holding relaxed layers and any data (tensors or loaders; see
 :mod:`ella.inputs`); :func:`ella.learn.learn` is its one-call form. :class:`Trainer` is an experiment's run:
 it loads the dataset and builds the paper's network from a :class:`TrainConfig`, then trains them as a
 :class:`Learner`.
+
+At about 500 lines this module is longer than the others: :class:`Learner` is one state machine (epochs,
+captured or plain steps, marginal-likelihood rounds, checkpoints and resume, interruption, progress, data
+parallelism) whose parts share its state; its configuration is :mod:`ella.config`, its pieces (checkpoint files,
+progress bars, static-shape steps, input checks) live in their own modules.
 
 Outputs in ``out_dir`` (none without one): ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per
 epoch), ``checkpoint.pt`` and ``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or
@@ -38,7 +45,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
@@ -47,15 +54,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ella import distributed
-from ella.bilinear_ray import MARGLIK_METHODS, METHOD_CAPTIONS, optimise_precisions
+from ella.bilinear_ray import METHOD_CAPTIONS, optimise_precisions
 from ella.checkpoint import CheckpointError, OutputError, open_run, save_checkpoint, write_text
-from ella.data import CIFAR_TEST_CHOICES, DataBundle, TensorLoader, load_dataset
+from ella.config import TrainConfig, training_record
+from ella.data import DataBundle, TensorLoader, load_dataset
 from ella.inputs import Data, PairLoader, check_curvature, check_model, dataset_size, first_inputs, is_pair
-from ella.layers import GROUPED_MODES
-from ella.layers.relaxed import COMBINE_MODES
 from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace
 from ella.models import build_model
-from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, is_option, option
+from ella.options import flag, is_option
 from ella.priors import Prior
 from ella.progress import BarLoader, RunBar, fit_progress
 from ella.report import (
@@ -68,7 +74,6 @@ from ella.report import (
     write_report,
 )
 from ella.static_step import StaticStep, StepRunner, graph_safe_optimizer, plan_epoch, supports_planning
-from kfac import CURVATURES, KFAC_APPROXES, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -76,92 +81,6 @@ OUTPUT_SHARE_IMAGES = 1000  # unaugmented training images on which the report me
 # what a checkpoint holds besides the run's configuration
 _STATE_KEYS = ("epoch", "model", "prior", "optimizer", "scheduler", "hyper_optimizer", "train_generator", "torch_rng",
                "history", "last_marglik")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; saved as ``config.json`` and with every checkpoint, and checked on ``--resume``.
-
-    A field made by :func:`~ella.options.option` is also a flag of every training experiment (``lr_min`` is
-    ``--lr-min``; see :mod:`ella.options`): adding a training option is adding one field here. ``layer``,
-    ``dataset``, ``task`` and ``momentum`` are set by the experiments, not by flags. The fields in
-    :data:`EXPERIMENT_FIELDS` choose the dataset and the network (:class:`Trainer`); the others are the options
-    of training itself, also those of :func:`ella.learn.learn`.
-    """
-
-    layer: str = "ffc_conv"
-    dataset: str = "cifar10"
-    task: str | None = None
-    alpha: int | None = option(None, "network width; 10 when neither a preset nor this flag sets it (2 for "
-                                        "ffc_conv_gconv)", COUNT)
-    combine: str = option("sqrt", "how a relaxed layer combines its P paths: 'sqrt' (sum / sqrt(P), keeps the "
-                                  "activation scale), 'sum' (paper) or 'mean' (reference code)", COMBINE_MODES)
-    epochs: int = option(4000, "training epochs", COUNT)
-    batch_size: int = option(128, "mini-batch size for parameter updates", COUNT)
-    lr: float = option(0.01, "initial learning rate (cosine-annealed per iteration)", Range(float, 0))
-    lr_min: float = option(1e-6, "final learning rate of the cosine schedule (at most --lr)", Range(float, 0))
-    optimizer: str = option("sgd", "'sgd' (momentum 0.9, reference code) or 'adam' (paper)", ("sgd", "adam"))
-    momentum: float = 0.9
-    augment: bool = option(True, "no data augmentation for parameter updates")
-    laplace: bool = option(False, "learn the prior precisions by the Laplace marginal likelihood (otherwise MAP)")
-    burn_in: int = option(10, "first epoch at which the prior precisions are updated", OPTIONAL_COUNT)
-    marglik_every: int = option(5, "update the precisions every this many epochs", COUNT)
-    hyper_steps: int = option(20, "Adam steps on the log precisions per KFAC fit (L-BFGS iterations with "
-                                  "--marglik-method ray)", OPTIONAL_COUNT)
-    hyper_lr: float = option(0.1, "learning rate of the precision updates", Range(float, 0))
-    marglik_method: str = option("alternation", "precision updates: 'alternation' (the paper's Adam steps at fixed "
-                                                "parameters) or 'ray' (L-BFGS on the evidence profiled along every "
-                                                "F-FC / S-FC path's scaling ray; ella.bilinear_ray)", MARGLIK_METHODS)
-    kfac_batch_size: int | None = option(None, "batch size of the KFAC pass (when not set: 150 on the CPU, 1024 on "
-                                                "CUDA; the factors are sums, so only the speed depends on it)", COUNT)
-    curvature: str = option("ggn", "KFAC curvature: 'ggn' (exact), 'mc' (Monte-Carlo) or 'ef' (empirical Fisher)",
-                            CURVATURES)
-    kfac_approx: str = option("expand", "KFAC for weights shared over positions (convolution sites, rotations): "
-                                        "'expand' or 'reduce'", KFAC_APPROXES)
-    grouped_mode: str = option("per_group", "KFAC for the F-FC / S-FC stages: 'per_group' (exact per-channel "
-                                            "blocks) or 'reference' (one shared output factor, as the reference code)",
-                               GROUPED_MODES)
-    prior_init: float = option(1.0, "initial prior precision of every group", POSITIVE)
-    per_tensor_prior: bool = option(False, "one precision per parameter tensor instead of per path")
-    report: bool = option(False, "write the effective-parameter report after a MAP run too")
-    n_train: int | None = option(None, "use a class-balanced subset of this many training images (all of them "
-                                          "when not set)", COUNT)
-    n_valid: int | None = option(None, "hold out this many training images for validation (overrides --valid-fraction)",
-                                 COUNT)
-    valid_fraction: float = option(0.1, "fraction of the training data held out for validation", Range(float, 0, True, 1))
-    cifar_test: str = option("exact", "CIFAR-10 test set: 'exact' (the 1,000 bit-exact official images) or 'jpeg10k' "
-                                      "(all 10,000, lossy JPEG)", CIFAR_TEST_CHOICES)
-    seed: int = option(711, "random seed", Range(int))
-    data_dir: str | None = option(None, "folder with the data (default: $ELLA_DATA, then ./data)")
-    download: bool = option(False, "let torchvision download MNIST / CIFAR-10 into the data folder when they are not "
-                                   "there (needs network access)")
-    device: str = option(help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)",
-                         default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-    checkpoint_every: int = option(1, "write the checkpoint every this many epochs (and after the last); a large "
-                                      "network's checkpoint can take longer than a captured epoch on a GPU", COUNT)
-    capture: bool = option(True, "on CUDA, run every training step eagerly instead of replaying it as a captured CUDA "
-                                 "graph (ella.static_step)")
-
-    def check(self) -> None:
-        """Raise a ValueError naming the first option outside its range (by its flag) or choices, or ``--lr-min``
-        above ``--lr``."""
-        for item in fields(self):
-            allowed, value = item.metadata.get("values"), getattr(self, item.name)
-            if isinstance(allowed, tuple):
-                check_choice(value, allowed, item.name)
-            elif isinstance(allowed, Range) and value is not None:
-                allowed.check(value, flag(item))
-        if self.lr_min > self.lr:
-            raise ValueError(f"--lr-min ({self.lr_min:g}) must not be above --lr ({self.lr:g})")
-
-
-EXPERIMENT_FIELDS = ("layer", "dataset", "task", "alpha", "combine", "augment", "n_train", "n_valid", "valid_fraction",
-                     "cifar_test", "data_dir", "download")  # what an experiment trains, not how
-
-
-def training_record(config: TrainConfig) -> dict:
-    """The training options of ``config`` (all fields but :data:`EXPERIMENT_FIELDS`), as a run records them."""
-    return {name: value for name, value in asdict(config).items() if name not in EXPERIMENT_FIELDS}
 
 
 EVAL_BATCH = {"cpu": 500, "cuda": 5000}  # evaluation batch per device type (sums accumulate on the device)

@@ -270,12 +270,12 @@ def test_loaders_whose_batches_are_not_pairs_are_a_clear_error(batches: list, me
     class Loader(list):
         dataset = range(2)
 
-    for name, train, laplace, marglik in (("laplace", Loader(batches), None, True),
-                                          ("laplace", _images(), Loader(batches), True),
-                                          ("training", Loader(batches), None, False)):  # MAP: found by the loop
+    for name, training, laplace, marglik in (("laplace", Loader(batches), None, True),
+                                             ("laplace", _images(), Loader(batches), True),
+                                             ("training", Loader(batches), None, False)):  # MAP: found by the loop
         with pytest.raises(ValueError, match=re.escape(f"the {name} data must be tensors (x, y) or a loader") +
                            ".*" + re.escape(message)):
-            learn(_nested_model(), train, laplace_data=laplace, laplace=marglik, epochs=1, device="cpu")
+            learn(_nested_model(), training, laplace_data=laplace, laplace=marglik, epochs=1, device="cpu")
 
 
 @pytest.mark.parametrize(
