@@ -32,7 +32,7 @@ from ella.models import build_model
 from ella.priors import Prior
 from ella.train import TrainConfig, Trainer, train
 from kfac import fit_kfac
-from test_train import _tiny_config, _without_timing, _write_tiny_cifar
+from test_train import _Interrupt, _raise_in_epoch, _tiny_config, _without_timing, _write_tiny_cifar
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -229,10 +229,6 @@ def test_torchrun_run_equals_single_process_run_and_writes_once(tmp_path: Path) 
     assert [r["path"] for r in report["paths"]] == [r["path"] for r in theirs["paths"]]
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def _record_writes(writes: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("write_text", "save_checkpoint", "write_metrics", "write_report", "plot_relative"):
         original = getattr(train_module, name)
@@ -249,14 +245,7 @@ def _resume_part(rank: int, root_path: Path, config: TrainConfig) -> None:
     with pytest.MonkeyPatch.context() as monkeypatch:
         _record_writes(writes, monkeypatch)
         straight = train(config, root_path / "straight")
-        original = Trainer.train_epoch
-
-        def interrupt_in_epoch_3(self: Trainer) -> float:
-            if self.epoch == 2:
-                raise _Interrupt
-            return original(self)
-
-        monkeypatch.setattr(Trainer, "train_epoch", interrupt_in_epoch_3)
+        original = _raise_in_epoch(monkeypatch, 3, _Interrupt)
         with pytest.raises(_Interrupt):
             train(config, root_path / "resumed")
         monkeypatch.setattr(Trainer, "train_epoch", original)

@@ -26,7 +26,7 @@ from ella.learn import learn
 from ella.models import build_model
 from ella.priors import prior_groups
 from ella.train import Interrupted, Learner, train
-from test_train import REPO, _tiny_config, _without_timing, _write_tiny_cifar
+from test_train import REPO, _raise_in_epoch, _tiny_config, _without_timing, _write_tiny_cifar
 
 # What the Trainer gave for ``_equivalence_config`` before the training loop became a library entry point
 # (commit cd55884); pinned so that the refactor is checked against the code it replaced, not against itself.
@@ -209,14 +209,7 @@ def test_a_dataloader_trains_exactly_as_the_same_batches_of_tensors(tmp_path: Pa
 def test_an_interrupted_library_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     options = {"epochs": 3, "batch_size": 8, "burn_in": 1, "marglik_every": 1, "hyper_steps": 2, "device": "cpu"}
     straight = learn(_nested_model(), _images(), out_dir=tmp_path / "straight", **options)
-    original = Learner.train_epoch
-
-    def interrupted(self: Learner) -> float:
-        if self.epoch == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Learner, "train_epoch", interrupted)
+    original = _raise_in_epoch(monkeypatch, 3, KeyboardInterrupt, Learner)
     with pytest.raises(Interrupted, match="interrupted in epoch 3 of 3; the checkpoint in .* holds epoch 2"):
         learn(_nested_model(), _images(), out_dir=tmp_path / "run", **options)
     monkeypatch.setattr(Learner, "train_epoch", original)

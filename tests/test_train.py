@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ella import distributed
-from ella.train import TrainConfig, Trainer, train
+from ella.train import Learner, TrainConfig, Trainer, train
 from kfac import fit_kfac
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,16 +56,17 @@ class _Interrupt(Exception):
     pass
 
 
-def _raise_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, error: type[BaseException]) -> Callable:
-    """Make ``Trainer.train_epoch`` raise ``error`` as epoch ``epoch`` starts; returns the original method."""
-    original = Trainer.train_epoch
+def _raise_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, error: type[BaseException],
+                    cls: type[Learner] = Trainer) -> Callable:
+    """Make ``cls.train_epoch`` raise ``error`` as epoch ``epoch`` starts; returns the original method."""
+    original = cls.train_epoch
 
-    def raising(self: Trainer) -> float:
+    def raising(self: Learner) -> float:
         if self.epoch == epoch - 1:
             raise error
         return original(self)
 
-    monkeypatch.setattr(Trainer, "train_epoch", raising)
+    monkeypatch.setattr(cls, "train_epoch", raising)
     return original
 
 
