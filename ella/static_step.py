@@ -131,9 +131,9 @@ class StepRunner:
     """Runs epochs of :class:`StaticStep` s (one per batch size), eagerly or captured as CUDA graphs.
 
     ``make_step(batch_size, totals, lr) -> StaticStep``; ``scheduler`` (optional) is stepped after every step,
-    as the plain loop does. Captured, the scheduler's learning rate is copied into the device tensor ``lr``
-    before every step; eager (``capture=False``, also on the CPU), ``lr`` is None and the optimiser's own
-    float is used, so the steps are those of the plain loop.
+    as the plain loop does. On CUDA the scheduler's learning rate is copied into the device tensor ``lr`` before
+    every step (captured or not, so that eager and captured steps run the same kernels); on the CPU ``lr`` is
+    None and the optimiser's own float is used, so the steps are those of the plain loop.
     """
 
     def __init__(self, make_step: Callable[[int, Tensor, Tensor | None], StaticStep], optimizer: torch.optim.Optimizer,
@@ -142,7 +142,8 @@ class StepRunner:
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.make_step, self.optimizer, self.capture, self.warmup = make_step, optimizer, capture, warmup
         self.totals = torch.zeros(2, dtype=torch.float64, device=device)
-        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device) if capture else None
+        on_cuda = device.type == "cuda"  # eager or captured, the same kernels read the same device learning rate
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device) if on_cuda else None
         self.steps: dict[int, StaticStep] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.eager_calls: dict[int, int] = {}
