@@ -42,7 +42,7 @@ def trainers(layer: str, args: argparse.Namespace, root: Path) -> tuple[Trainer,
     plain = Trainer(TrainConfig(**{**config.__dict__, "capture": False}), root / f"{layer}-plain")
     captured = Trainer(config, root / f"{layer}-captured")
     if captured.runner is None:  # no CUDA: time the static-shape steps eagerly instead
-        captured.runner = captured._make_runner(captured.data.augment, capture=False)
+        captured.runner = captured._make_runner(capture=False)
     return plain, captured
 
 

@@ -188,7 +188,7 @@ class Learner:
         self.captured = (config.capture and self.device.type == "cuda" and world == 1
                          and isinstance(self.train_loader, TensorLoader) and supports_planning(self.train_loader))
         self.optimizer = self._make_optimizer()
-        self.runner = self._make_runner(self.train_loader.augment, capture=True) if self.captured else None
+        self.runner = self._make_runner(capture=True) if self.captured else None
         total_steps = config.epochs * len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps, eta_min=config.lr_min)
         self.hyper_optimizer = torch.optim.Adam(self.prior.parameters(), lr=config.hyper_lr)
@@ -240,12 +240,13 @@ class Learner:
             return torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
         return torch.optim.SGD(self.model.parameters(), lr=self.config.lr, momentum=self.config.momentum)
 
-    def _make_runner(self, augment, capture: bool) -> StepRunner:
-        """Static-shape training steps on the whole training set held on the device, captured as CUDA graphs
-        or (``capture=False``) run eagerly (see :mod:`ella.static_step`); needs the training data as tensors."""
+    def _make_runner(self, capture: bool) -> StepRunner:
+        """Static-shape training steps on the whole training set held on the device, with the training loader's
+        augmentation, captured as CUDA graphs or (``capture=False``) run eagerly (see :mod:`ella.static_step`);
+        needs the training data as tensors."""
         if not isinstance(self.train_loader, TensorLoader):
             raise ValueError("static-shape training steps need the training data as tensors (x, y)")
-        x, y = self.train_loader.x, self.train_loader.y
+        x, y, augment = self.train_loader.x, self.train_loader.y, self.train_loader.augment
 
         def make_step(size: int, totals: torch.Tensor, lr: torch.Tensor | None) -> StaticStep:
             return StaticStep(self.model, self._penalty, self.optimizer, x, y, augment, size, totals, lr)

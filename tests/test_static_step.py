@@ -51,7 +51,7 @@ def test_static_steps_train_exactly_as_the_plain_loop(tmp_path: Path, optimizer:
     config = _tiny_config(data, layer="ffc_conv", laplace=False, batch_size=16, optimizer=optimizer)
     plain = Trainer(config, tmp_path / "plain")
     static = Trainer(config, tmp_path / "static")
-    static.runner = static._make_runner(static.data.augment, capture=False)
+    static.runner = static._make_runner(capture=False)
     assert plain.runner is None  # no CUDA here: the plain loop is the default
     losses = {"plain": [], "static": []}
     for epoch in range(3):
@@ -69,7 +69,7 @@ def test_static_steps_train_exactly_as_the_plain_loop(tmp_path: Path, optimizer:
 def test_non_finite_loss_in_static_steps_is_reported_at_the_end_of_the_epoch(tmp_path: Path) -> None:
     data = _write_tiny_cifar(tmp_path / "data")
     trainer = Trainer(_tiny_config(data, laplace=False, epochs=1), tmp_path / "run")
-    trainer.runner = trainer._make_runner(trainer.data.augment, capture=False)
+    trainer.runner = trainer._make_runner(capture=False)
     with torch.no_grad():
         trainer.prior.log_precision.fill_(float("inf"))
     with pytest.raises(FloatingPointError, match="non-finite in epoch 1"):
