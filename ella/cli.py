@@ -15,7 +15,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import Field, fields
+from dataclasses import Field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -178,6 +178,15 @@ def start_run(args: argparse.Namespace, default_root: str, **extra: object) -> P
     config.update(torch=torch.__version__, **extra)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def model_runs(base: TrainConfig, entries, prefix: str = "") -> dict[str, TrainConfig]:
+    """``LAYER:map`` / ``LAYER:laplace`` entries as configurations named ``<prefix><layer>-<mode>``."""
+    runs = {}
+    for entry in entries:
+        layer, _, mode = entry.partition(":")
+        runs[f"{prefix}{layer}-{mode}"] = replace(base, layer=layer, laplace=mode == "laplace")
+    return runs
 
 
 def run_many(runs: dict[str, TrainConfig], root: Path, resume: bool) -> dict[str, dict]:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 
 from ella import distributed
-from ella.cli import add_training_arguments, config_from_args, default_out_dir, figure_dir, run_script, setup_logging
+from ella.cli import (
+    add_training_arguments, config_from_args, default_out_dir, figure_dir, model_runs, run_script, setup_logging,
+)
 from ella.models import LAYER_NAMES
 from ella.train import train
 
@@ -51,11 +52,7 @@ PAPER_ACCURACY = {  # paper Table 2, test accuracy (%) after 4000 epochs: MAP / 
 
 def make_runs(base, entries=DEFAULT_RUNS) -> dict:
     """``LAYER:map`` / ``LAYER:laplace`` entries as named configurations (``<layer>-<mode>``)."""
-    runs = {}
-    for entry in entries:
-        layer, _, mode = entry.partition(":")
-        runs[f"{layer}-{mode}"] = replace(base, layer=layer, laplace=mode == "laplace")
-    return runs
+    return model_runs(base, entries)
 
 
 def paper_accuracy(config: dict) -> float | None:

@@ -18,7 +18,9 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from ella.cli import add_training_arguments, config_from_args, run_many, run_script, setup_logging, write_table
+from ella.cli import (
+    add_training_arguments, config_from_args, model_runs, run_many, run_script, setup_logging, write_table,
+)
 
 PRESETS = {
     # Paper: 999 epochs, no augmentation, width 10.
@@ -50,9 +52,7 @@ def make_runs(base, entries=DEFAULT_RUNS, tasks=TASKS) -> dict:
     """Every ``LAYER:map`` / ``LAYER:laplace`` entry on every task, named ``<task>-<layer>-<mode>``."""
     runs = {}
     for task in tasks:
-        for entry in entries:
-            layer, _, mode = entry.partition(":")
-            runs[f"{task}-{layer}-{mode}"] = replace(base, layer=layer, task=task, laplace=mode == "laplace")
+        runs.update(model_runs(replace(base, task=task), entries, prefix=f"{task}-"))
     return runs
 
 
