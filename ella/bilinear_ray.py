@@ -143,7 +143,7 @@ def _ray_terms(fit: LaplaceFit, ray: Ray, delta: torch.Tensor) -> torch.Tensor:
     slope = -0.5 * (ray.start_precisions * ray.squared_norms).sum()
     value = slope * (t - 1) + 0.5 * ray.curvature * (t - 1) ** 2 + 0.5 * ((t - 1) * d * ray.squared_norms).sum()
     for k, l in enumerate(ray.tensors):
-        lam = fit.decomposition.eigen[l].eigenvalues().to(d)
+        lam = fit.decomposition.block_eigenvalues(l).to(d)  # cached: not formed again at every evaluation
         value = value + 0.5 * (torch.log(t * lam + d[k]) - torch.log(lam + d[k])).sum()
     return value
 

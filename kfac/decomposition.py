@@ -114,6 +114,11 @@ class KronDecomposition:
             self._eigenvalues = torch.cat([e.eigenvalues() for e in self.eigen])
         return self._eigenvalues
 
+    def block_eigenvalues(self, index: int) -> torch.Tensor:
+        """``(num_params,)`` the GGN eigenvalues of block ``index``: a view of :meth:`eigenvalues`."""
+        start = sum(self.num_params()[:index])
+        return self.eigenvalues()[start : start + self.eigen[index].num_params]
+
     def segment_lengths(self) -> torch.Tensor:
         """``(n_blocks,)`` int64 on the eigenvalues' device: the number of eigenvalues of each block."""
         return torch.tensor(self.num_params(), device=self.eigen[0].out_vals.device)

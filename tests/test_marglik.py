@@ -300,3 +300,13 @@ def test_output_shares_against_the_paths_called_directly() -> None:
         assert shares[(f"blocks.{i}", "fc")] + shares[(f"blocks.{i}", "conv")] == pytest.approx(1.0)
     assert shares[("head.0", None)] is None
     assert format_report(rows).splitlines()[0].split()[-3] == "output"
+
+
+def test_block_eigenvalues_are_views_of_the_flat_eigenvalues() -> None:
+    fit, _ = _fit_with_spread_precisions()
+    decomposition = fit.decomposition
+    for index, block in enumerate(decomposition.eigen):
+        torch.testing.assert_close(decomposition.block_eigenvalues(index), block.eigenvalues(), rtol=0, atol=0)
+    assert decomposition.block_eigenvalues(1).data_ptr() != decomposition.block_eigenvalues(0).data_ptr()
+    assert decomposition.block_eigenvalues(0).untyped_storage().data_ptr() == \
+        decomposition.eigenvalues().untyped_storage().data_ptr()
