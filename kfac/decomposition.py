@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Factors = tuple[torch.Tensor, torch.Tensor | None]
+_EIG_ELEMENTS = 1 << 24  # factors of one size are decomposed together up to this many entries (128 MiB in float64)
 
 
 class CurvatureError(RuntimeError):
@@ -47,7 +48,7 @@ def _symmetric(matrix: torch.Tensor, device: torch.device | None = None) -> torc
     """``(..., n, n)`` in float64 (float32 LAPACK fails on the many zero eigenvalues that dead ReLUs cause),
     symmetrised, on ``device`` (default: its own)."""
     wide = matrix.to(device=device, dtype=torch.float64)
-    return 0.5 * (wide + wide.transpose(-1, -2))
+    return (wide + wide.transpose(-1, -2)).mul_(0.5)
 
 
 def _jittered(sym: torch.Tensor, jitter: float) -> torch.Tensor:
@@ -142,12 +143,15 @@ def _shared_out_factors(curvature: KronCurvature) -> dict[str, str]:
 def _eigenvalues(matrices: list[torch.Tensor], labels: list[str], jitter: float,
                  device: torch.device | None) -> list[torch.Tensor]:
     """Eigenvalues ``(k_m, n_m)`` of every stack of factors ``matrices[m] (k_m, n_m, n_m)`` (float64, on the
-    matrices' own device), one batched ``eigvalsh`` per size ``n``. Checked once: a factor with non-finite
+    matrices' own device), one batched ``eigvalsh`` per size ``n`` (per ``_EIG_ELEMENTS`` entries). Checked once: a factor with non-finite
     entries or eigenvalues, or in a batched call that failed, is decomposed alone with a jittered retry
     (:func:`_decompose_one`, whose error names ``labels[m]``)."""
-    by_size: dict[int, list[int]] = {}
+    by_size: dict[tuple[int, int], list[int]] = {}  # (size, chunk): at most _EIG_ELEMENTS entries per call
+    filled: dict[int, int] = {}
     for m, matrix in enumerate(matrices):
-        by_size.setdefault(matrix.shape[-1], []).append(m)
+        n = matrix.shape[-1]
+        filled[n] = filled.get(n, 0) + matrix.numel()
+        by_size.setdefault((n, (filled[n] - 1) // _EIG_ELEMENTS), []).append(m)
     found: list[torch.Tensor | None] = [None] * len(matrices)
     checks: list[tuple[int, torch.Tensor]] = []  # (factor, finite input and output)
     failed: list[int] = []
