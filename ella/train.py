@@ -477,7 +477,7 @@ class Learner:
             "n_params": sum(p.numel() for p in self.model.parameters()),
             "neg_log_marglik": self.last_marglik,
             "precisions": self.prior.as_dict(),
-            "training": self._training_path(),
+            "training": self.training_path(),
         })
         rows = []
         if fit is not None:
@@ -498,7 +498,7 @@ class Learner:
         return final, rows
 
 
-    def _training_path(self) -> dict:
+    def training_path(self) -> dict:
         """How this process trained (a resumed run: since the resume): ``steps`` (captured CUDA graphs, eager
         static-shape steps or the plain loop), ``capture_fallback`` (None, or where and why capture failed and
         the plain loop took over) and ``device`` (:func:`ella.static_step.device_description`)."""
