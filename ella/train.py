@@ -497,7 +497,6 @@ class Learner:
             write_text(json.dumps(final, indent=2), self.out_dir / "final.json")
         return final, rows
 
-
     def training_path(self) -> dict:
         """How this process trained (a resumed run: since the resume): ``steps`` (captured CUDA graphs, eager
         static-shape steps or the plain loop), ``capture_fallback`` (None, or where and why capture failed and
