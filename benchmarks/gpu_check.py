@@ -110,11 +110,11 @@ def prepare(folder: Path, data_dir: str | None, wheels: Path | None, n_train: in
         (folder / "wheels").mkdir(exist_ok=True)
         for wheel in found:
             shutil.copy2(wheel, folder / "wheels" / wheel.name)
-        install = ("Install the wheels first (no internet needed):\n"
+        install = ("Install the wheels first, from the folder that holds it (no internet needed):\n"
                    f"    python -m pip install --no-index --find-links {folder.name}/wheels {folder.name}/wheels/*.whl\n")
     (folder / "README.txt").write_text(
         f"The GPU check of ella, prepared {time.strftime('%Y-%m-%d %H:%M')}.\n{install}"
-        f"Run (at most about 8 minutes):\n    python {folder.name}/repo/benchmarks/gpu_check.py run {folder.name}\n"
+        f"Run, from the folder that holds {folder.name} (at most about 8 minutes):\n    python {folder.name}/repo/benchmarks/gpu_check.py run {folder.name}\n"
         f"Results: {folder.name}/results/summary.txt and summary.json (logs in results/logs/).\n")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     print(f"prepared {folder} ({size / 2**20:.1f} MiB; data {target.stat().st_size / 2**20:.1f} MiB); "
