@@ -73,7 +73,19 @@ from ella.report import (
     with_output_shares,
     write_report,
 )
-from ella.static_step import StaticStep, StepRunner, graph_safe_optimizer, plan_epoch, supports_planning
+from ella.static_step import (
+    CudaGraphs,
+    GraphRecorder,
+    StaticStep,
+    StepRunner,
+    device_description,
+    graph_safe_optimizer,
+    optimizer_flags,
+    plan_epoch,
+    plain_flags,
+    set_optimizer_flags,
+    supports_planning,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +197,10 @@ class Learner:
         self.laplace_data = train if laplace_data is None else laplace_data
         self.marglik_loader = BarLoader(self._laplace_loader(self.laplace_data, rank, world))
         self.eval_data = {name: data for name, data in (("valid", valid), ("test", test)) if data is not None}
-        self.captured = (config.capture and self.device.type == "cuda" and world == 1
-                         and isinstance(self.train_loader, TensorLoader) and supports_planning(self.train_loader))
+        self.captured = config.capture and self._can_capture()
         self.optimizer = self._make_optimizer()
-        self.runner = self._make_runner(capture=True) if self.captured else None
+        self.capture_fallback: dict | None = None  # where and why capture failed (then the plain loop trained on)
+        self.runner = self._captured_runner() if self.captured else None
         total_steps = config.epochs * len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps, eta_min=config.lr_min)
         self.hyper_optimizer = torch.optim.Adam(self.prior.parameters(), lr=config.hyper_lr)
@@ -232,6 +244,11 @@ class Learner:
             return self.train_loader
         return PairLoader(self.train_loader, "training", self.device)
 
+    def _can_capture(self) -> bool:
+        """Whether training steps can be captured: CUDA, one process, training tensors whose epochs can be planned."""
+        return (self.device.type == "cuda" and distributed.world_size() == 1
+                and isinstance(self.train_loader, TensorLoader) and supports_planning(self.train_loader))
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         if self.captured:
             return graph_safe_optimizer(self.model.parameters(), self.config.optimizer, self.config.lr,
@@ -251,7 +268,23 @@ class Learner:
         def make_step(size: int, totals: torch.Tensor, lr: torch.Tensor | None) -> StaticStep:
             return StaticStep(self.model, self._penalty, self.optimizer, x, y, augment, size, totals, lr)
 
-        return StepRunner(make_step, self.optimizer, self.device, capture=capture)
+        return StepRunner(make_step, self.optimizer, self.device, capture=capture,
+                          graphs=self._graphs() if capture else None)
+
+    def _graphs(self) -> GraphRecorder:
+        return CudaGraphs(self.device)
+
+    def _captured_runner(self) -> StepRunner | None:
+        """The captured steps' runner, or None (the plain loop) when even preparing capture fails."""
+        try:
+            return self._make_runner(capture=True)
+        except Exception as error:  # a driver or torch quirk of the user's card must not end the run
+            cause = f"{type(error).__name__}: {error}"
+            log.warning("preparing CUDA graphs failed: %s; training goes on with the plain loop, as with "
+                        "--no-capture", cause)
+            set_optimizer_flags(self.optimizer, plain_flags(self.optimizer))
+            self.capture_fallback = {"stage": "preparing", "cause": cause}
+            return None
 
     def _penalty(self) -> torch.Tensor:
         """The prior's share of the training objective per data point, ``penalty / N``."""
@@ -281,7 +314,9 @@ class Learner:
         except RuntimeError as error:  # missing or unexpected parameters, other shapes
             raise CheckpointError(f"the checkpoint in {self.out_dir} holds another model than this run's: "
                                   f"{str(error).splitlines()[0]}; choose another output folder") from error
+        flags = optimizer_flags(self.optimizer)
         self.optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_flags(self.optimizer, flags)  # the checkpoint's device or capture mode may not be this run's
         self.scheduler.load_state_dict(state["scheduler"])
         self.hyper_optimizer.load_state_dict(state["hyper_optimizer"])
         if state["train_generator"] is not None:
@@ -298,6 +333,9 @@ class Learner:
         self.model.train()
         if self.runner is not None:
             total, non_finite = self.runner.run_epoch(plan_epoch(self.train_loader), self.scheduler)
+            if self.runner.failure is not None:  # the plain loop trains on (see ella.static_step)
+                self.capture_fallback = {"epoch": self.epoch + 1, **asdict(self.runner.failure)}
+                self.runner = None
             if non_finite:
                 raise FloatingPointError(f"training loss became non-finite in epoch {self.epoch + 1}")
             return total / self.train_loader.num_samples()
@@ -439,6 +477,7 @@ class Learner:
             "n_params": sum(p.numel() for p in self.model.parameters()),
             "neg_log_marglik": self.last_marglik,
             "precisions": self.prior.as_dict(),
+            "training": self.training_path(),
         })
         rows = []
         if fit is not None:
@@ -457,6 +496,21 @@ class Learner:
         if self.out_dir is not None:
             write_text(json.dumps(final, indent=2), self.out_dir / "final.json")
         return final, rows
+
+    def training_path(self) -> dict:
+        """How this process trained (a resumed run: since the resume): ``steps`` (captured CUDA graphs, eager
+        static-shape steps or the plain loop), ``capture_fallback`` (None, or where and why capture failed and
+        the plain loop took over) and ``device`` (:func:`ella.static_step.device_description`)."""
+        runner, fallback = self.runner, self.capture_fallback
+        if fallback is not None:
+            steps = ("plain loop" if fallback["stage"] == "preparing"
+                     else f"captured CUDA graphs, then the plain loop from epoch {fallback['epoch']}")
+        elif runner is None:
+            steps = "plain loop"
+        else:
+            steps = "captured CUDA graphs" if runner.capture else "static-shape steps, eager"
+        return {"steps": steps, "capture_fallback": self.capture_fallback,
+                "device": device_description(self.device)}
 
 
 class Trainer(Learner):
