@@ -43,7 +43,7 @@ def _tiny_config(data_dir: Path, **changes) -> TrainConfig:
     config = TrainConfig(
         layer="conv", dataset="cifar10", alpha=1, epochs=4, batch_size=16, laplace=True, burn_in=2,
         marglik_every=1, hyper_steps=3, kfac_batch_size=25, n_train=40, n_valid=10, seed=3,
-        data_dir=str(data_dir), device="cpu",
+        data_dir=str(data_dir), device="cpu", checkpoint_every=1,  # the tests interrupt and resume at set epochs
     )
     return replace(config, **changes)
 
