@@ -145,11 +145,21 @@ def _collective(what: str, call: Callable[[], T]) -> T:
     try:
         return call()
     except RuntimeError as error:  # gloo and NCCL report lost peers and time-outs as RuntimeError (subclasses)
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ProcessGroupError(
-            f"process {rank()} of {world_size()} stopped waiting for the others ({what}): {text}; another process "
-            "has ended, been killed, or hangs"
-        ) from error
+        raise process_group_error(error, what) from error
+
+
+def process_group_error(error: RuntimeError, what: str) -> ProcessGroupError:
+    """``error``, raised by a collective while waiting for the others (``what``), as a :class:`ProcessGroupError`."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ProcessGroupError(f"process {rank()} of {world_size()} stopped waiting for the others ({what}): {text}; "
+                             "another process has ended, been killed, or hangs")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """True for an error of the process group's backend (gloo, NCCL) in a distributed run: what
+    ``DistributedDataParallel``'s gradient exchange raises when another process is gone or too slow."""
+    return (is_distributed() and isinstance(error, RuntimeError)
+            and (isinstance(error, dist.DistError) or any(word in str(error) for word in ("gloo", "NCCL"))))
 
 
 def _comm_device() -> torch.device:

@@ -458,9 +458,15 @@ class Learner:
                     self.saved_epoch = distributed.on_main(lambda: self._record(row, start),  # every rank knows it
                                                            what=f"rank 0 evaluating and saving epoch {epoch}")
                 except KeyboardInterrupt:
-                    raise Interrupted(f"interrupted in epoch {epoch} of {c.epochs}; {self._saved()}") from None
-                except distributed.ProcessGroupError as error:  # say what is saved, so that the run can continue
-                    raise distributed.ProcessGroupError(f"{error}; in epoch {epoch}: {self._saved()}") from error
+                    where = "after" if self.epoch == epoch else "in"  # after: while it was evaluated and saved
+                    raise Interrupted(f"interrupted {where} epoch {epoch} of {c.epochs}; {self._saved()}") from None
+                except RuntimeError as error:  # a lost process: say what is saved, so that the run can continue
+                    if isinstance(error, distributed.ProcessGroupError):
+                        raise distributed.ProcessGroupError(f"{error}; in epoch {epoch}: {self._saved()}") from error
+                    if distributed.is_collective_failure(error):
+                        lost = distributed.process_group_error(error, "exchanging gradients")
+                        raise distributed.ProcessGroupError(f"{lost}; in epoch {epoch}: {self._saved()}") from error
+                    raise
                 bar.set_postfix_str("", refresh=False)
                 bar.update()
             bar.set_postfix_str("final report")

@@ -396,7 +396,7 @@ def test_ctrl_c_on_the_command_prints_the_command_that_resumes_it(tmp_path: Path
     err = process.communicate(timeout=60)[1]
     assert process.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert err.startswith("interrupted in epoch ")
+    assert err.startswith(("interrupted in epoch ", "interrupted after epoch "))
     resume = err.strip().split("; continue with: ")[1]
     assert resume == shlex.join(["python", *command[1:], "--resume"])
     result = subprocess.run([sys.executable, *shlex.split(resume)[1:]], env=env, capture_output=True, text=True,
