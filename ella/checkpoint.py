@@ -179,11 +179,12 @@ def config_changes(saved: dict, config: dict, defaults: dict, flags: dict[str, s
     """The fields of ``config`` (but :data:`UNCHECKED`) whose value differs from ``saved``'s, each as ``name
     (--flag): saved value saved, value now``; a field ``saved`` lacks (added after it was written) counts as its
     value in ``defaults``, and ``flags`` maps a field to its flag where it has one."""
-    return [
-        f"{name}{f' ({flags[name]})' if name in flags else ''}: {saved.get(name, defaults.get(name))!r} saved, {value!r} now"
-        for name, value in config.items()
-        if name not in UNCHECKED and saved.get(name, defaults.get(name)) != value
-    ]
+    changed = []
+    for name, value in config.items():
+        before = saved.get(name, defaults.get(name))
+        if name not in UNCHECKED and before != value:
+            changed.append(f"{name}{f' ({flags[name]})' if name in flags else ''}: {before!r} saved, {value!r} now")
+    return changed
 
 
 def check_config(state: dict, path: Path, config: dict, defaults: dict, flags: dict[str, str]) -> None:

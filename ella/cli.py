@@ -50,8 +50,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, presets: dict[str, d
     for item in fields(TrainConfig):
         if is_option(item):
             _add_option(group, item, presets[default_preset], default_preset)
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<experiment>/<layer>-<map|laplace>-<preset>, "
-                                                               "with -s<seed> for a --seed other than the default)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: runs/<experiment>/<layer>-<map|laplace>-<preset>, with -s<seed> "
+                             "for a --seed other than the default)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
 

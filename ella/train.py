@@ -11,24 +11,25 @@ one is older than ``checkpoint_minutes`` or than 50 times its own write time (so
 a small network's is written every epoch), or every ``checkpoint_every`` epochs when that is set, and after the
 last epoch; an interrupted run loses at most the epochs since and ``resume=True`` continues from the last one
 (the one before is kept; see :mod:`ella.checkpoint`). A resume continues only the run that was started: the same
-configuration, the same number of processes and the same data (a fingerprint of the data tensors). Ctrl-C ends a run with :class:`Interrupted`, which says where it stopped. Progress bars
-(rank 0, on a terminal; :mod:`ella.progress`) follow the epochs, each epoch's batches and each KFAC-Laplace fit.
+configuration, the same number of processes and the same data (a fingerprint of the data tensors). Ctrl-C ends a
+run with :class:`Interrupted`, which says where it stopped. Progress bars (rank 0, on a terminal;
+:mod:`ella.progress`) follow the epochs, each epoch's batches and each KFAC-Laplace fit.
 
 :class:`Learner` is that loop for any model holding relaxed layers and any data (tensors or loaders; see
 :mod:`ella.inputs`); :func:`ella.learn.learn` is its one-call form. :class:`Trainer` is an experiment's run:
 it loads the dataset and builds the paper's network from a :class:`TrainConfig`, then trains them as a
 :class:`Learner`.
 
-At about 500 lines this module is longer than the others: :class:`Learner` is one state machine (epochs,
+At about 600 lines this module is longer than the others: :class:`Learner` is one state machine (epochs,
 captured or plain steps, marginal-likelihood rounds, checkpoints and resume, interruption, progress, data
 parallelism) whose parts share its state; its configuration is :mod:`ella.config`, its pieces (checkpoint files,
 progress bars, static-shape steps, input checks) live in their own modules.
 
 Outputs in ``out_dir`` (none without one; the folder is locked while the run is in it): ``config.json``,
-``metrics.jsonl`` and ``metrics.csv`` (one row appended per epoch), ``checkpoint.pt`` and ``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or
-when asked) the effective-parameter report ``effective_parameters.{txt,json}``, with its figure
-``relative_effective_parameters.png`` in ``figure_dir`` (default ``out_dir/figures``; the experiment scripts use
-``figures/<experiment>/<run>``).
+``metrics.jsonl`` and ``metrics.csv`` (one row appended per epoch), ``checkpoint.pt`` and
+``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or when asked) the
+effective-parameter report ``effective_parameters.{txt,json}``, with its figure ``relative_effective_parameters.png``
+in ``figure_dir`` (default ``out_dir/figures``; the experiment scripts use ``figures/<experiment>/<run>``).
 
 Data parallel (launched with ``torchrun --nproc_per_node=N``, see :mod:`ella.distributed`): parameter updates
 go through ``DistributedDataParallel`` with ``batch_size`` samples per process per step (the torch convention:
@@ -202,10 +203,11 @@ def data_fingerprints(**data: Data | None) -> dict[str, str]:
 def check_data(saved: dict[str, str] | None, now: dict[str, str], out_dir: Path) -> None:
     """Raise a ValueError unless the data fingerprints a checkpoint recorded (``saved``; ``None`` for one that
     predates them) match those of this run's data (``now``), naming the data that differ."""
-    differ = [name for name in now if saved is not None and name in saved and saved[name] != now[name]]
+    words = {"train": "training", "valid": "validation", "test": "test"}
+    differ = [words[name] for name in now if saved is not None and name in saved and saved[name] != now[name]]
     if differ:
         raise ValueError(
-            f"--resume on other data than the run in {out_dir} was trained on: the {', '.join(differ)} data differ "
+            f"--resume on other data than the run in {out_dir} was trained on: the {' and '.join(differ)} data differ "
             "from those its checkpoint recorded (do --data-dir or ELLA_DATA point at other data now?); point them "
             "back at the run's data, or choose another --out"
         )

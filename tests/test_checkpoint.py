@@ -234,7 +234,7 @@ def test_resume_on_other_data_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("ELLA_DATA", str(other))
     before = (out / "config.json").read_bytes()
     with pytest.raises(ValueError, match=rf"^--resume on other data than the run in {out} was trained on: the "
-                                         r"train, valid data differ .*ELLA_DATA"):
+                                         r"training and validation data differ .*ELLA_DATA"):
         train(config, out, resume=True)
     assert (out / "config.json").read_bytes() == before and not (out / LOCK).exists()
     monkeypatch.setenv("ELLA_DATA", str(tmp_path / "a"))
@@ -334,7 +334,8 @@ def test_metrics_are_appended_and_a_resume_drops_the_rows_after_its_checkpoint(
     train(config, tmp_path / "reference")
     whole, appended = [], []
     real_write, real_append = train_module.write_text, train_module.append_text
-    monkeypatch.setattr(train_module, "write_text", lambda text, path: (whole.append(path.name), real_write(text, path)))
+    monkeypatch.setattr(train_module, "write_text",
+                        lambda text, path: (whole.append(path.name), real_write(text, path)))
     monkeypatch.setattr(train_module, "append_text",
                         lambda text, path: (appended.append(path.name), real_append(text, path)))
     out = tmp_path / "run"

@@ -266,6 +266,7 @@ def test_download_from_a_server_that_never_answers_times_out_with_a_message(tmp_
     finally:
         server.close()
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert f"downloading cifar10 from {url} into {tmp_path / 'data'} (waiting at most 2 s for each answer)" in done.stderr
+    waiting = f"downloading cifar10 from {url} into {tmp_path / 'data'} (waiting at most 2 s for each answer)"
+    assert waiting in done.stderr
     assert (f"download of cifar10 into {tmp_path / 'data'} failed: no answer from {url} within 2 s (a firewall or "
             "proxy that lets the connection open but never answers?)") in done.stderr
