@@ -9,10 +9,11 @@ along the factored paths' scaling rays: :mod:`ella.bilinear_ray`). On CUDA every
 graph (:mod:`ella.static_step`). An atomic checkpoint is written after the first epoch, then whenever the last
 one is older than ``checkpoint_minutes`` or than 50 times its own write time (so writing costs about 2% of a run;
 a small network's is written every epoch), or every ``checkpoint_every`` epochs when that is set, and after the
-last epoch; an interrupted run loses at most the epochs since and ``resume=True`` continues from the last one
-(the one before is kept; see :mod:`ella.checkpoint`). A resume continues only the run that was started: the same
+last epoch; a run stopped by a signal loses at most the epochs since and ``resume=True`` continues from the last
+one (the one before is kept; see :mod:`ella.checkpoint`). A resume continues only the run that was started: the same
 configuration, the same number of processes and the same data (a fingerprint of the data tensors). Ctrl-C ends a
-run with :class:`Interrupted`, which says where it stopped. Progress bars (rank 0, on a terminal;
+run with :class:`Interrupted`, which says where it stopped: the first after the epoch in progress, once that is
+saved, a second at once (:class:`StopAfterEpoch`). Progress bars (rank 0, on a terminal;
 :mod:`ella.progress`) follow the epochs, each epoch's batches and each KFAC-Laplace fit.
 
 :class:`Learner` is that loop for any model holding relaxed layers and any data (tensors or loaders; see
@@ -47,6 +48,8 @@ import csv
 import io
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -441,12 +444,15 @@ class Learner:
     def run(self) -> dict:
         """Train from the current epoch to ``config.epochs``; then evaluate and report (see :meth:`finish`).
 
-        Ctrl-C raises :class:`Interrupted`, saying where the run stopped and which epoch its last checkpoint holds.
+        Ctrl-C raises :class:`Interrupted`, saying where the run stopped and which epoch its last checkpoint holds:
+        the first once the epoch in progress is done and saved (rank 0's decides for all processes), a second at
+        once (:class:`StopAfterEpoch`).
         """
         c = self.config
         seconds = [row["seconds"] for row in self.history]
-        with RunBar(total=c.epochs, initial=self.epoch, desc=self.description, disable=_no_bar(),
-                     seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None) as bar:
+        with (RunBar(total=c.epochs, initial=self.epoch, desc=self.description, disable=_no_bar(),
+                     seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None) as bar,
+              StopAfterEpoch(bar) as stop):
             for epoch in range(self.epoch + 1, c.epochs + 1):
                 start = time.perf_counter()
                 try:
@@ -457,8 +463,8 @@ class Learner:
                     self.epoch = epoch
                     if distributed.is_main():
                         bar.set_postfix_str("evaluating, saving")
-                    self.saved_epoch = distributed.on_main(lambda: self._record(row, start),  # every rank knows it
-                                                           what=f"rank 0 evaluating and saving epoch {epoch}")
+                    self.saved_epoch, stopping = distributed.on_main(  # every rank knows them
+                        lambda: self._record(row, start, stop), what=f"rank 0 evaluating and saving epoch {epoch}")
                 except KeyboardInterrupt:
                     where = "after" if self.epoch == epoch else "in"  # after: while it was evaluated and saved
                     raise Interrupted(f"interrupted {where} epoch {epoch} of {c.epochs}; {self._saved()}") from None
@@ -469,8 +475,11 @@ class Learner:
                         lost = distributed.process_group_error(error, "exchanging gradients")
                         raise distributed.ProcessGroupError(f"{lost}; in epoch {epoch}: {self._saved()}") from error
                     raise
+                if stopping:
+                    raise Interrupted(f"interrupted after epoch {epoch} of {c.epochs}; {self._saved()}")
                 bar.set_postfix_str("", refresh=False)
                 bar.update()
+            stop.restore()  # Ctrl-C in the final report stops at once
             bar.set_postfix_str("final report")
             return self.finish()
 
@@ -489,16 +498,18 @@ class Learner:
             return evaluate(self.model, *(t.to(self.device) for t in data))
         return evaluate_batches(self.model, PairLoader(data, name, self.device), self.device)
 
-    def _record(self, row: dict, start: float) -> int:
-        """Evaluate, then append ``row`` to the history, checkpoint when due (:meth:`_checkpoint_due`) and append
-        to the metrics (rank 0 only); returns the epoch the last checkpoint holds."""
+    def _record(self, row: dict, start: float, stop: StopAfterEpoch) -> tuple[int, bool]:
+        """Evaluate, then append ``row`` to the history, checkpoint when due (:meth:`_checkpoint_due`) or when the
+        run is to ``stop``, and append to the metrics (rank 0 only); returns the epoch the last checkpoint holds
+        and whether the run stops here."""
+        stopping = stop.requested
         for name in self.eval_data:
             row.update({f"{name}_{k}": v for k, v in self._evaluate(name).items()})
         row["precisions"] = self.prior.as_dict()
         row["seconds"] = time.perf_counter() - start
         self.history.append(row)
         if self.out_dir is not None:
-            if self._checkpoint_due():
+            if stopping or self._checkpoint_due():
                 begin = _clock()
                 save_checkpoint(self._state(), self.out_dir)
                 self._last_save = _clock()
@@ -510,7 +521,7 @@ class Learner:
                  f" valid nll {row['valid_nll']:.4f} acc {row['valid_acc']:.2f}" if "valid" in self.eval_data else "",
                  f" test acc {row['test_acc']:.2f}" if "test" in self.eval_data else "",
                  f" -log p(D)/N {row['neg_log_marglik']:.4f}" if row.get("neg_log_marglik") is not None else "")
-        return self.saved_epoch
+        return self.saved_epoch, stopping
 
     def _checkpoint_due(self) -> bool:
         """After the last epoch; every ``checkpoint_every`` epochs when set; else when the last checkpoint is older
@@ -614,6 +625,36 @@ class Trainer(Learner):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says where the run stopped and what its checkpoint holds."""
+
+
+class StopAfterEpoch:
+    """Ctrl-C during the epochs of a run: the first sets :attr:`requested` (the run stops once the epoch in
+    progress is done and saved; ``bar`` says so), a second raises KeyboardInterrupt at once. Takes over SIGINT
+    only in the main thread and only from Python's default handler (a program with its own keeps it); leaving
+    the block, or :meth:`restore`, gives it back."""
+
+    def __init__(self, bar: RunBar) -> None:
+        self.bar, self.requested, self._previous = bar, False, None
+
+    def __enter__(self) -> StopAfterEpoch:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._first_then_at_once)
+        return self
+
+    def _first_then_at_once(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.bar.set_postfix_str("stopping after this epoch, once it is saved (Ctrl-C again: at once)")
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
 
 def _no_bar() -> bool | None:

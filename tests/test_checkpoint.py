@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 import ella.checkpoint as checkpoint_module
 import ella.train as train_module
 from ella.checkpoint import CHECKPOINT, LOCK, PREVIOUS, CheckpointError, OutputError, read_checkpoint
-from ella.train import Trainer, train
+from ella.train import Interrupted, Trainer, train
 from test_cli import REPO, run_cifar10
 from test_train import _Interrupt, _raise_in_epoch, _tiny_config, _without_timing, _write_tiny_cifar
 
@@ -301,6 +302,16 @@ def test_checkpoints_by_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sa
     """A fake clock: every epoch takes 100 s, every checkpoint ``save_seconds``. By default a checkpoint is written
     after the first epoch, then when the last one is older than --checkpoint-minutes or than 50 times its write
     time, and after the last epoch."""
+    written = _fake_clock(monkeypatch, save_seconds)
+    config = _tiny_config(_write_tiny_cifar(tmp_path / "data"), epochs=8, laplace=False,
+                          **{"checkpoint_every": None, **changes})
+    train(config, tmp_path / "run")
+    assert written == saved
+
+
+def _fake_clock(monkeypatch: pytest.MonkeyPatch, save_seconds: float) -> list[int]:
+    """Every epoch takes 100 s of the checkpoints' clock, every checkpoint ``save_seconds``; returns the list of
+    the epochs saved, filled as the run goes."""
     now = [0.0]
     monkeypatch.setattr(train_module, "_clock", lambda: now[0])
     original_epoch, original_save = Trainer.train_epoch, train_module.save_checkpoint
@@ -317,10 +328,40 @@ def test_checkpoints_by_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sa
 
     monkeypatch.setattr(Trainer, "train_epoch", epoch)
     monkeypatch.setattr(train_module, "save_checkpoint", save)
-    config = _tiny_config(_write_tiny_cifar(tmp_path / "data"), epochs=8, laplace=False,
-                          **{"checkpoint_every": None, **changes})
-    train(config, tmp_path / "run")
-    assert written == saved
+    return written
+
+
+@pytest.mark.parametrize(("signals", "message", "saved"), [
+    (1, "interrupted after epoch 3 of 8; the checkpoint in {out} holds epoch 3", [1, 3]),
+    (2, "interrupted in epoch 3 of 8; the checkpoint in {out} holds epoch 1", [1]),
+])
+def test_ctrl_c_stops_after_the_epoch_in_progress_once_it_is_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signals: int, message: str, saved: list[int]
+) -> None:
+    """By time (100 s epochs, 10 s checkpoints) epochs 2 and 3 would not be saved. Ctrl-C in epoch 3 lets that
+    epoch end, saves it and stops, and the resumed run ends as the uninterrupted one; a second Ctrl-C stops at
+    once, losing the epochs since the last checkpoint."""
+    data = _write_tiny_cifar(tmp_path / "data")
+    config = _tiny_config(data, epochs=8, laplace=False, checkpoint_every=None)
+    train(config, tmp_path / "reference")
+    written = _fake_clock(monkeypatch, save_seconds=10.0)
+    timed_epoch = Trainer.train_epoch
+
+    def ctrl_c_in_epoch_3(self) -> float:
+        if self.epoch == 2:
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+        return timed_epoch(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", ctrl_c_in_epoch_3)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as stop:
+        train(config, out)
+    assert str(stop.value) == message.format(out=out) and written == saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    monkeypatch.setattr(Trainer, "train_epoch", timed_epoch)
+    train(config, out, resume=True)
+    assert _rows(out) == _rows(tmp_path / "reference")
 
 
 def test_metrics_are_appended_and_a_resume_drops_the_rows_after_its_checkpoint(
