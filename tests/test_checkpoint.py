@@ -127,7 +127,7 @@ def test_read_only_output_folder_is_a_clear_error(tmp_path: Path) -> None:
     out.mkdir()
     out.chmod(0o555)
     try:
-        with pytest.raises(OutputError, match=f"cannot write {out / 'config.json'}: Permission denied"):
+        with pytest.raises(OutputError, match=f"cannot write {out / LOCK}: Permission denied"):  # the first file
             train(_tiny_config(tmp_path / "data"), out)
         assert list(out.iterdir()) == []
     finally:
