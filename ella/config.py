@@ -80,8 +80,14 @@ class TrainConfig:
                                    "there (needs network access)")
     device: str = option(help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)",
                          default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-    checkpoint_every: int = option(1, "write the checkpoint every this many epochs (and after the last); a large "
-                                      "network's checkpoint can take longer than a captured epoch on a GPU", COUNT)
+    checkpoint_minutes: float = option(5.0, "write a checkpoint when the last one is older than this many minutes, or "
+                                            "than 50 times its own write time (and after the first and the last "
+                                            "epoch), so that writing costs about 2% of a run", POSITIVE)
+    checkpoint_every: int | None = option(None, "write the checkpoint every this many epochs (and after the last) "
+                                                "instead of by --checkpoint-minutes", COUNT)
+    process_timeout: float = option(600.0, "data-parallel runs: seconds a process waits for the others (rank 0 "
+                                           "evaluating and writing, a slow or frozen process) before it stops with a "
+                                           "message", POSITIVE)
     capture: bool = option(True, "on CUDA, run every training step eagerly instead of replaying it as a captured CUDA "
                                  "graph (ella.static_step)")
 

@@ -6,26 +6,31 @@ then validation and test metrics. With ``laplace=True``, after ``burn_in`` epoch
 epochs, KFAC is fitted on the *unaugmented* training data, eigendecomposed once, and ``hyper_steps`` Adam steps
 are taken on the log prior precisions (or, with ``marglik_method="ray"``, L-BFGS steps on the evidence profiled
 along the factored paths' scaling rays: :mod:`ella.bilinear_ray`). On CUDA every training step is a replayed CUDA
-graph (:mod:`ella.static_step`). Every ``checkpoint_every`` epochs (default 1) and after the last an atomic
-checkpoint is written, so an interrupted run loses at most the epochs since and ``resume=True`` continues from
-the last one (the one before is kept; see :mod:`ella.checkpoint`). Ctrl-C ends a run with :class:`Interrupted`, which says where it stopped. Progress bars
-(rank 0, on a terminal; :mod:`ella.progress`) follow the epochs, each epoch's batches and each KFAC-Laplace fit.
+graph (:mod:`ella.static_step`). An atomic checkpoint is written after the first epoch, then whenever the last
+one is older than ``checkpoint_minutes`` or than 50 times its own write time (so writing costs about 2% of a run;
+a small network's is written every epoch), or every ``checkpoint_every`` epochs when that is set, and after the
+last epoch; a run stopped by a signal loses at most the epochs since and ``resume=True`` continues from the last
+one (the one before is kept; see :mod:`ella.checkpoint`). A resume continues only the run that was started: the same
+configuration, the same number of processes and the same data (a fingerprint of the data tensors). Ctrl-C ends a
+run with :class:`Interrupted`, which says where it stopped: the first after the epoch in progress, once that is
+saved, a second at once (:class:`StopAfterEpoch`). Progress bars (rank 0, on a terminal;
+:mod:`ella.progress`) follow the epochs, each epoch's batches and each KFAC-Laplace fit.
 
 :class:`Learner` is that loop for any model holding relaxed layers and any data (tensors or loaders; see
 :mod:`ella.inputs`); :func:`ella.learn.learn` is its one-call form. :class:`Trainer` is an experiment's run:
 it loads the dataset and builds the paper's network from a :class:`TrainConfig`, then trains them as a
 :class:`Learner`.
 
-At about 500 lines this module is longer than the others: :class:`Learner` is one state machine (epochs,
+At about 600 lines this module is longer than the others: :class:`Learner` is one state machine (epochs,
 captured or plain steps, marginal-likelihood rounds, checkpoints and resume, interruption, progress, data
 parallelism) whose parts share its state; its configuration is :mod:`ella.config`, its pieces (checkpoint files,
 progress bars, static-shape steps, input checks) live in their own modules.
 
-Outputs in ``out_dir`` (none without one): ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per
-epoch), ``checkpoint.pt`` and ``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or
-when asked) the effective-parameter report ``effective_parameters.{txt,json}``, with its figure
-``relative_effective_parameters.png`` in ``figure_dir`` (default ``out_dir/figures``; the experiment scripts use
-``figures/<experiment>/<run>``).
+Outputs in ``out_dir`` (none without one; the folder is locked while the run is in it): ``config.json``,
+``metrics.jsonl`` and ``metrics.csv`` (one row appended per epoch), ``checkpoint.pt`` and
+``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or when asked) the
+effective-parameter report ``effective_parameters.{txt,json}``, with its figure ``relative_effective_parameters.png``
+in ``figure_dir`` (default ``out_dir/figures``; the experiment scripts use ``figures/<experiment>/<run>``).
 
 Data parallel (launched with ``torchrun --nproc_per_node=N``, see :mod:`ella.distributed`): parameter updates
 go through ``DistributedDataParallel`` with ``batch_size`` samples per process per step (the torch convention:
@@ -38,10 +43,13 @@ checkpoint on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -55,7 +63,18 @@ from tqdm.auto import tqdm
 
 from ella import distributed
 from ella.bilinear_ray import METHOD_CAPTIONS, optimise_precisions
-from ella.checkpoint import CheckpointError, OutputError, open_run, save_checkpoint, write_text
+from ella.checkpoint import (
+    CheckpointError,
+    OutputError,
+    append_text,
+    config_changes,
+    open_run,
+    save_checkpoint,
+    state_checksum,
+    unlock_folder,
+    write_config,
+    write_text,
+)
 from ella.config import TrainConfig, training_record
 from ella.data import DataBundle, TensorLoader, load_dataset
 from ella.inputs import Data, PairLoader, check_curvature, check_model, dataset_size, first_inputs, is_pair
@@ -98,6 +117,8 @@ _STATE_KEYS = ("epoch", "model", "prior", "optimizer", "scheduler", "hyper_optim
 EVAL_BATCH = {"cpu": 500, "cuda": 5000}  # evaluation batch per device type (sums accumulate on the device)
 KFAC_BATCH = {"cpu": 150, "cuda": 1024}  # default KFAC batch per device type (a performance choice only)
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # x (B, C, H, W), generator -> x (B, C, H, W)
+CHECKPOINT_SHARE = 0.02  # by time, a checkpoint waits at least its own write time / this (writing costs about 2%)
+_clock = time.monotonic  # the checkpoints' clock (a test replaces it)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> dict[str, float]:
@@ -130,7 +151,9 @@ _NESTED = ("precisions", "relative_n_eff")  # per-group dictionaries: in the JSO
 
 
 def write_metrics(history: list[dict], out_dir: Path) -> None:
-    """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the full history (atomic, so never half-written)."""
+    """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the full history (atomic, so never half-written); a
+    run does so once (dropping the rows of epochs after the checkpoint it resumed), then appends
+    (:func:`append_metrics`)."""
     write_text("".join(json.dumps(row) + "\n" for row in history), out_dir / "metrics.jsonl")
     columns = list(dict.fromkeys(key for row in history for key in row if key not in _NESTED))
     text = io.StringIO(newline="")
@@ -140,20 +163,81 @@ def write_metrics(history: list[dict], out_dir: Path) -> None:
     write_text(text.getvalue(), out_dir / "metrics.csv")
 
 
+def append_metrics(history: list[dict], out_dir: Path) -> None:
+    """Append the last row of ``history`` to ``metrics.jsonl`` and ``metrics.csv`` (both written before by
+    :func:`write_metrics`); rewrite both when the row brings a column the CSV lacks (the first
+    marginal-likelihood round's)."""
+    row = history[-1]
+    with (out_dir / "metrics.csv").open(newline="") as handle:
+        columns = next(csv.reader(handle), [])
+    if any(key not in columns for key in row if key not in _NESTED):
+        write_metrics(history, out_dir)
+        return
+    append_text(json.dumps(row) + "\n", out_dir / "metrics.jsonl")
+    text = io.StringIO(newline="")
+    csv.DictWriter(text, fieldnames=columns, extrasaction="ignore").writerow(row)
+    append_text(text.getvalue(), out_dir / "metrics.csv")
+
+
+def _options() -> tuple[dict, dict[str, str]]:
+    """Every :class:`TrainConfig` field's default, and every option field's flag."""
+    options = fields(TrainConfig)
+    return ({f.name: f.default for f in options if f.default is not MISSING},
+            {f.name: flag(f) for f in options if is_option(f)})
+
+
 def open_output(out_dir: Path | None, record: dict, resume: bool) -> dict | None:
-    """Check the output folder (and on ``resume`` its checkpoint and configuration), then write ``config.json``
-    (``record``); return the checkpoint's state to continue from (see :func:`ella.checkpoint.open_run`). Runs on
-    rank 0; every rank gets its result. Without a folder nothing is written and there is nothing to resume."""
+    """Lock and check the output folder (and on ``resume`` its checkpoint, configuration and number of
+    processes); return the checkpoint's state to continue from (see :func:`ella.checkpoint.open_run`). The
+    :class:`Learner` writes ``config.json`` (``record``) once it has checked the data. Runs on rank 0; every rank
+    gets its result. Without a folder nothing is written and there is nothing to resume."""
     if out_dir is None:
         if resume:
             raise ValueError("resume needs the output folder of the run to continue (out_dir)")
         return None
-    options = fields(TrainConfig)
-    return distributed.on_main(lambda: open_run(
-        out_dir, record, resume, keys=_STATE_KEYS,
-        defaults={f.name: f.default for f in options if f.default is not MISSING},
-        flags={f.name: flag(f) for f in options if is_option(f)},
-    ))
+    defaults, flags = _options()
+    return distributed.on_main(lambda: open_run(out_dir, record, resume, keys=_STATE_KEYS, defaults=defaults,
+                                                flags=flags, world_size=distributed.env_world_size()))
+
+
+def check_finished(final: dict, path: Path, record: dict) -> None:
+    """Raise a ValueError naming every differing field (with its flag) unless the finished run whose
+    ``final.json`` (read from ``path``) is ``final`` has the configuration ``record``."""
+    changed = config_changes(final.get("config", {}), record, *_options())
+    if changed:
+        raise ValueError(f"--resume: the finished run in {path.parent} has another configuration: "
+                         f"{'; '.join(changed)}; run these settings with another --out, or the old ones again")
+
+
+def data_fingerprints(**data: Data | None) -> dict[str, str]:
+    """A content fingerprint (SHA-256 of dtype, shape and bytes; :func:`ella.checkpoint.state_checksum`) of every
+    named data given as tensors ``(x, y)``; loaders and ``None`` have none."""
+    return {name: state_checksum(list(pair)) for name, pair in data.items() if pair is not None and is_pair(pair)}
+
+
+def check_data(saved: dict[str, str] | None, now: dict[str, str], out_dir: Path) -> None:
+    """Raise a ValueError unless the data fingerprints a checkpoint recorded (``saved``; ``None`` for one that
+    predates them) match those of this run's data (``now``), naming the data that differ."""
+    words = {"train": "training", "valid": "validation", "test": "test"}
+    differ = [words[name] for name in now if saved is not None and name in saved and saved[name] != now[name]]
+    if differ:
+        raise ValueError(
+            f"--resume on other data than the run in {out_dir} was trained on: the {' and '.join(differ)} data differ "
+            "from those its checkpoint recorded (do --data-dir or ELLA_DATA point at other data now?); point them "
+            "back at the run's data, or choose another --out"
+        )
+
+
+@contextlib.contextmanager
+def _unlocked_on_error(out_dir: Path | None):
+    """Release the output folder's lock when the block raises (a run refused after :func:`open_output`, or one
+    that stopped), so that another process may continue it."""
+    try:
+        yield
+    except BaseException:
+        if out_dir is not None:
+            unlock_folder(out_dir)
+        raise
 
 
 class Learner:
@@ -185,7 +269,7 @@ class Learner:
         self.figure_dir = self.out_dir / "figures" if figure_dir is None and self.out_dir is not None else figure_dir
         self.record = training_record(config) if record is None else record
         self.description, self.title = description, title
-        self.device = distributed.setup(config.device)
+        self.device = distributed.setup(config.device, config.process_timeout)
         self.model = model.to(self.device)
         self.prior = Prior(self.model, per_tensor=config.per_tensor_prior, init_precision=config.prior_init)
         self.ddp_model = distributed.wrap_model(self.model, self.device)  # training forward only
@@ -207,14 +291,21 @@ class Learner:
         self.history: list[dict] = []
         self.epoch = 0
         self.last_marglik: float | None = None
-        self.saved_epoch = 0  # the epoch of the last checkpoint (rank 0)
+        self.saved_epoch = 0  # the epoch of the last checkpoint
+        self._last_save, self._save_seconds = _clock(), 0.0  # when the last checkpoint was written; how long it took
+        self._metrics_written = False  # metrics files rewritten from the history once, then appended to
+        self.data_fingerprints = (data_fingerprints(train=train, valid=valid, test=test)
+                                  if self.out_dir is not None and distributed.is_main() else {})
         self.report: list[PathReport] = []  # the effective-parameter report, once finished
         if config.laplace or config.report:  # before training, a model KFAC cannot handle says so
             check_curvature(self.model, self.marglik_loader.loader, "laplace", **self._kfac_options())
         if state is not None:
+            distributed.on_main(lambda: check_data(state.get("data"), self.data_fingerprints, self.out_dir))
             self._load_state(state)
         elif resume and distributed.is_main():
             log.warning("--resume: no checkpoint in %s yet, so this starts a new run", self.out_dir)
+        if self.out_dir is not None and distributed.is_main():
+            write_config(self.record, self.out_dir)
         if config.laplace and not any(map(self.is_marglik_epoch, range(1, config.epochs + 1))) and distributed.is_main():
             log.warning("no marginal-likelihood round in %d epochs (burn_in %d): the precisions stay at %g",
                         config.epochs, config.burn_in, config.prior_init)
@@ -305,6 +396,8 @@ class Learner:
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
             "last_marglik": self.last_marglik,
+            "world_size": distributed.world_size(),
+            "data": self.data_fingerprints,
         }
 
     def _load_state(self, state: dict) -> None:
@@ -389,12 +482,15 @@ class Learner:
     def run(self) -> dict:
         """Train from the current epoch to ``config.epochs``; then evaluate and report (see :meth:`finish`).
 
-        Ctrl-C raises :class:`Interrupted`, saying where the run stopped and which epoch its last checkpoint holds.
+        Ctrl-C raises :class:`Interrupted`, saying where the run stopped and which epoch its last checkpoint holds:
+        the first once the epoch in progress is done and saved (rank 0's decides for all processes), a second at
+        once (:class:`StopAfterEpoch`).
         """
         c = self.config
         seconds = [row["seconds"] for row in self.history]
-        with RunBar(total=c.epochs, initial=self.epoch, desc=self.description, disable=_no_bar(),
-                     seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None) as bar:
+        with (RunBar(total=c.epochs, initial=self.epoch, desc=self.description, disable=_no_bar(),
+                     seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None) as bar,
+              StopAfterEpoch(bar) as stop):
             for epoch in range(self.epoch + 1, c.epochs + 1):
                 start = time.perf_counter()
                 try:
@@ -405,11 +501,23 @@ class Learner:
                     self.epoch = epoch
                     if distributed.is_main():
                         bar.set_postfix_str("evaluating, saving")
-                        self._record(row, start)
+                    self.saved_epoch, stopping = distributed.on_main(  # every rank knows them
+                        lambda: self._record(row, start, stop), what=f"rank 0 evaluating and saving epoch {epoch}")
                 except KeyboardInterrupt:
-                    raise Interrupted(f"interrupted in epoch {epoch} of {c.epochs}; {self._saved()}") from None
+                    where = "after" if self.epoch == epoch else "in"  # after: while it was evaluated and saved
+                    raise Interrupted(f"interrupted {where} epoch {epoch} of {c.epochs}; {self._saved()}") from None
+                except RuntimeError as error:  # a lost process: say what is saved, so that the run can continue
+                    if isinstance(error, distributed.ProcessGroupError):
+                        raise distributed.ProcessGroupError(f"{error}; in epoch {epoch}: {self._saved()}") from error
+                    if distributed.is_collective_failure(error):
+                        lost = distributed.process_group_error(error, "exchanging gradients")
+                        raise distributed.ProcessGroupError(f"{lost}; in epoch {epoch}: {self._saved()}") from error
+                    raise
+                if stopping:
+                    raise Interrupted(f"interrupted after epoch {epoch} of {c.epochs}; {self._saved()}")
                 bar.set_postfix_str("", refresh=False)
                 bar.update()
+            stop.restore()  # Ctrl-C in the final report stops at once
             bar.set_postfix_str("final report")
             return self.finish()
 
@@ -428,22 +536,41 @@ class Learner:
             return evaluate(self.model, *(t.to(self.device) for t in data))
         return evaluate_batches(self.model, PairLoader(data, name, self.device), self.device)
 
-    def _record(self, row: dict, start: float) -> None:
-        """Evaluate, then append ``row`` to the history, checkpoint and rewrite the metrics (rank 0 only)."""
+    def _record(self, row: dict, start: float, stop: StopAfterEpoch) -> tuple[int, bool]:
+        """Evaluate, then append ``row`` to the history, checkpoint when due (:meth:`_checkpoint_due`) or when the
+        run is to ``stop``, and append to the metrics (rank 0 only); returns the epoch the last checkpoint holds
+        and whether the run stops here."""
+        stopping = stop.requested
         for name in self.eval_data:
             row.update({f"{name}_{k}": v for k, v in self._evaluate(name).items()})
         row["precisions"] = self.prior.as_dict()
         row["seconds"] = time.perf_counter() - start
         self.history.append(row)
         if self.out_dir is not None:
-            if self.epoch % self.config.checkpoint_every == 0 or self.epoch == self.config.epochs:
+            if stopping or self._checkpoint_due():
+                begin = _clock()
                 save_checkpoint(self._state(), self.out_dir)
+                self._last_save = _clock()
+                self._save_seconds = self._last_save - begin
                 self.saved_epoch = self.epoch
-            write_metrics(self.history, self.out_dir)
+            (append_metrics if self._metrics_written else write_metrics)(self.history, self.out_dir)
+            self._metrics_written = True
         log.info("epoch %d: train %.4f%s%s%s", row["epoch"], row["train_loss"],
                  f" valid nll {row['valid_nll']:.4f} acc {row['valid_acc']:.2f}" if "valid" in self.eval_data else "",
                  f" test acc {row['test_acc']:.2f}" if "test" in self.eval_data else "",
                  f" -log p(D)/N {row['neg_log_marglik']:.4f}" if row.get("neg_log_marglik") is not None else "")
+        return self.saved_epoch, stopping
+
+    def _checkpoint_due(self) -> bool:
+        """After the last epoch; every ``checkpoint_every`` epochs when set; else when the last checkpoint is older
+        than ``checkpoint_minutes`` or than its write time / :data:`CHECKPOINT_SHARE` (the first epoch's is
+        written at once, measuring that time)."""
+        c = self.config
+        if self.epoch == c.epochs:
+            return True
+        if c.checkpoint_every is not None:
+            return self.epoch % c.checkpoint_every == 0
+        return _clock() - self._last_save >= min(60 * c.checkpoint_minutes, self._save_seconds / CHECKPOINT_SHARE)
 
     def finish(self) -> dict:
         """Final metrics (``final.json``), and the effective-parameter report (:attr:`report`) for Laplace runs
@@ -455,6 +582,8 @@ class Learner:
                 with self._fit_progress("final report"):
                     fit = self.laplace_fit()  # on every rank
             final, self.report = distributed.on_main(lambda: self._write_final(fit, start))
+            if self.out_dir is not None:
+                unlock_folder(self.out_dir)  # the run is over (a no-op on ranks that hold no lock)
             return final
         except KeyboardInterrupt:
             saved = (f"the checkpoint in {self.out_dir} holds all {self.epoch} epochs" if self.out_dir is not None
@@ -519,7 +648,7 @@ class Trainer(Learner):
 
     def __init__(self, config: TrainConfig, out_dir: Path, resume: bool = False, figure_dir: Path | None = None) -> None:
         config.check()
-        device = distributed.setup(config.device)
+        device = distributed.setup(config.device, config.process_timeout)
         state = open_output(out_dir, asdict(config), resume)  # checks before it loads or writes; rank 0's state
 
         torch.manual_seed(config.seed)
@@ -552,11 +681,43 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says where the run stopped and what its checkpoint holds."""
 
 
+class StopAfterEpoch:
+    """Ctrl-C during the epochs of a run: the first sets :attr:`requested` (the run stops once the epoch in
+    progress is done and saved; ``bar`` says so), a second raises KeyboardInterrupt at once. Takes over SIGINT
+    only in the main thread and only from Python's default handler (a program with its own keeps it); leaving
+    the block, or :meth:`restore`, gives it back."""
+
+    def __init__(self, bar: RunBar) -> None:
+        self.bar, self.requested, self._previous = bar, False, None
+
+    def __enter__(self) -> StopAfterEpoch:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._first_then_at_once)
+        return self
+
+    def _first_then_at_once(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.bar.set_postfix_str("stopping after this epoch, once it is saved (Ctrl-C again: at once)")
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
 def _no_bar() -> bool | None:
     """tqdm's ``disable``: bars only on rank 0 (and, as tqdm decides, only on a terminal)."""
     return None if distributed.is_main() else True
 
 
 def train(config: TrainConfig, out_dir: Path, resume: bool = False, figure_dir: Path | None = None) -> dict:
-    """Run (or continue, with ``resume``) one training run; returns the final metrics."""
-    return Trainer(config, out_dir, resume=resume, figure_dir=figure_dir).run()
+    """Run (or continue, with ``resume``) one training run; returns the final metrics. However it ends, the output
+    folder is unlocked."""
+    with _unlocked_on_error(out_dir):
+        return Trainer(config, out_dir, resume=resume, figure_dir=figure_dir).run()

@@ -207,7 +207,8 @@ def test_a_dataloader_trains_exactly_as_the_same_batches_of_tensors(tmp_path: Pa
 
 
 def test_an_interrupted_library_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    options = {"epochs": 3, "batch_size": 8, "burn_in": 1, "marglik_every": 1, "hyper_steps": 2, "device": "cpu"}
+    options = {"epochs": 3, "batch_size": 8, "burn_in": 1, "marglik_every": 1, "hyper_steps": 2, "device": "cpu",
+               "checkpoint_every": 1}  # so that the interruption in epoch 3 finds epoch 2 saved
     straight = learn(_nested_model(), _images(), out_dir=tmp_path / "straight", **options)
     original = _raise_in_epoch(monkeypatch, 3, KeyboardInterrupt, Learner)
     with pytest.raises(Interrupted, match="interrupted in epoch 3 of 3; the checkpoint in .* holds epoch 2"):

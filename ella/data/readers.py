@@ -9,7 +9,8 @@ MNIST comes back as ``(x_train (N, 28, 28), y_train (N,), x_test, y_test)`` with
    with its checks: every CIFAR-10 file must match the official MD5 before torchvision unpickles it, and an MNIST
    file present only as ``.gz`` must match torchvision's MD5 before it is decompressed beside itself (as
    torchvision's own download does). Uncompressed MNIST files have no checksum in torchvision;
-3. only when asked (``download=True``, the flag ``--download``): a torchvision download into that folder.
+3. only when asked (``download=True``, the flag ``--download``): a torchvision download into that folder, where
+   every wait for the server ends after :data:`DOWNLOAD_TIMEOUT` seconds without an answer.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import logging
 import os
 import pickle
 import shutil
+import socket
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -41,6 +43,7 @@ _PARSE_ERRORS = (AssertionError, KeyError, IndexError, TypeError, ValueError, Ru
                  pickle.UnpicklingError)
 
 RawArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+DOWNLOAD_TIMEOUT = 60.0  # seconds a download waits for each answer of the server
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray, image_shape: tuple[int, ...], where: str, n_classes: int) -> None:
@@ -184,21 +187,41 @@ def read_cifar10_torchvision(root: str | Path) -> RawArrays:
 
 
 def _download(kind: str, root: Path) -> None:
-    """Download MNIST or CIFAR-10 with torchvision into ``root``; network problems -> DatasetNotFoundError."""
+    """Download MNIST or CIFAR-10 with torchvision into ``root``, waiting at most :data:`DOWNLOAD_TIMEOUT`
+    seconds for each answer; network problems (a time-out too) -> DatasetNotFoundError naming the server."""
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "cifar10": tvd.CIFAR10}[kind]
+    sources = " or ".join(getattr(cls, "mirrors", None) or [cls.url])
     root.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s into %s with torchvision", kind, root)
+    log.warning("downloading %s from %s into %s (waiting at most %g s for each answer)", kind, sources, root,
+                DOWNLOAD_TIMEOUT)
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # torchvision's urlopen takes no timeout of its own
     try:
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as err:  # torchvision raises URLError, RuntimeError, OSError ... on network trouble
+        what = (f"no answer from {sources} within {DOWNLOAD_TIMEOUT:g} s (a firewall or proxy that lets the "
+                "connection open but never answers?)" if _timed_out(err) else f"{type(err).__name__}: {err}")
         raise DatasetNotFoundError(
-            f"download of {kind} into {root.resolve()} failed ({type(err).__name__}: {err}). Without network "
-            "access, put mnist.npz / cifar10.npz (or torchvision's layout) into a folder and point "
-            "--data-dir or ELLA_DATA at it."
+            f"download of {kind} into {root.resolve()} failed: {what}. Without network access, put mnist.npz / "
+            "cifar10.npz (or torchvision's layout) into a folder and point --data-dir or ELLA_DATA at it."
         ) from err
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def _timed_out(error: BaseException | None) -> bool:
+    """True when ``error``, an exception it wraps (``reason``, its cause or context) or its text is a time-out."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, TimeoutError) or "timed out" in str(error):
+            return True
+        reason = getattr(error, "reason", None)
+        error = reason if isinstance(reason, BaseException) else (error.__cause__ or error.__context__)
+    return False
 
 
 def read_mnist(data_dir: str | Path | None = None, *, download: bool = False) -> RawArrays:
