@@ -127,16 +127,17 @@ def deep_model(problem: Problem, layers: Sequence[Sequence[str]], seed: int, fc:
     return nn.Sequential(*stack, nn.Flatten(), OutputScale(1.0 / problem.noise)).double()
 
 
-def deep_teacher(problem: Problem, structure: str, seed: int = 0) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+def deep_teacher(problem: Problem, structure: str, seed: int = 0, fc: type[nn.Module] = FactoredFC,
+                 conv: type[nn.Module] = Conv) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
     """``(teacher, x (n, C, S, S), y / noise (n, C*S*S))``: a :func:`deep_model` teacher with one path per layer
-    (``structure``, e.g. ``"CCF"``: :func:`structure_paths`; seed ``seed + 1000``), standard normal inputs and
-    its noisy targets.
+    (``structure``, e.g. ``"CCF"``: :func:`structure_paths`; path types ``fc``, ``conv``; seed ``seed + 1000``),
+    standard normal inputs and its noisy targets.
 
     Every teacher layer is rescaled in turn so that its pre-activation has standard deviation ``teacher_scale``
     on these inputs (tanh in its nonlinear range without saturating; the last layer's output, the noise-free
     target, then has ``teacher_scale / noise`` times the noise's standard deviation), and its bias is zeroed.
     """
-    teacher = deep_model(problem, structure_paths(structure), seed + 1000)
+    teacher = deep_model(problem, structure_paths(structure), seed + 1000, fc=fc, conv=conv)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(problem.n, problem.channels, problem.size, problem.size, generator=generator,
                     dtype=torch.float64)

@@ -4,7 +4,7 @@ A teacher of --depth relaxed layers (tanh between them, the last one linear), ea
 (a structure such as CCF: layer 1 CONV, layer 2 CONV, layer 3 a dense F-FC map no convolution expresses), each
 layer rescaled so that its pre-activation has standard deviation --teacher-scale, generates regression data
 from standard normal inputs. A student of the same depth with F-FC+CONV layers (--student sfc_sconv: S-FC+S-CONV)
-learns one precision per path, every step exact as in known_symmetry.py (full-batch L-BFGS MAP, KFAC-Laplace,
+learns one precision per path (the teacher's paths are then of the same types), every step exact as in known_symmetry.py (full-batch L-BFGS MAP, KFAC-Laplace,
 hyper-steps by --method). Beside it, students fixed to the true structure, to all-CONV and to all-F-FC layers
 learn theirs the same way; every student's final -log p(D)/N is the Laplace evidence with the MAP refitted at
 its final precisions.
@@ -79,7 +79,8 @@ def train_student(problem: Problem, layers: list[tuple[str, ...]], teacher: torc
 
 def run_cell(problem: Problem, structure: str, seed: int, args: argparse.Namespace, progress) -> dict:
     """One structure and seed: the relaxed student's layers and every student's evidence."""
-    teacher, x, y = deep_teacher(problem, structure, seed)
+    fc, conv = STUDENTS[args.student]
+    teacher, x, y = deep_teacher(problem, structure, seed, fc=fc, conv=conv)  # paths of the student's types
     depth = len(structure)
     students = {"relaxed": [("fc", "conv")] * depth, "true": structure_paths(structure),
                 "all_conv": [("conv",)] * depth, "all_fc": [("fc",)] * depth}

@@ -13,7 +13,16 @@ import pytest
 import torch
 
 from ella.priors import Prior
-from ella.teacher import Problem, evidence_profile, learn_precisions, path_squared_norm, relaxed_model, teacher_data
+from ella.teacher import (
+    Problem,
+    deep_teacher,
+    evidence_profile,
+    learn_precisions,
+    path_squared_norm,
+    relaxed_model,
+    structure_paths,
+    teacher_data,
+)
 
 PROBLEM = Problem(channels=2, size=6, n=256, noise=0.1)
 
@@ -82,8 +91,6 @@ def test_the_experiment_writes_rounds_profile_config_and_figure(tmp_path: Path) 
 
 
 def test_deep_teacher_layers_have_the_chosen_preactivation_scale_and_one_path() -> None:
-    from ella.teacher import deep_teacher, structure_paths
-
     problem = Problem(channels=2, size=4, n=128, noise=0.1, teacher_scale=1.5)
     teacher, x, y = deep_teacher(problem, "CFC", seed=3)
     assert [tuple(layer.paths) for layer in teacher[:3]] == [("conv",), ("fc",), ("conv",)]
@@ -102,7 +109,7 @@ def test_the_layerwise_experiment_recovers_a_ccf_teacher_at_tiny_size(tmp_path: 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "layerwise"
     command = [sys.executable, str(repo / "experiments" / "layerwise_symmetry.py"), "--structures", "CCF",
-               "--seeds", "0", "--rounds", "3", "--n", "128", "--out", str(out)]
+               "--seeds", "0", "--out", str(out)]  # one cell of the default setting: about 30 s on one core
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
