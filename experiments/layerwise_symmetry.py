@@ -120,6 +120,23 @@ def write_atomic(path: Path, payload: dict) -> None:
     os.replace(temporary, path)
 
 
+def recovery_grid(layers: list[dict], structures: list[str], seeds: list[int]) -> str:
+    """A Markdown table, structures down and seeds across: each cell the student's layers read by output share,
+    ``C`` / ``F`` where the layer is recovered (CONV / dense), the wrong path's letter in lower case where that
+    path carries most of the output, ``?`` where both carry more than the threshold."""
+    letters = {}
+    for row in layers:
+        teacher = "C" if row["teacher"] in ("CONV", "S-CONV") else "F"
+        other = "f" if teacher == "C" else "c"
+        letter = teacher if row["recovered"] else other if row["unused_output_share"] > 0.5 else "?"
+        letters[(row["structure"], row["seed"], row["layer"])] = letter
+    lines = ["| teacher | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "| --- |" + " --- |" * len(seeds)]
+    for structure in structures:
+        cells = ["".join(letters.get((structure, seed, k + 1), " ") for k in range(len(structure))) for seed in seeds]
+        lines.append(f"| {structure} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_recovery(layers: list[dict], structures: list[str], seeds: list[int], out: Path) -> Path:
     """Grid: layers across (one sub-column per seed), structures down; each cell coloured by the student
     layer's type as its output shares read it, a black cross where it is not the teacher's."""
@@ -204,6 +221,8 @@ def main() -> None:
     print(f"\nfinal -log p(D)/N per student (MAP refitted at its final precisions):\n{evidence_table}")
     close = sum(abs(row["relaxed_minus_true"]) <= 0.01 for row in evidence)
     print(f"evidence within 0.01 of the true-structure student's: {close}/{len(evidence)}")
+    print(f"\nrecovery (the student's layers by output share; ? where the unused path carries more than "
+          f"{args.share_threshold:g}):\n{recovery_grid(layers, args.structures, args.seeds)}")
     print(f"figure: {figure}")
     print(f"recovered {sum(row['recovered'] for row in layers)}/{len(layers)} layers")
 
