@@ -177,7 +177,8 @@ def optimise_prior_ray(fit: LaplaceFit, prior: Prior, model: nn.Module, steps: i
                        on_step: Callable[[], None] | None = None) -> float:
     """Minimise :func:`ray_neg_log_marglik` over the log precisions by L-BFGS (``steps`` iterations, strong-Wolfe
     line search), with the rays of ``model``'s bilinear paths at the round's ``fit``; returns the final objective.
-    ``on_step``: called after every iteration (a progress bar).
+    ``on_step``: called once per iteration, ``steps`` times in all (a progress bar; the iterations L-BFGS did not
+    need, having converged, are reported at its end).
 
     The objective of a round is deterministic and cheap, so it is minimised afresh every round; Adam steps with
     a state carried over rounds (the alternation's) move slowly after a round with large gradients, which the
@@ -191,18 +192,24 @@ def optimise_prior_ray(fit: LaplaceFit, prior: Prior, model: nn.Module, steps: i
     if not math.isfinite(start_value):
         raise MarglikError(f"the marginal likelihood is not finite at precisions {prior.as_dict()}")
     start = prior.log_precision.detach().clone()
-    optimizer = torch.optim.LBFGS([prior.log_precision], max_iter=1, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([prior.log_precision], max_iter=steps, line_search_fn="strong_wolfe")
+    reported = 0
+
+    def report_iterations(done: int) -> None:
+        nonlocal reported
+        while on_step is not None and reported < done:
+            reported += 1
+            on_step()
 
     def closure() -> torch.Tensor:
+        report_iterations(optimizer.state[prior.log_precision].get("n_iter", 1) - 1)  # iterations completed
         optimizer.zero_grad()
         value = ray_neg_log_marglik(fit, prior, rays)
         value.backward()
         return value
 
-    for _ in range(steps):  # one iteration per call (the history is kept), so that a progress bar advances
-        optimizer.step(closure)
-        if on_step is not None:
-            on_step()
+    optimizer.step(closure)
+    report_iterations(steps)  # the rest at once where L-BFGS converged early
     with torch.no_grad():
         value = float(ray_neg_log_marglik(fit, prior, rays))
         if not (math.isfinite(value) and torch.isfinite(prior.log_precision).all()):
