@@ -142,7 +142,7 @@ def plot_recovery(layers: list[dict], structures: list[str], seeds: list[int], o
     layer's type as its output shares read it, a black cross where it is not the teacher's."""
     plt = pyplot()
     depth = max(len(s) for s in structures)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * depth * len(seeds), 0.8 + 0.5 * len(structures)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.35 * depth * len(seeds)), 1.2 + 0.5 * len(structures)))
     for row in layers:
         i = structures.index(row["structure"])
         j = (row["layer"] - 1) * len(seeds) + seeds.index(row["seed"])
@@ -156,8 +156,8 @@ def plot_recovery(layers: list[dict], structures: list[str], seeds: list[int], o
     ax.set_ylim(len(structures), 0)
     ax.set_xticks([(k + 0.5) * len(seeds) for k in range(depth)], [f"layer {k + 1}" for k in range(depth)])
     ax.set_yticks([i + 0.5 for i in range(len(structures))], structures)
-    ax.set_title("student layer type by output share (blue CONV, orange F-FC, grey mixed; x: wrong); "
-                 "one column per seed", fontsize="small")
+    ax.set_title("student layers by output share, one column per seed\n"
+                 "blue CONV, orange F-FC, grey mixed; x: not the teacher's", fontsize="small")
     return save_figure(fig, out)
 
 
