@@ -179,15 +179,16 @@ def teacher_data(problem: Problem, active: str, seed: int = 0) -> tuple[torch.Te
 
 
 def start_from(student: nn.Module, teacher: nn.Module) -> int:
-    """Copy into ``student`` every parameter of ``teacher`` with the same name and shape (the teacher's paths
-    that the student also has); the student's other paths keep their random initialisation. Returns how many
-    tensors were copied."""
-    own = dict(student.named_parameters())
+    """Copy into ``student`` every parameter and buffer of ``teacher`` with the same name and shape (the
+    teacher's paths that the student also has, with an S-path's anchors and interpolation basis, so that the
+    copied anchor values mean the same map); the student's other paths keep their random initialisation.
+    Returns how many tensors were copied."""
+    own = {**dict(student.named_parameters()), **dict(student.named_buffers())}
     copied = 0
     with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            if name in own and own[name].shape == p.shape:
-                own[name].copy_(p)
+        for name, value in [*teacher.named_parameters(), *teacher.named_buffers()]:
+            if name in own and own[name].shape == value.shape:
+                own[name].copy_(value)
                 copied += 1
     return copied
 
