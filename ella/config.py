@@ -72,8 +72,11 @@ class TrainConfig:
     n_valid: int | None = option(None, "hold out this many training images for validation (overrides --valid-fraction)",
                                  COUNT)
     valid_fraction: float = option(0.1, "fraction of the training data held out for validation", Range(float, 0, True, 1))
-    cifar_test: str = option("exact", "CIFAR-10 test set: 'exact' (the 1,000 bit-exact official images) or 'jpeg10k' "
-                                      "(all 10,000, lossy JPEG)", CIFAR_TEST_CHOICES)
+    cifar_test: str = option("auto", "CIFAR-10 test set: 'auto' (the official 10,000 where the data folder has them, "
+                                     "else the JPEG copies, else the exact ones there are; a warning says which), "
+                                     "'exact' (the bit-exact official images there are: 10,000 in torchvision's "
+                                     "layout, 1,000 in cifar10.npz) or 'jpeg10k' (all 10,000 as lossy JPEG copies)",
+                             CIFAR_TEST_CHOICES)
     seed: int = option(711, "random seed", Range(int))
     data_dir: str | None = option(None, "folder with the data (default: $ELLA_DATA, then ./data)")
     download: bool = option(False, "let torchvision download MNIST / CIFAR-10 into the data folder when they are not "

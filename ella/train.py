@@ -161,6 +161,8 @@ class Learner:
     (default: :func:`training_record`). ``description`` labels the progress bar, ``title`` the report's figure.
     """
 
+    test_set: str | None = None  # which test set the data hold (a Trainer's dataset says), kept in final.json
+
     def __init__(self, model: nn.Module, config: TrainConfig, train: Data, *, valid: Data | None = None,
                  test: Data | None = None, laplace_data: Data | None = None, augment: Augment | None = None,
                  out_dir: Path | None = None, figure_dir: Path | None = None, state: dict | None = None,
@@ -434,6 +436,8 @@ class Learner:
         """``final.json`` and the report's rows; its ``seconds`` are the run's wall time: the epochs' (over
         resumes) and the finish's."""
         final = {"config": self.record, "epochs": self.epoch}
+        if self.test_set is not None:
+            final["test_set"] = self.test_set
         final.update({name: self._evaluate(name) for name in self.eval_data})
         final.update({
             "n_params": sum(p.numel() for p in self.model.parameters()),
@@ -492,6 +496,7 @@ class Trainer(Learner):
             state=state, resume=resume, record=asdict(config), description=f"{config.layer} on {config.dataset}",
             title=config.layer,
         )
+        self.test_set = self.data.info["test_source"]
 
 
 class Interrupted(KeyboardInterrupt):

@@ -1,0 +1,80 @@
+"""What a new user meets first: the main command on the official data layout, the flags' help, the inputs'
+checks and the learning-curve figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ella import data as D
+from test_data import trust_fixture_checksums, write_cifar_torchvision
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_experiment(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python experiments/<name>.py ARGV`` in this process (so that fixtures may patch torchvision)."""
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [f"experiments/{name}.py", *argv])
+    module.main()
+
+
+def official_layout_cifar(root: Path, n_train: int = 300) -> tuple[np.ndarray, ...]:
+    """A stand-in for CIFAR-10 in torchvision's on-disk layout (pickled batches) with a full 10,000-image test
+    batch of 32x32x3 uint8 images; returns the arrays written."""
+    rng = np.random.default_rng(3)
+    arrays = (rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8), (np.arange(n_train) % 10).astype(np.uint8),
+              rng.integers(0, 256, (10_000, 32, 32, 3), dtype=np.uint8), (np.arange(10_000) % 10).astype(np.uint8))
+    write_cifar_torchvision(root, arrays)
+    return arrays
+
+
+def test_the_main_command_runs_on_torchvisions_layout_with_the_official_test_set(tmp_path, monkeypatch, capsys):
+    """README's main command (default preset) on a folder holding only torchvision's cifar-10-batches-py/: it
+    tests on the 10,000 exact images and says so (the preset once demanded the project's own JPEG copy)."""
+    data = tmp_path / "data"
+    official_layout_cifar(data)
+    trust_fixture_checksums(monkeypatch, data)
+    out = tmp_path / "run"
+    run_experiment("cifar10", ["--layer", "ffc_conv", "--laplace", "--data-dir", str(data), "--device", "cpu",
+                               "--n-train", "100", "--n-valid", "50", "--epochs", "1", "--alpha", "1",
+                               "--burn-in", "1", "--marglik-every", "1", "--hyper-steps", "2", "--out", str(out)],
+                   monkeypatch)
+    final = json.loads((out / "final.json").read_text())
+    assert final["config"]["cifar_test"] == "auto"
+    assert final["test_set"] == "exact (10,000 official test images)"
+    assert '"test_set": "exact (10,000 official test images)"' in capsys.readouterr().out
+    assert (final["test"]["acc"] * 100) % 1 == pytest.approx(0, abs=1e-6)  # a count out of 10,000
+
+
+@pytest.mark.parametrize(("files", "n_test", "source", "warning"), [
+    (("npz10k",), 10_000, "exact (10,000 official test images)", None),
+    (("npz1k", "jpeg"), 20, "jpeg10k (10,000 lossy JPEG copies, non-official order)", "lossy JPEG copies"),
+    (("npz1k",), 30, "exact (30 official test images)", "standard error"),
+])
+def test_auto_takes_the_official_test_set_where_it_exists_and_says_what_it_took(
+        tmp_path, caplog, files, n_test, source, warning):
+    rng = np.random.default_rng(0)
+    n_exact = 10_000 if "npz10k" in files else 30
+    x_test = rng.integers(0, 256, (n_exact, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "cifar10.npz", x_train=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(20) % 10, x_test=x_test, y_test=np.arange(n_exact) % 10)
+    if "jpeg" in files:
+        np.savez(tmp_path / "cifar10_test10k_jpeg.npz", x_test=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+                 y_test=np.arange(20) % 10)
+    with caplog.at_level("WARNING"):
+        arrays, got = D.read_cifar10_with_source(tmp_path)
+    assert (len(arrays[2]), got) == (n_test, source)
+    if warning is None:
+        assert not caplog.records
+    else:
+        assert warning in caplog.text and "cifar-10-batches-py" in caplog.text
+    exact, _ = D.read_cifar10_with_source(tmp_path, cifar_test="exact")  # asked for: the exact ones there are
+    np.testing.assert_array_equal(exact[2], x_test)
