@@ -179,12 +179,13 @@ class Learner:
         self.model = model.to(self.device)
         self.prior = Prior(self.model, per_tensor=config.per_tensor_prior, init_precision=config.prior_init)
         self.ddp_model = distributed.wrap_model(self.model, self.device)  # training forward only
-        self.n_train = dataset_size(train, "training")
+        self.n_train = dataset_size(train, "train")
         rank, world = distributed.rank(), distributed.world_size()
         if self.n_train < world:
             raise ValueError(f"{self.n_train} training images cannot be shared among {world} processes")
         self.train_loader = self._train_loader(train, augment, rank, world)
         self.laplace_data = train if laplace_data is None else laplace_data
+        self.laplace_name = "train" if laplace_data is None else "laplace_data"  # the data's name in messages
         self.marglik_loader = BarLoader(self._laplace_loader(self.laplace_data, rank, world))
         self.eval_data = {name: data for name, data in (("valid", valid), ("test", test)) if data is not None}
         self.captured = (config.capture and self.device.type == "cuda" and world == 1
@@ -200,7 +201,7 @@ class Learner:
         self.saved_epoch = 0  # the epoch of the last checkpoint (rank 0)
         self.report: list[PathReport] = []  # the effective-parameter report, once finished
         if config.laplace or config.report:  # before training, a model KFAC cannot handle says so
-            check_curvature(self.model, self.marglik_loader.loader, "laplace", **self._kfac_options())
+            check_curvature(self.model, self.marglik_loader.loader, self.laplace_name, **self._kfac_options())
         if state is not None:
             self._load_state(state)
         elif resume and distributed.is_main():
@@ -226,13 +227,13 @@ class Learner:
             kfac_batch = self.config.kfac_batch_size or KFAC_BATCH.get(self.device.type, KFAC_BATCH["cpu"])
             x, y = (t.to(self.device) for t in data)
             return TensorLoader(x, y, kfac_batch, rank=rank, world_size=world, pad_shards=False)
-        return PairLoader(data, "laplace", self.device)
+        return PairLoader(data, self.laplace_name, self.device)
 
     def _train_batches(self):
         """The training batches of an epoch: a TensorLoader's, or a loader's checked and on the device."""
         if isinstance(self.train_loader, TensorLoader):
             return self.train_loader
-        return PairLoader(self.train_loader, "training", self.device)
+        return PairLoader(self.train_loader, "train", self.device)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         if self.captured:
@@ -447,7 +448,7 @@ class Learner:
         rows = []
         if fit is not None:
             rows = path_reports(self.prior, effective_parameters(fit, self.prior), fit.n_params)
-            inputs = first_inputs(self.laplace_data, OUTPUT_SHARE_IMAGES, "laplace", self.device)
+            inputs = first_inputs(self.laplace_data, OUTPUT_SHARE_IMAGES, self.laplace_name, self.device)
             rows = with_output_shares(rows, path_output_power(self.model, inputs))
             if self.out_dir is not None:
                 try:

@@ -11,12 +11,16 @@ and re-run the same command with --resume to continue from the last finished epo
 
 from __future__ import annotations
 
+from ella.interrupt import quiet_interrupts
+
+quiet_interrupts()  # first: Ctrl-C while torch loads ends with one line, not a traceback
+
 import argparse
 import json
 
 from ella import distributed
 from ella.cli import (
-    add_training_arguments, config_from_args, default_out_dir, figure_dir, model_runs, run_script, setup_logging,
+    add_training_arguments, config_from_args, default_out_dir, default_out_pattern, figure_dir, model_runs, run_script, setup_logging,
 )
 from ella.models import LAYER_NAMES
 from ella.train import train
@@ -65,10 +69,12 @@ def paper_accuracy(config: dict) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer", required=True, choices=LAYER_NAMES, help="which relaxed layer every block uses")
-    add_training_arguments(parser, PRESETS)
+    add_training_arguments(parser, PRESETS, out_default=default_out_pattern("cifar10", "cifar10"))
     args = parser.parse_args()
     setup_logging(args.verbose)
     config = config_from_args(args, PRESETS, layer=args.layer, dataset="cifar10")
+    if args.marglik_method is not None and not config.laplace:
+        parser.error("--marglik-method chooses how --laplace learns the precisions; a MAP run learns none: add --laplace")
     out = args.out or default_out_dir("cifar10", config, args.preset)
     final = train(config, out, resume=args.resume, figure_dir=figure_dir(out))
     print(json.dumps({k: final[k] for k in ("test", "test_set", "valid", "neg_log_marglik", "n_params")}, indent=2))

@@ -78,3 +78,84 @@ def test_auto_takes_the_official_test_set_where_it_exists_and_says_what_it_took(
         assert warning in caplog.text and "cifar-10-batches-py" in caplog.text
     exact, _ = D.read_cifar10_with_source(tmp_path, cifar_test="exact")  # asked for: the exact ones there are
     np.testing.assert_array_equal(exact[2], x_test)
+
+
+def help_text(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> str:
+    """The ``--help`` of ``experiments/<name>.py ARGV``, with its line breaks undone."""
+    with pytest.raises(SystemExit) as done:
+        run_experiment(name, [*argv, "--help"], monkeypatch)
+    assert done.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def usage_error(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> str:
+    """The message with which ``experiments/<name>.py ARGV`` refuses its flags (exit status 2)."""
+    with pytest.raises(SystemExit) as done:
+        run_experiment(name, argv, monkeypatch)
+    assert done.value.code == 2
+    return " ".join(capsys.readouterr().err.split())
+
+
+def test_the_out_folder_in_help_and_readme_is_the_one_the_main_command_writes(monkeypatch, capsys):
+    from ella.cli import config_from_args, default_out_dir, default_out_pattern
+
+    spec = importlib.util.spec_from_file_location("cifar10_script", REPO / "experiments" / "cifar10.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = type("Args", (), {"preset": "cpu"})()
+    written = str(default_out_dir("cifar10", config_from_args(args, script.PRESETS, layer="ffc_conv", laplace=True,
+                                                              dataset="cifar10"), "cpu"))
+    pattern = default_out_pattern("cifar10", "cifar10")
+    assert pattern.replace("<layer>", "ffc_conv").replace("<map|laplace>", "laplace").replace("<preset>", "cpu") == written
+    assert f"output folder (default: {pattern})" in help_text("cifar10", ["--layer", "conv"], monkeypatch, capsys)
+    assert f"(default `{written}`)" in (REPO / "README.md").read_text()
+    assert "output folder (default: runs/quadrant_mnist/<preset>)" in help_text("quadrant_mnist", [], monkeypatch, capsys)
+    assert "output folder (default: runs/multigroup/<preset>)" in help_text("multigroup", [], monkeypatch, capsys)
+    tables = help_text("paper_tables", ["cifar10"], monkeypatch, capsys)
+    assert "output folder (default: runs/tables/cifar10-<preset>)" in tables
+
+
+def test_paper_tables_takes_the_preset_that_fits_the_machine_and_asks_for_an_experiment(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tables = help_text("paper_tables", ["cifar10"], monkeypatch, capsys)
+    assert "cpu (the default): --epochs 10" in tables and "(default: 10, from --preset cpu)" in tables
+    bare = help_text("paper_tables", [], monkeypatch, capsys)
+    assert "--epochs" not in bare and "4000" not in bare and "paper_tables.py EXPERIMENT --help" in bare
+    message = usage_error("paper_tables", ["--preset", "cpu"], monkeypatch, capsys)
+    assert "name the experiment to run (one of cifar10, quadrant_mnist, multigroup)" in message
+    assert "invalid choice" not in message
+
+
+@pytest.mark.parametrize(("name", "argv", "message"), [
+    ("cifar10", ["--layer", "conv", "--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
+    ("cifar10", ["--layer", "ffc_conv", "--marglik-method", "ray"], "a MAP run learns none: add --laplace"),
+    ("multigroup", ["--marglik-method", "ray", "--preset", "cpu"], "a MAP run learns none: add --laplace"),
+    ("quadrant_mnist", ["--runs", "fc:map", "ffc_cnv:laplace"], "--runs ffc_cnv:laplace: unknown layer 'ffc_cnv'"),
+])
+def test_flags_that_cannot_work_are_refused_before_anything_runs(name, argv, message, monkeypatch, capsys):
+    import ella.cli
+
+    monkeypatch.setattr(ella.cli, "run_many", lambda *a, **k: pytest.fail("trained before refusing a flag"))
+    assert message in usage_error(name, argv, monkeypatch, capsys)
+
+
+def test_a_data_folder_that_is_a_file_is_called_so(tmp_path, monkeypatch):
+    (tmp_path / "cifar10.npz").write_bytes(b"")
+    monkeypatch.setenv("ELLA_DATA", str(tmp_path / "cifar10.npz"))
+    with pytest.raises(D.DatasetNotFoundError, match="cifar10.npz, which is a file, not a folder"):
+        D.read_cifar10()
+
+
+def test_ctrl_c_while_a_script_loads_is_one_line():
+    import signal
+    import subprocess
+
+    code = "from ella.interrupt import quiet_interrupts; quiet_interrupts(); raise KeyboardInterrupt"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.stderr == "interrupted\n" and done.returncode == -signal.SIGINT
+    for script in sorted((REPO / "experiments").glob("*.py")):
+        lines = [line for line in script.read_text().splitlines() if line.startswith(("import ", "from "))]
+        if script.stem not in ("known_symmetry", "layerwise_symmetry"):  # before every other import
+            assert lines[1] == "from ella.interrupt import quiet_interrupts", script.name
