@@ -25,7 +25,7 @@ Outputs in ``out_dir`` (none without one): ``config.json``, ``metrics.jsonl`` an
 epoch), ``checkpoint.pt`` and ``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or
 when asked) the effective-parameter report ``effective_parameters.{txt,json}``, with its figure
 ``relative_effective_parameters.png`` in ``figure_dir`` (default ``out_dir/figures``; the experiment scripts use
-``figures/<experiment>/<run>``).
+``figures/<experiment>/<run>``), beside the learning curves and the shares per round (:mod:`ella.curves`).
 
 Data parallel (launched with ``torchrun --nproc_per_node=N``, see :mod:`ella.distributed`): parameter updates
 go through ``DistributedDataParallel`` with ``batch_size`` samples per process per step (the torch convention:
@@ -57,6 +57,7 @@ from ella import distributed
 from ella.bilinear_ray import METHOD_CAPTIONS, optimise_precisions
 from ella.checkpoint import CheckpointError, OutputError, open_run, save_checkpoint, write_text
 from ella.config import TrainConfig, training_record
+from ella.curves import plot_run
 from ella.data import DataBundle, TensorLoader, load_dataset
 from ella.inputs import Data, PairLoader, check_curvature, check_model, dataset_size, first_inputs, is_pair
 from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace
@@ -458,6 +459,11 @@ class Learner:
                     raise OutputError(f"cannot write the report of {self.out_dir}: {error}") from error
             final["effective_layer_types"] = effective_layer_types(rows)
             final["caption"] = self._caption()
+        if self.out_dir is not None:
+            try:
+                plot_run(self.history, self.figure_dir, title=self.title)
+            except OSError as error:
+                raise OutputError(f"cannot draw the learning curves of {self.out_dir}: {error}") from error
         final["seconds"] = sum(row["seconds"] for row in self.history) + time.perf_counter() - start
         if self.out_dir is not None:
             write_text(json.dumps(final, indent=2), self.out_dir / "final.json")

@@ -12,8 +12,9 @@ learned F-FC+CONV+GCONV on five data sets. The preset comes from the experiment'
 ``runs/tables/<experiment>-<preset>``), and the table to
 ``<out>/table.{json,csv}``, printed as Markdown: test accuracy and NLL, ``-log p(D)/N``, the paper's accuracy,
 wall minutes, and for learned models each path kind's relative effective parameters (``rel``) and share of the
-layer's output power (``out``) in blocks 0, 1, ... (head layers left out). ``--resume`` skips finished runs
-and continues an interrupted one.
+layer's output power (``out``) in blocks 0, 1, ... (head layers left out), drawn in ``block_shares.png`` in the
+figure folder (``figures/tables/<experiment>-<preset>/``). ``--resume`` skips finished runs and continues an
+interrupted one.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ from pathlib import Path
 
 import torch
 
-from ella.cli import add_training_arguments, config_from_args, run_many, run_script, setup_logging, write_table
+from ella import distributed
+from ella.cli import (
+    add_training_arguments, config_from_args, figure_dir, run_many, run_script, setup_logging, write_table,
+)
+from ella.curves import plot_block_shares
 
 EXPERIMENTS = ("cifar10", "quadrant_mnist", "multigroup")
 DEFAULT_ROOT = "runs/tables/{experiment}-{preset}"  # --out when not given
@@ -61,6 +66,14 @@ def block_shares(run_dir: Path) -> dict[str, str]:
         if all(r["output_share"] is not None for r in mine):
             shares[f"out {kind}"] = " ".join(f"{r['output_share']:.2f}" for r in mine)
     return shares
+
+
+def draw_block_shares(names, root: Path) -> Path | None:
+    """The table's per-block shares (:func:`ella.curves.plot_block_shares`) of the runs ``names`` in ``root``, into
+    ``block_shares.png`` in ``root``'s figure folder."""
+    reports = {name: json.loads(path.read_text())["paths"] for name in names
+               if (path := root / name / "effective_parameters.json").exists()}
+    return plot_block_shares(reports, figure_dir(root) / "block_shares.png")
 
 
 def table_row(name: str, final: dict, run_dir: Path, module) -> dict:
@@ -118,7 +131,8 @@ def main() -> None:
     results = run_many(runs, root, args.resume)
     rows = [table_row(name, final, root / name, module) for name, final in results.items()]
     print(write_table(rows, root, stem="table"))
-    print(f"results in {root}")
+    figure = draw_block_shares(results, root) if distributed.is_main() else None
+    print(f"results in {root}" + (f", per-block shares in {figure}" if figure else ""))
 
 
 if __name__ == "__main__":

@@ -159,3 +159,46 @@ def test_ctrl_c_while_a_script_loads_is_one_line():
         lines = [line for line in script.read_text().splitlines() if line.startswith(("import ", "from "))]
         if script.stem not in ("known_symmetry", "layerwise_symmetry"):  # before every other import
             assert lines[1] == "from ella.interrupt import quiet_interrupts", script.name
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_every_run_draws_its_learning_curves_and_the_shares_of_every_round(tmp_path):
+    """A learned run's figure folder gets learning_curves.png and relative_per_round.png (one point per round
+    recorded in metrics.jsonl); a MAP run the learning curves alone."""
+    import torch
+    from torch import nn
+
+    from ella.curves import plot_share_rounds, read_history
+    from ella.layers import relaxed_layer
+    from ella.learn import learn
+
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(32, 3, 8, 8, generator=generator), torch.arange(32) % 3
+    for laplace in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(relaxed_layer(3, 4, 8, "ffc_conv", downsample=True), nn.ReLU(),
+                              relaxed_layer(4, 4, 4, "ffc_conv"), nn.Flatten(), nn.Linear(64, 3))
+        out = tmp_path / ("learned" if laplace else "map")
+        learn(model, data, valid=data, epochs=3, burn_in=1, marglik_every=1, hyper_steps=2, laplace=laplace,
+              device="cpu", out_dir=out)
+        assert _is_png(out / "figures" / "learning_curves.png")
+        history = read_history(out / "metrics.jsonl")
+        assert sum(1 for row in history if row.get("relative_n_eff")) == (3 if laplace else 0)
+        assert _is_png(out / "figures" / "relative_per_round.png") == laplace
+    assert plot_share_rounds(read_history(tmp_path / "map" / "metrics.jsonl"), tmp_path / "none.png") is None
+
+
+def test_paper_tables_draws_its_tables_block_shares(tmp_path, monkeypatch, capsys):
+    from test_train import _write_tiny_cifar
+
+    data = _write_tiny_cifar(tmp_path / "data")
+    root = tmp_path / "tables"
+    run_experiment("paper_tables", ["cifar10", "--only", "conv-map", "--report", "--data-dir", str(data),
+                                    "--device", "cpu", "--n-train", "30", "--n-valid", "10", "--alpha", "1",
+                                    "--epochs", "1", "--out", str(root)], monkeypatch)
+    assert f"per-block shares in {root / 'figures' / 'block_shares.png'}" in capsys.readouterr().out
+    assert _is_png(root / "figures" / "block_shares.png")
+    assert _is_png(root / "conv-map-s711" / "figures" / "learning_curves.png")
