@@ -99,8 +99,8 @@ class TrainConfig:
             elif isinstance(allowed, Range) and value is not None:
                 allowed.check(value, name(item))
         if self.lr_min > self.lr:
-            lr_min, lr = (name(item) for item in fields(self) if item.name in ("lr_min", "lr"))
-            raise ValueError(f"{lr_min} ({self.lr_min:g}) must not be above {lr} ({self.lr:g})")
+            names = {item.name: name(item) for item in fields(self)}
+            raise ValueError(f"{names['lr_min']} ({self.lr_min:g}) must not be above {names['lr']} ({self.lr:g})")
 
 
 EXPERIMENT_FIELDS = ("layer", "dataset", "task", "alpha", "combine", "augment", "n_train", "n_valid", "valid_fraction",

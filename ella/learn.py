@@ -28,7 +28,7 @@ from pathlib import Path
 from torch import nn
 
 from ella import distributed
-from ella.inputs import Data, check_model, checked, output_classes
+from ella.inputs import Data, check_model, checked, is_pair, output_classes
 from ella.priors import Prior
 from ella.report import PathReport, format_report
 from ella.config import EXPERIMENT_FIELDS, TrainConfig, training_record
@@ -91,10 +91,12 @@ def learn(model: nn.Module, train: Data, *, epochs: int, valid: Data | None = No
     config.check(argument_names=True)
     check_model(model)
     model = model.to(distributed.setup(config.device))
-    n_classes = output_classes(model, train, "train")
-    train = checked(train, "train", n_classes)
-    valid, test, laplace_data = (None if data is None else checked(data, name, n_classes) for name, data in
-                                 (("valid", valid), ("test", test), ("laplace_data", laplace_data)))
+    given = {"train": train, "laplace_data": laplace_data, "valid": valid, "test": test}
+    given = {name: data for name, data in given.items() if data is not None}
+    probe = next((name for name, data in given.items() if is_pair(data)), "train")  # a loader only if no tensors
+    n_classes = output_classes(model, given[probe], probe)
+    train, laplace_data, valid, test = (checked(given[name], name, n_classes) if name in given else None
+                                        for name in ("train", "laplace_data", "valid", "test"))
     out = None if out_dir is None else Path(out_dir)
     state = open_output(out, training_record(config), resume)
     learner = Learner(model, config, train, valid=valid, test=test, laplace_data=laplace_data, augment=augment,
