@@ -40,19 +40,18 @@ nonnegative_float = Range(float, 0)  # a finite number >= 0
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict],
-                           default_preset: str = DEFAULT_PRESET) -> None:
+                           default_preset: str = DEFAULT_PRESET, out_default: str = "see the script's description") -> None:
     """Add the flags every training experiment shares: ``--preset`` (``default_preset`` when not given), one flag
     per option field of :class:`~ella.train.TrainConfig` (see :mod:`ella.options`; its help shows the default it
-    takes under the default preset), ``--out``, ``--resume`` and ``--verbose``."""
+    takes under the default preset), ``--out`` (its help shows ``out_default``, the folder the script writes to
+    without it), ``--resume`` and ``--verbose``."""
     parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
                         help=_preset_help(presets, default_preset))
     group = parser.add_argument_group("training options (a preset sets some of them; a flag given overrides it)")
     for item in fields(TrainConfig):
         if is_option(item):
             _add_option(group, item, presets[default_preset], default_preset)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: runs/<experiment>/<layer>-<map|laplace>-<preset>, with -s<seed> "
-                             "for a --seed other than the default)")
+    parser.add_argument("--out", type=Path, default=None, help=_escape(f"output folder (default: {out_default})"))
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
 
@@ -121,6 +120,12 @@ def default_out_dir(experiment: str, config: TrainConfig, preset: str) -> Path:
     task = f"-{config.task}" if config.task else ""
     seed = "" if config.seed == TrainConfig.seed else f"-s{config.seed}"
     return Path("runs") / experiment / f"{config.dataset}{task}-{config.layer}-{mode}-{preset}{seed}"
+
+
+def default_out_pattern(experiment: str, dataset: str) -> str:
+    """:func:`default_out_dir` with placeholders for the layer, the mode, the preset and the seed, for help texts."""
+    folder = default_out_dir(experiment, TrainConfig(layer="<layer>", dataset=dataset, laplace=True), "<preset>")
+    return str(folder).replace("-laplace-", "-<map|laplace>-") + "[-s<seed>, for a --seed other than the default]"
 
 
 def figure_dir(out: Path) -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 from torch import nn
 
 from ella import distributed
-from ella.inputs import Data
+from ella.inputs import Data, check_model, checked, is_pair, output_classes
 from ella.priors import Prior
 from ella.report import PathReport, format_report
 from ella.config import EXPERIMENT_FIELDS, TrainConfig, training_record
@@ -81,12 +81,22 @@ def learn(model: nn.Module, train: Data, *, epochs: int, valid: Data | None = No
     With ``out_dir`` the run writes its checkpoints, metrics and report there, and ``resume=True`` continues it.
 
     Raises :class:`ella.inputs.ModelError` (a ValueError) before training for a model without a relaxed layer
-    or with a module KFAC cannot handle (naming it), ValueError for data that are not ``(x, y)`` pairs and for
-    options out of range, and TypeError for an option that is not a training option.
+    or with a module KFAC cannot handle (naming it), ValueError for options out of range (naming the argument)
+    and for data that are not ``(x, y)`` pairs, hold no examples, have labels that are not class indices of the
+    model's output or non-finite inputs (naming the argument and the first bad example; tensors are checked
+    before training, a loader's batches as they come: :mod:`ella.inputs`), and TypeError for an option that is
+    not a training option.
     """
     config = _config(epochs=epochs, laplace=laplace, **options)
-    config.check()
-    distributed.setup(config.device)
+    config.check(argument_names=True)
+    check_model(model)
+    model = model.to(distributed.setup(config.device))
+    given = {"train": train, "laplace_data": laplace_data, "valid": valid, "test": test}
+    given = {name: data for name, data in given.items() if data is not None}
+    probe = next((name for name, data in given.items() if is_pair(data)), "train")  # a loader only if no tensors
+    n_classes = output_classes(model, given[probe], probe)
+    train, laplace_data, valid, test = (checked(given[name], name, n_classes) if name in given else None
+                                        for name in ("train", "laplace_data", "valid", "test"))
     out = None if out_dir is None else Path(out_dir)
     state = open_output(out, training_record(config), resume)
     learner = Learner(model, config, train, valid=valid, test=test, laplace_data=laplace_data, augment=augment,

@@ -30,7 +30,8 @@ Outputs in ``out_dir`` (none without one; the folder is locked while the run is 
 ``metrics.jsonl`` and ``metrics.csv`` (one row appended per epoch), ``checkpoint.pt`` and
 ``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or when asked) the
 effective-parameter report ``effective_parameters.{txt,json}``, with its figure ``relative_effective_parameters.png``
-in ``figure_dir`` (default ``out_dir/figures``; the experiment scripts use ``figures/<experiment>/<run>``).
+in ``figure_dir`` (default ``out_dir/figures``; the experiment scripts use ``figures/<experiment>/<run>``), beside
+the learning curves and the shares per round (:mod:`ella.curves`).
 
 Data parallel (launched with ``torchrun --nproc_per_node=N``, see :mod:`ella.distributed`): parameter updates
 go through ``DistributedDataParallel`` with ``batch_size`` samples per process per step (the torch convention:
@@ -76,6 +77,7 @@ from ella.checkpoint import (
     write_text,
 )
 from ella.config import TrainConfig, training_record
+from ella.curves import plot_run
 from ella.data import DataBundle, TensorLoader, load_dataset
 from ella.inputs import Data, PairLoader, check_curvature, check_model, dataset_size, first_inputs, is_pair
 from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace
@@ -257,6 +259,8 @@ class Learner:
     (default: :func:`training_record`). ``description`` labels the progress bar, ``title`` the report's figure.
     """
 
+    test_set: str | None = None  # which test set the data hold (a Trainer's dataset says), kept in final.json
+
     def __init__(self, model: nn.Module, config: TrainConfig, train: Data, *, valid: Data | None = None,
                  test: Data | None = None, laplace_data: Data | None = None, augment: Augment | None = None,
                  out_dir: Path | None = None, figure_dir: Path | None = None, state: dict | None = None,
@@ -273,12 +277,13 @@ class Learner:
         self.model = model.to(self.device)
         self.prior = Prior(self.model, per_tensor=config.per_tensor_prior, init_precision=config.prior_init)
         self.ddp_model = distributed.wrap_model(self.model, self.device)  # training forward only
-        self.n_train = dataset_size(train, "training")
+        self.n_train = dataset_size(train, "train")
         rank, world = distributed.rank(), distributed.world_size()
         if self.n_train < world:
             raise ValueError(f"{self.n_train} training images cannot be shared among {world} processes")
         self.train_loader = self._train_loader(train, augment, rank, world)
         self.laplace_data = train if laplace_data is None else laplace_data
+        self.laplace_name = "train" if laplace_data is None else "laplace_data"  # the data's name in messages
         self.marglik_loader = BarLoader(self._laplace_loader(self.laplace_data, rank, world))
         self.eval_data = {name: data for name, data in (("valid", valid), ("test", test)) if data is not None}
         self.captured = config.capture and self._can_capture()
@@ -298,7 +303,7 @@ class Learner:
                                   if self.out_dir is not None and distributed.is_main() else {})
         self.report: list[PathReport] = []  # the effective-parameter report, once finished
         if config.laplace or config.report:  # before training, a model KFAC cannot handle says so
-            check_curvature(self.model, self.marglik_loader.loader, "laplace", **self._kfac_options())
+            check_curvature(self.model, self.marglik_loader.loader, self.laplace_name, **self._kfac_options())
         if state is not None:
             distributed.on_main(lambda: check_data(state.get("data"), self.data_fingerprints, self.out_dir))
             self._load_state(state)
@@ -327,13 +332,13 @@ class Learner:
             kfac_batch = self.config.kfac_batch_size or KFAC_BATCH.get(self.device.type, KFAC_BATCH["cpu"])
             x, y = (t.to(self.device) for t in data)
             return TensorLoader(x, y, kfac_batch, rank=rank, world_size=world, pad_shards=False)
-        return PairLoader(data, "laplace", self.device)
+        return PairLoader(data, self.laplace_name, self.device)
 
     def _train_batches(self):
         """The training batches of an epoch: a TensorLoader's, or a loader's checked and on the device."""
         if isinstance(self.train_loader, TensorLoader):
             return self.train_loader
-        return PairLoader(self.train_loader, "training", self.device)
+        return PairLoader(self.train_loader, "train", self.device)
 
     def _can_capture(self) -> bool:
         """Whether training steps can be captured: CUDA, one process, training tensors whose epochs can be planned."""
@@ -601,6 +606,8 @@ class Learner:
         """``final.json`` and the report's rows; its ``seconds`` are the run's wall time: the epochs' (over
         resumes) and the finish's."""
         final = {"config": self.record, "epochs": self.epoch}
+        if self.test_set is not None:
+            final["test_set"] = self.test_set
         final.update({name: self._evaluate(name) for name in self.eval_data})
         final.update({
             "n_params": sum(p.numel() for p in self.model.parameters()),
@@ -611,7 +618,7 @@ class Learner:
         rows = []
         if fit is not None:
             rows = path_reports(self.prior, effective_parameters(fit, self.prior), fit.n_params)
-            inputs = first_inputs(self.laplace_data, OUTPUT_SHARE_IMAGES, "laplace", self.device)
+            inputs = first_inputs(self.laplace_data, OUTPUT_SHARE_IMAGES, self.laplace_name, self.device)
             rows = with_output_shares(rows, path_output_power(self.model, inputs))
             if self.out_dir is not None:
                 try:
@@ -621,6 +628,11 @@ class Learner:
                     raise OutputError(f"cannot write the report of {self.out_dir}: {error}") from error
             final["effective_layer_types"] = effective_layer_types(rows)
             final["caption"] = self._caption()
+        if self.out_dir is not None:
+            try:
+                plot_run(self.history, self.figure_dir, title=self.title)
+            except OSError as error:
+                raise OutputError(f"cannot draw the learning curves of {self.out_dir}: {error}") from error
         final["seconds"] = sum(row["seconds"] for row in self.history) + time.perf_counter() - start
         if self.out_dir is not None:
             write_text(json.dumps(final, indent=2), self.out_dir / "final.json")
@@ -675,6 +687,7 @@ class Trainer(Learner):
             state=state, resume=resume, record=asdict(config), description=f"{config.layer} on {config.dataset}",
             title=config.layer,
         )
+        self.test_set = self.data.info["test_source"]
 
 
 class Interrupted(KeyboardInterrupt):

@@ -95,7 +95,7 @@ def test_a_new_option_is_one_field(monkeypatch: pytest.MonkeyPatch, capsys: pyte
         (["--lr-min=-0.001"], "argument --lr-min: must be a finite number >= 0, got -0.001"),
         (["--valid-fraction", "1"], "argument --valid-fraction: must be a finite number in (0, 1), got 1"),
         (["--n-valid", "0"], "argument --n-valid: must be an integer >= 1, got 0"),
-        (["--seed", "x"], "argument --seed: must be an integer, got 'x'"),
+        (["--seed", "x"], "argument --seed: must be an integer >= 0, got 'x'"),
         (["--curvature", "kfe"], "argument --curvature: invalid choice: 'kfe'"),
     ],
 )
