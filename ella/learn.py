@@ -32,7 +32,7 @@ from ella.inputs import Data, check_model, checked, is_pair, output_classes
 from ella.priors import Prior
 from ella.report import PathReport, format_report
 from ella.config import EXPERIMENT_FIELDS, TrainConfig, training_record
-from ella.train import Augment, Learner, open_output
+from ella.train import Augment, Learner, open_output, unlocked_on_error
 
 
 @dataclass
@@ -77,7 +77,7 @@ def learn(model: nn.Module, train: Data, *, epochs: int, valid: Data | None = No
     (``"sgd"`` / ``"adam"``), ``lr``, ``lr_min`` (cosine schedule), ``batch_size``, ``burn_in``,
     ``marglik_every``, ``hyper_steps``, ``hyper_lr``, ``prior_init``, ``per_tensor_prior``, ``curvature``,
     ``kfac_approx``, ``grouped_mode``, ``kfac_batch_size``, ``seed`` (of the shuffling and augmentation; seed
-    torch yourself before building the model), ``device``, ``capture``, ``checkpoint_every``, ``report``.
+    torch yourself before building the model), ``device``, ``capture``, ``checkpoint_every``, ``checkpoint_minutes``, ``process_timeout``, ``report``.
     With ``out_dir`` the run writes its checkpoints, metrics and report there, and ``resume=True`` continues it.
 
     Raises :class:`ella.inputs.ModelError` (a ValueError) before training for a model without a relaxed layer
@@ -98,10 +98,11 @@ def learn(model: nn.Module, train: Data, *, epochs: int, valid: Data | None = No
     train, laplace_data, valid, test = (checked(given[name], name, n_classes) if name in given else None
                                         for name in ("train", "laplace_data", "valid", "test"))
     out = None if out_dir is None else Path(out_dir)
-    state = open_output(out, training_record(config), resume)
-    learner = Learner(model, config, train, valid=valid, test=test, laplace_data=laplace_data, augment=augment,
-                      out_dir=out, state=state, resume=resume)
-    metrics = learner.run()
+    with unlocked_on_error(out):  # a refused or stopped run leaves its folder free for the next one
+        state = open_output(out, training_record(config), resume)
+        learner = Learner(model, config, train, valid=valid, test=test, laplace_data=laplace_data, augment=augment,
+                          out_dir=out, state=state, resume=resume)
+        metrics = learner.run()
     return Result(learner.model, learner.prior, learner.report, metrics, learner.history)
 
 

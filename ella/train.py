@@ -231,7 +231,7 @@ def check_data(saved: dict[str, str] | None, now: dict[str, str], out_dir: Path)
 
 
 @contextlib.contextmanager
-def _unlocked_on_error(out_dir: Path | None):
+def unlocked_on_error(out_dir: Path | None):
     """Release the output folder's lock when the block raises (a run refused after :func:`open_output`, or one
     that stopped), so that another process may continue it."""
     try:
@@ -732,5 +732,5 @@ def _no_bar() -> bool | None:
 def train(config: TrainConfig, out_dir: Path, resume: bool = False, figure_dir: Path | None = None) -> dict:
     """Run (or continue, with ``resume``) one training run; returns the final metrics. However it ends, the output
     folder is unlocked."""
-    with _unlocked_on_error(out_dir):
+    with unlocked_on_error(out_dir):
         return Trainer(config, out_dir, resume=resume, figure_dir=figure_dir).run()

@@ -45,7 +45,7 @@ PRESETS = {
     # 0.01 needs the paper's thousands of epochs on this normalisation-free network.
     "gpu": {
         "epochs": 150, "optimizer": "adam", "lr": 0.002, "burn_in": 10, "marglik_every": 5, "hyper_steps": 20,
-        "augment": True, "checkpoint_every": 10,
+        "augment": True,
     },
 }
 # The paper's Table 2 models: three fixed choices by MAP and the learned F-FC+CONV.

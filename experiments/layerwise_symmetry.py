@@ -29,6 +29,10 @@ recovery table, ending in `recovered N/M layers`.
 
 from __future__ import annotations
 
+from ella.interrupt import quiet_interrupts
+
+quiet_interrupts()  # first: Ctrl-C while torch loads ends with one line, not a traceback
+
 import argparse
 import json
 import os

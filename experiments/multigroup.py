@@ -33,7 +33,6 @@ PRESETS = {
     # epochs cut to what fits in 8 minutes per data set (CIFAR variants get the same epochs here, not 4x).
     "gpu": {
         "epochs": 60, "optimizer": "adam", "lr": 0.002, "burn_in": 10, "marglik_every": 5, "hyper_steps": 20,
-        "checkpoint_every": 10,
     },
 }
 DATASETS = ("mnist", "translated_mnist", "rotated_mnist", "cifar10", "rotated_cifar10")

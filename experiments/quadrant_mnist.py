@@ -41,7 +41,7 @@ PRESETS = {
     # network has 134 M parameters); Adam with a cosine schedule.
     "gpu": {
         "epochs": 40, "optimizer": "adam", "lr": 0.001, "burn_in": 10, "marglik_every": 5, "hyper_steps": 20,
-        "augment": False, "checkpoint_every": 10,
+        "augment": False,
     },
 }
 # (layer, learned by the marginal likelihood?) — the paper's MAP baselines and the learned model.

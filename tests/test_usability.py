@@ -159,8 +159,7 @@ def test_ctrl_c_while_a_script_loads_is_one_line():
     assert done.stderr == "interrupted\n" and done.returncode == -signal.SIGINT
     for script in sorted((REPO / "experiments").glob("*.py")):
         lines = [line for line in script.read_text().splitlines() if line.startswith(("import ", "from "))]
-        if script.stem not in ("known_symmetry", "layerwise_symmetry"):  # before every other import
-            assert lines[1] == "from ella.interrupt import quiet_interrupts", script.name
+        assert lines[1] == "from ella.interrupt import quiet_interrupts", script.name  # before every other import
 
 
 def _is_png(path: Path) -> bool:
