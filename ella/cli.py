@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable
-from dataclasses import Field, fields, replace
+from dataclasses import Field, asdict, fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -39,17 +40,18 @@ nonnegative_float = Range(float, 0)  # a finite number >= 0
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict],
-                           default_preset: str = DEFAULT_PRESET) -> None:
+                           default_preset: str = DEFAULT_PRESET, out_default: str = "see the script's description") -> None:
     """Add the flags every training experiment shares: ``--preset`` (``default_preset`` when not given), one flag
     per option field of :class:`~ella.train.TrainConfig` (see :mod:`ella.options`; its help shows the default it
-    takes under the default preset), ``--out``, ``--resume`` and ``--verbose``."""
+    takes under the default preset), ``--out`` (its help shows ``out_default``, the folder the script writes to
+    without it), ``--resume`` and ``--verbose``."""
     parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
                         help=_preset_help(presets, default_preset))
     group = parser.add_argument_group("training options (a preset sets some of them; a flag given overrides it)")
     for item in fields(TrainConfig):
         if is_option(item):
             _add_option(group, item, presets[default_preset], default_preset)
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<experiment>/<layer>-<map|laplace>-<preset>)")
+    parser.add_argument("--out", type=Path, default=None, help=_escape(f"output folder (default: {out_default})"))
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
 
@@ -112,9 +114,18 @@ def config_from_args(args: argparse.Namespace, presets: dict[str, dict], **fixed
 
 
 def default_out_dir(experiment: str, config: TrainConfig, preset: str) -> Path:
+    """``runs/<experiment>/<dataset>[-<task>]-<layer>-<map|laplace>-<preset>[-s<seed>]``: the seed is named when
+    it is not the default one, so that runs of two seeds never share a folder."""
     mode = "laplace" if config.laplace else "map"
     task = f"-{config.task}" if config.task else ""
-    return Path("runs") / experiment / f"{config.dataset}{task}-{config.layer}-{mode}-{preset}"
+    seed = "" if config.seed == TrainConfig.seed else f"-s{config.seed}"
+    return Path("runs") / experiment / f"{config.dataset}{task}-{config.layer}-{mode}-{preset}{seed}"
+
+
+def default_out_pattern(experiment: str, dataset: str) -> str:
+    """:func:`default_out_dir` with placeholders for the layer, the mode, the preset and the seed, for help texts."""
+    folder = default_out_dir(experiment, TrainConfig(layer="<layer>", dataset=dataset, laplace=True), "<preset>")
+    return str(folder).replace("-laplace-", "-<map|laplace>-") + "[-s<seed>, for a --seed other than the default]"
 
 
 def figure_dir(out: Path) -> Path:
@@ -131,8 +142,13 @@ def run_script(main: Callable[[], None]) -> None:
     without ``--resume``, a checkpoint that cannot be resumed, a training loss that diverged, a marginal
     likelihood or a curvature that cannot be computed) ends with its message and exit status 2 instead of a
     traceback (``-v`` / ``--verbose`` shows the traceback too). Ctrl-C ends with one line and status 130: where
-    a training run stopped and the command that continues it.
+    a training run stopped and the command that continues it (:func:`resume_command`). In a data-parallel launch
+    rank 0 prints that line for all processes (each ends with 130), SIGTERM (torchrun's way of stopping the
+    others when one process fails) counts as Ctrl-C, and a failed wait for the other processes
+    (:class:`~ella.distributed.ProcessGroupError`) prints what it waited for and the command that continues.
     """
+    if distributed.env_world_size() > 1:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
         distributed.finish()
@@ -142,7 +158,14 @@ def run_script(main: Callable[[], None]) -> None:
             raise
         print(f"error: {error}\n(run with -v for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+    except distributed.ProcessGroupError as error:
+        if "-v" in sys.argv or "--verbose" in sys.argv:
+            raise
+        print(f"error: {error}; continue with: {resume_command()}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt as stop:
+        if distributed.env_rank() != 0:
+            raise SystemExit(130) from None  # rank 0 says where the run stopped
         if isinstance(stop, Interrupted):
             print(f"{stop}; continue with: {resume_command()}", file=sys.stderr)
         else:
@@ -150,10 +173,19 @@ def run_script(main: Callable[[], None]) -> None:
         raise SystemExit(130) from None
 
 
-def resume_command(argv: list[str] | None = None) -> str:
-    """The command line that continues this run: the same one (``argv``, default ``sys.argv``) with ``--resume``."""
+def resume_command(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> str:
+    """The command line that continues this run: the same one (``argv``, default ``sys.argv``) with ``--resume``,
+    under ``python``, or under ``torchrun`` with the same number of processes when torchrun's variables
+    (``environ``, default ``os.environ``: ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``) announce several."""
     argv = sys.argv if argv is None else argv
-    return shlex.join(["python", *argv, *([] if "--resume" in argv else ["--resume"])])
+    environ = os.environ if environ is None else environ
+    command = [*argv, *([] if "--resume" in argv else ["--resume"])]
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return shlex.join(["python", *command])
+    per_node = int(environ.get("LOCAL_WORLD_SIZE", str(world)))
+    nodes = ["--standalone"] if per_node == world else [f"--nnodes={world // per_node}"]
+    return shlex.join(["torchrun", *nodes, f"--nproc_per_node={per_node}", *command])
 
 
 def setup_logging(verbose: bool) -> None:
@@ -190,16 +222,22 @@ def model_runs(base: TrainConfig, entries, prefix: str = "") -> dict[str, TrainC
 
 
 def run_many(runs: dict[str, TrainConfig], root: Path, resume: bool) -> dict[str, dict]:
-    """Train every named configuration into ``root/<name>`` (skipping finished ones on ``resume``)."""
-    from ella.train import train
+    """Train every named configuration into ``root/<name>``. On ``resume`` a finished run is reused when its
+    ``final.json`` records the same configuration, and refused (ValueError naming the fields) otherwise."""
+    from ella.train import check_finished, train
+
+    def finished(path: Path, config: TrainConfig) -> dict:
+        final = json.loads(path.read_text())
+        check_finished(final, path, asdict(config))
+        return final
 
     results = {}
     for name, config in runs.items():
         out = root / name
         final_path = out / "final.json"
-        distributed.setup(config.device)  # so that rank 0 alone decides what is finished
+        distributed.setup(config.device, config.process_timeout)  # so that rank 0 alone decides what is finished
         if resume and distributed.on_main(final_path.exists):
-            results[name] = distributed.on_main(lambda: json.loads(final_path.read_text()))
+            results[name] = distributed.on_main(lambda: finished(final_path, config))
             continue
         if distributed.is_main():
             logging.getLogger(__name__).warning("run %s -> %s", name, out)

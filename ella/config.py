@@ -72,30 +72,41 @@ class TrainConfig:
     n_valid: int | None = option(None, "hold out this many training images for validation (overrides --valid-fraction)",
                                  COUNT)
     valid_fraction: float = option(0.1, "fraction of the training data held out for validation", Range(float, 0, True, 1))
-    cifar_test: str = option("exact", "CIFAR-10 test set: 'exact' (the 1,000 bit-exact official images) or 'jpeg10k' "
-                                      "(all 10,000, lossy JPEG)", CIFAR_TEST_CHOICES)
-    seed: int = option(711, "random seed", Range(int))
+    cifar_test: str = option("auto", "CIFAR-10 test set: 'auto' (the official 10,000 where the data folder has them, "
+                                     "else the JPEG copies, else the exact ones there are; a warning says which), "
+                                     "'exact' (the bit-exact official images there are: 10,000 in torchvision's "
+                                     "layout, 1,000 in cifar10.npz) or 'jpeg10k' (all 10,000 as lossy JPEG copies)",
+                             CIFAR_TEST_CHOICES)
+    seed: int = option(711, "random seed", Range(int, 0))
     data_dir: str | None = option(None, "folder with the data (default: $ELLA_DATA, then ./data)")
     download: bool = option(False, "let torchvision download MNIST / CIFAR-10 into the data folder when they are not "
                                    "there (needs network access)")
     device: str = option(help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)",
                          default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-    checkpoint_every: int = option(1, "write the checkpoint every this many epochs (and after the last); a large "
-                                      "network's checkpoint can take longer than a captured epoch on a GPU", COUNT)
+    checkpoint_minutes: float = option(5.0, "write a checkpoint when the last one is older than this many minutes, or "
+                                            "than 50 times its own write time (and after the first and the last "
+                                            "epoch), so that writing costs about 2% of a run", POSITIVE)
+    checkpoint_every: int | None = option(None, "write the checkpoint every this many epochs (and after the last) "
+                                                "instead of by --checkpoint-minutes", COUNT)
+    process_timeout: float = option(600.0, "data-parallel runs: seconds a process waits for the others (rank 0 "
+                                           "evaluating and writing, a slow or frozen process) before it stops with a "
+                                           "message", POSITIVE)
     capture: bool = option(True, "on CUDA, run every training step eagerly instead of replaying it as a captured CUDA "
                                  "graph (ella.static_step)")
 
-    def check(self) -> None:
-        """Raise a ValueError naming the first option outside its range (by its flag) or choices, or ``--lr-min``
-        above ``--lr``."""
+    def check(self, argument_names: bool = False) -> None:
+        """Raise a ValueError naming the first option outside its range (by its flag; by its argument name with
+        ``argument_names``, as :func:`ella.learn.learn` takes it) or choices, or ``--lr-min`` above ``--lr``."""
+        name = (lambda item: item.name) if argument_names else flag
         for item in fields(self):
             allowed, value = item.metadata.get("values"), getattr(self, item.name)
             if isinstance(allowed, tuple):
                 check_choice(value, allowed, item.name)
             elif isinstance(allowed, Range) and value is not None:
-                allowed.check(value, flag(item))
+                allowed.check(value, name(item))
         if self.lr_min > self.lr:
-            raise ValueError(f"--lr-min ({self.lr_min:g}) must not be above --lr ({self.lr:g})")
+            names = {item.name: name(item) for item in fields(self)}
+            raise ValueError(f"{names['lr_min']} ({self.lr_min:g}) must not be above {names['lr']} ({self.lr:g})")
 
 
 EXPERIMENT_FIELDS = ("layer", "dataset", "task", "alpha", "combine", "augment", "n_train", "n_valid", "valid_fraction",

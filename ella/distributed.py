@@ -8,11 +8,16 @@ with ``WORLD_SIZE=1``, every helper here is a no-op and code runs exactly as a p
 Conventions used by :mod:`ella.train`: rank 0 (:func:`is_main`) alone evaluates, logs and writes files;
 decisions that depend on files (does a checkpoint exist? is the configuration unchanged?) are taken by rank 0
 and broadcast with :func:`on_main`, so every rank takes the same branch (or raises the same error).
+
+Every wait for the other processes has a time limit (``timeout`` of :func:`setup`, the option
+``--process-timeout``): a collective that fails (a process killed or ended) or times out (a frozen one) raises
+:class:`ProcessGroupError`, which says what this process was waiting for.
 """
 
 from __future__ import annotations
 
 import atexit
+import datetime
 import inspect
 import logging
 import os
@@ -62,11 +67,16 @@ def parse_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
-def setup(device: str | torch.device) -> torch.device:
+class ProcessGroupError(RuntimeError):
+    """A wait for the other processes of a data-parallel run failed or timed out; the message says what for."""
+
+
+def setup(device: str | torch.device, timeout: float = 600.0) -> torch.device:
     """Join the process group described by torchrun's variables (once) and return this process's device.
 
     CUDA devices become ``cuda:$LOCAL_RANK`` (one GPU per process) with the NCCL backend; anything else uses
-    gloo. Without a multi-process launcher the device is returned unchanged and nothing is initialised.
+    gloo. Every collective then waits at most ``timeout`` seconds (see :class:`ProcessGroupError`). Without a
+    multi-process launcher the device is returned unchanged and nothing is initialised.
     """
     device = parse_device(device)
     if env_world_size() == 1:
@@ -78,10 +88,11 @@ def setup(device: str | torch.device) -> torch.device:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        limit = datetime.timedelta(seconds=timeout)
         if device.type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=device)
+            dist.init_process_group(backend="nccl", device_id=device, timeout=limit)
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", timeout=limit)
         atexit.register(cleanup)
         log.info("rank %d of %d joined the %s process group", rank(), world_size(), dist.get_backend())
     return device
@@ -123,10 +134,32 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
+def barrier(what: str = "the end of the run") -> None:
     """Wait until every process gets here (no-op in a single process)."""
     if is_distributed():
-        dist.barrier()
+        _collective(what, dist.barrier)
+
+
+def _collective(what: str, call: Callable[[], T]) -> T:
+    """``call()``, a collective; its failure (a closed connection, a time-out) as :class:`ProcessGroupError`."""
+    try:
+        return call()
+    except RuntimeError as error:  # gloo and NCCL report lost peers and time-outs as RuntimeError (subclasses)
+        raise process_group_error(error, what) from error
+
+
+def process_group_error(error: RuntimeError, what: str) -> ProcessGroupError:
+    """``error``, raised by a collective while waiting for the others (``what``), as a :class:`ProcessGroupError`."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ProcessGroupError(f"process {rank()} of {world_size()} stopped waiting for the others ({what}): {text}; "
+                             "another process has ended, been killed, or hangs")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """True for an error of the process group's backend (gloo, NCCL) in a distributed run: what
+    ``DistributedDataParallel``'s gradient exchange raises when another process is gone or too slow."""
+    return (is_distributed() and isinstance(error, RuntimeError)
+            and (isinstance(error, dist.DistError) or any(word in str(error) for word in ("gloo", "NCCL"))))
 
 
 def _comm_device() -> torch.device:
@@ -149,12 +182,13 @@ def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
 
 
-def all_reduce_sum(*values: float) -> tuple[float, ...]:
-    """Sum plain numbers over all processes (float64); returns them unchanged in a single process."""
+def all_reduce_sum(*values: float, what: str = "summing the training loss") -> tuple[float, ...]:
+    """Sum plain numbers over all processes (float64); returns them unchanged in a single process. ``what``
+    names the sum in a :class:`ProcessGroupError`."""
     if not is_distributed():
         return values
     totals = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(totals)
+    _collective(what, lambda: dist.all_reduce(totals))
     return tuple(totals.tolist())
 
 
@@ -177,7 +211,7 @@ def _all_reduce_tensors(tensors: list[torch.Tensor], bucket_numel: int = _BUCKET
     """Sum every tensor over all processes in place, concatenated into a few buckets."""
     for bucket in _buckets(tensors, bucket_numel):
         flat = torch.cat([t.reshape(-1) for t in bucket])
-        dist.all_reduce(flat)
+        _collective("summing the KFAC factors", lambda: dist.all_reduce(flat))
         for tensor, part in zip(bucket, flat.split([t.numel() for t in bucket])):
             tensor.copy_(part.view_as(tensor))
 
@@ -194,7 +228,7 @@ def all_reduce_curvature(curvature: KronCurvature) -> KronCurvature:
     factors = [f for block in curvature.blocks.values() for f in (block.out_factors, block.in_factors) if f is not None]
     if factors:
         _all_reduce_tensors(factors)
-    loss, n_data = all_reduce_sum(float(curvature.loss), float(curvature.n_data))
+    loss, n_data = all_reduce_sum(float(curvature.loss), float(curvature.n_data), what="summing the KFAC loss")
     if isinstance(curvature.loss, torch.Tensor):
         curvature.loss = torch.tensor(loss, dtype=curvature.loss.dtype, device=curvature.loss.device)
     else:
@@ -203,11 +237,12 @@ def all_reduce_curvature(curvature: KronCurvature) -> KronCurvature:
     return curvature
 
 
-def on_main(fn: Callable[[], T]) -> T:
+def on_main(fn: Callable[[], T], what: str = "rank 0 checking, evaluating or writing files") -> T:
     """Call ``fn`` on rank 0 only and return its result on every rank (collective in a distributed run).
 
     An exception raised by ``fn`` is raised on every rank, so all of them fail alike instead of hanging.
-    The result must be picklable; in a single process this is just ``fn()``.
+    The result must be picklable; in a single process this is just ``fn()``. ``what`` names the wait in a
+    :class:`ProcessGroupError`.
     """
     if not is_distributed():
         return fn()
@@ -217,7 +252,7 @@ def on_main(fn: Callable[[], T]) -> T:
             payload[0] = (True, fn())
         except Exception as error:  # re-raised below on every rank
             payload[0] = (False, _picklable(error))
-    dist.broadcast_object_list(payload, src=0)
+    _collective(what, lambda: dist.broadcast_object_list(payload, src=0))
     ok, value = payload[0]
     if not ok:
         raise value

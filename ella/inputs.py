@@ -5,6 +5,11 @@ A model without a :class:`~ella.layers.RelaxedLayer` has no path precision to le
 (a normalisation layer, a user's own path type) or used in a way KFAC cannot follow (called twice, an in-place
 activation on its output) would fail only at the first marginal-likelihood round, possibly hours into a run:
 :func:`check_curvature` runs KFAC on two training examples instead, and :class:`ModelError` names the module.
+
+Data are named by the argument of :func:`ella.learn.learn` they were given as (``train``, ``valid``, ``test``,
+``laplace_data``). Tensors are checked whole before training (:func:`check_pair`): as many labels as inputs,
+labels that are class indices of the model's output, finite inputs; the first bad example is named by its index.
+A loader's batches are checked the same way as they come (:class:`CheckedLoader`), named by batch and row.
 """
 
 from __future__ import annotations
@@ -62,14 +67,110 @@ def check_curvature(model: nn.Module, loader: Iterable, name: str, **kfac_option
             kfac_batch(model, x[:2], y[:2], **kfac_options)
         except NotImplementedError as error:
             raise ModelError(f"cannot compute the marginal likelihood of this model: {error}") from error
+        except RuntimeError as error:
+            if "modified by an inplace operation" not in str(error):
+                raise
+            raise ModelError("cannot compute the marginal likelihood of this model: an in-place operation (such as "
+                             "nn.ReLU(inplace=True) or x += ...) changes a tensor that the curvature pass needs; use "
+                             f"its out-of-place form ({str(error).split(';')[0]})") from error
 
 
 def as_pair(batch: object, name: str, device: torch.device) -> Pair:
     """``batch`` as ``(x, y)`` on ``device``; a ValueError saying what the ``name`` data yielded instead."""
+    x, y = _require_pair(batch, name)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _require_pair(batch: object, name: str) -> Pair:
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
-        return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-    raise ValueError(f"the {name} data must be tensors (x, y) or a loader of (inputs, targets) batches, as a "
-                     f"DataLoader over a TensorDataset yields; a batch was {_describe(batch)}")
+        return batch[0], batch[1]
+    raise ValueError(f"{name} must be tensors (x, y) or a loader of (inputs, targets) batches, as a DataLoader "
+                     f"over a TensorDataset yields; a batch was {_describe(batch)}")
+
+
+def output_classes(model: nn.Module, data: Data, name: str) -> int:
+    """The number of classes ``K`` of ``model``'s output ``(B, K)`` on the first example of ``data``; the model's
+    mode, the global random state and a loader's ``generator`` are left as they were."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    with _rng_kept(data, device), torch.no_grad():
+        x = first_inputs(data, 1, name, device)
+        model.eval()
+        try:
+            out = model(x)
+        finally:
+            model.train(was_training)
+    if out.dim() != 2:
+        raise ModelError(f"the model must map a batch of inputs to class scores (B, K); on one example of {name} it "
+                         f"gave shape {tuple(out.shape)}")
+    return out.shape[1]
+
+
+def check_pair(data: Pair, name: str, n_classes: int, where: str = "") -> None:
+    """Raise a ValueError naming ``name`` (and the first bad example's index, ``where`` appended to it) unless
+    ``data`` holds as many labels as inputs, at least one example, labels ``(N,)`` of integer class indices in
+    ``[0, n_classes)`` and finite inputs."""
+    x, y = data
+    if len(x) != len(y):
+        raise ValueError(f"{name} holds {len(x)} inputs but {len(y)} labels{where}")
+    if len(y) == 0:
+        raise ValueError(f"{name} holds no examples{where}")
+    if y.dim() == 2 and y.shape[1] == n_classes and (y.is_floating_point() or y.dtype == torch.bool):
+        raise ValueError(f"the labels of {name} look one-hot (shape {tuple(y.shape)}, {y.dtype}){where}: learn() "
+                         f"expects class indices, a 1-d integer tensor (N,) with values in [0, {n_classes}); "
+                         "pass y.argmax(1)")
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"the labels of {name} must be class indices, a 1-d integer tensor (N,) with values in "
+                         f"[0, {n_classes}); got shape {tuple(y.shape)}, {y.dtype}{where}")
+    bad = ((y < 0) | (y >= n_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{name}: the label of example {i}{where} is {int(y[i])}, not a class index in "
+                         f"[0, {n_classes}) (the model gives {n_classes} class scores)")
+    if x.is_floating_point() or x.is_complex():
+        bad = (~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero()
+        if len(bad):
+            raise ValueError(f"{name}: example {int(bad[0])}{where} has non-finite inputs (nan or inf); repair or "
+                             "drop it before training")
+
+
+class CheckedLoader:
+    """A user's loader whose batches are checked by :func:`check_pair` as they come (``name``: the data's
+    argument name; a bad example is named by its batch and row); it passes on ``len``, ``dataset`` and
+    ``generator``."""
+
+    def __init__(self, loader: Iterable, name: str, n_classes: int) -> None:
+        self.loader, self.name, self.n_classes = loader, name, n_classes
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def dataset(self) -> object:
+        return getattr(self.loader, "dataset", None)
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return getattr(self.loader, "generator", None)
+
+    def __iter__(self) -> Iterator[Pair]:
+        for index, batch in enumerate(self.loader):
+            pair = _require_pair(batch, self.name)
+            check_pair(pair, self.name, self.n_classes, where=f" in batch {index}")
+            yield pair
+
+
+def checked(data: Data, name: str, n_classes: int) -> Data:
+    """``data`` checked: tensors now and whole (:func:`check_pair`), a loader batch by batch as it yields them
+    (:class:`CheckedLoader`; an ella :class:`~ella.data.TensorLoader` whole, through its tensors)."""
+    if is_pair(data):
+        check_pair(data, name, n_classes)
+        return data
+    tensors = (getattr(data, "x", None), getattr(data, "y", None))
+    if all(isinstance(t, Tensor) for t in tensors):  # a TensorLoader: keep it, so CUDA can capture its steps
+        check_pair(tensors, name, n_classes)
+        return data
+    return CheckedLoader(data, name, n_classes)
 
 
 def _describe(batch: object) -> str:
@@ -114,6 +215,8 @@ def dataset_size(data: Data, name: str) -> int:
     if dataset is None:
         raise ValueError(f"cannot tell how many examples the {name} loader holds: give it a .dataset (as a torch "
                          "DataLoader has) or pass tensors (x, y)")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} holds no examples")
     return len(dataset)
 
 
@@ -128,4 +231,6 @@ def first_inputs(data: Data, n: int, name: str, device: torch.device) -> Tensor:
         count += len(parts[-1])
         if count >= n:
             break
+    if not parts:
+        raise ValueError(f"{name} holds no examples")
     return torch.cat(parts)

@@ -28,11 +28,11 @@ from pathlib import Path
 from torch import nn
 
 from ella import distributed
-from ella.inputs import Data
+from ella.inputs import Data, check_model, checked, is_pair, output_classes
 from ella.priors import Prior
 from ella.report import PathReport, format_report
 from ella.config import EXPERIMENT_FIELDS, TrainConfig, training_record
-from ella.train import Augment, Learner, open_output
+from ella.train import Augment, Learner, open_output, unlocked_on_error
 
 
 @dataclass
@@ -77,21 +77,32 @@ def learn(model: nn.Module, train: Data, *, epochs: int, valid: Data | None = No
     (``"sgd"`` / ``"adam"``), ``lr``, ``lr_min`` (cosine schedule), ``batch_size``, ``burn_in``,
     ``marglik_every``, ``hyper_steps``, ``hyper_lr``, ``prior_init``, ``per_tensor_prior``, ``curvature``,
     ``kfac_approx``, ``grouped_mode``, ``kfac_batch_size``, ``seed`` (of the shuffling and augmentation; seed
-    torch yourself before building the model), ``device``, ``capture``, ``checkpoint_every``, ``report``.
+    torch yourself before building the model), ``device``, ``capture``, ``checkpoint_every``, ``checkpoint_minutes``, ``process_timeout``, ``report``.
     With ``out_dir`` the run writes its checkpoints, metrics and report there, and ``resume=True`` continues it.
 
     Raises :class:`ella.inputs.ModelError` (a ValueError) before training for a model without a relaxed layer
-    or with a module KFAC cannot handle (naming it), ValueError for data that are not ``(x, y)`` pairs and for
-    options out of range, and TypeError for an option that is not a training option.
+    or with a module KFAC cannot handle (naming it), ValueError for options out of range (naming the argument)
+    and for data that are not ``(x, y)`` pairs, hold no examples, have labels that are not class indices of the
+    model's output or non-finite inputs (naming the argument and the first bad example; tensors are checked
+    before training, a loader's batches as they come: :mod:`ella.inputs`), and TypeError for an option that is
+    not a training option.
     """
     config = _config(epochs=epochs, laplace=laplace, **options)
-    config.check()
-    distributed.setup(config.device)
+    config.check(argument_names=True)
+    check_model(model)
+    model = model.to(distributed.setup(config.device))
+    given = {"train": train, "laplace_data": laplace_data, "valid": valid, "test": test}
+    given = {name: data for name, data in given.items() if data is not None}
+    probe = next((name for name, data in given.items() if is_pair(data)), "train")  # a loader only if no tensors
+    n_classes = output_classes(model, given[probe], probe)
+    train, laplace_data, valid, test = (checked(given[name], name, n_classes) if name in given else None
+                                        for name in ("train", "laplace_data", "valid", "test"))
     out = None if out_dir is None else Path(out_dir)
-    state = open_output(out, training_record(config), resume)
-    learner = Learner(model, config, train, valid=valid, test=test, laplace_data=laplace_data, augment=augment,
-                      out_dir=out, state=state, resume=resume)
-    metrics = learner.run()
+    with unlocked_on_error(out):  # a refused or stopped run leaves its folder free for the next one
+        state = open_output(out, training_record(config), resume)
+        learner = Learner(model, config, train, valid=valid, test=test, laplace_data=laplace_data, augment=augment,
+                          out_dir=out, state=state, resume=resume)
+        metrics = learner.run()
     return Result(learner.model, learner.prior, learner.report, metrics, learner.history)
 
 

@@ -6,7 +6,8 @@ tensors, weights and biases; U and V for F-FC) we report
 - ``n_eff``: the sum over its tensors, ``n_params``: its size,
 - ``normalised = n_eff / n_params``,
 - ``relative = normalised / sum of normalised over the paths of the same layer`` (the paper's R),
-and the *effective layer type* of a layer is the kind of its path with the largest relative value.
+and the *effective layer type* of a layer is the kind of its path with the largest relative value (where the
+output shares below point to another path, the type says so: :func:`effective_layer_types`).
 With sparse (S-) paths the normalisation counts anchor values, not induced weights.
 
 Beside it, ``output_share`` (optional) says how much a path actually contributes to its layer's output: its
@@ -141,14 +142,27 @@ def with_output_shares(rows: list[PathReport], power: dict[tuple[str, str], floa
 
 
 def effective_layer_types(rows: list[PathReport]) -> dict[str, str]:
-    """Layer -> kind of its path with the largest relative effective parameters (relaxed layers only)."""
-    best: dict[str, PathReport] = {}
+    """Layer -> its effective type (relaxed layers only): the kind of its path with the largest relative
+    effective parameters, where that path also carries the largest output share (or no share was measured).
+
+    Where the two readings point to different paths the type names both, ``"<kind>? (rel) / <kind> (out)"``
+    (e.g. ``"F-FC? (rel) / CONV (out)"``: a path can keep a large relative ``N_eff`` while contributing almost
+    nothing to the layer's output), rather than choosing one.
+    """
+    layers: dict[str, list[PathReport]] = {}
     for row in rows:
-        if row.path is None:
-            continue
-        if row.layer not in best or row.relative > best[row.layer].relative:
-            best[row.layer] = row
-    return {layer: row.kind for layer, row in best.items()}
+        if row.path is not None:
+            layers.setdefault(row.layer, []).append(row)
+    types = {}
+    for layer, paths in layers.items():
+        by_count = max(paths, key=lambda row: row.relative)
+        shared = [row for row in paths if row.output_share is not None]
+        by_output = max(shared, key=lambda row: row.output_share) if len(shared) == len(paths) else by_count
+        if by_output is by_count:
+            types[layer] = by_count.kind
+        else:
+            types[layer] = f"{by_count.kind}? (rel) / {by_output.kind} (out)"
+    return types
 
 
 def format_report(rows: list[PathReport]) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from ella.report import PathReport, path_output_power, path_reports, pyplot, sav
 log = logging.getLogger(__name__)
 
 PATHS = ("fc", "conv")
+STRUCTURE_LETTERS = {"C": "conv", "F": "fc"}
+"""Letters of a deep teacher's structure (layer 1 first): ``C`` a CONV layer, ``F`` a dense (F-FC) layer."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,87 @@ def relaxed_model(problem: Problem, seed: int, fc: type[nn.Module] = FactoredFC)
 
 
 def _path_of(name: str) -> str:
-    """The path (``"fc"`` or ``"conv"``) owning parameter ``0.paths.<path>.*`` of a :func:`relaxed_model`."""
+    """The path (``"fc"`` or ``"conv"``) owning parameter ``<layer>.paths.<path>.*`` of a :func:`relaxed_model`
+    or a :func:`deep_model`."""
     return name.split(".")[2]
+
+
+class SmoothRelaxedLayer(RelaxedLayer):
+    """A :class:`RelaxedLayer` (stride 1, paths summed and divided by ``sqrt(P)``) followed by ``activation``
+    in place of the ReLU: ``torch.tanh`` between the layers of a :func:`deep_model`, the identity after its last.
+
+    ``(B, C, S, S) -> (B, C', S, S)``. The prior, the KFAC rules and the report see an ordinary relaxed layer.
+    """
+
+    def __init__(self, paths: dict[str, nn.Module], activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__(paths, downsample=False)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self._equivariant_sum(x)
+        for name, path in self.paths.items():
+            if not path.equivariant:
+                total = self._add(total, name, path(x), x.shape[0], self._output_size(x))
+        return self.activation(total / math.sqrt(len(self.paths)))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def structure_paths(structure: str) -> list[tuple[str, ...]]:
+    """``"CCF"`` -> ``[("conv",), ("conv",), ("fc",)]``: the one path of each layer of a teacher (layer 1 first)."""
+    if not structure or any(letter not in STRUCTURE_LETTERS for letter in structure):
+        raise ValueError(f"unknown teacher structure {structure!r}: one letter per layer, each one of "
+                         f"{sorted(STRUCTURE_LETTERS)} (C: CONV, F: dense F-FC)")
+    return [(STRUCTURE_LETTERS[letter],) for letter in structure]
+
+
+def deep_model(problem: Problem, layers: Sequence[Sequence[str]], seed: int, fc: type[nn.Module] = FactoredFC,
+               conv: type[nn.Module] = Conv) -> nn.Sequential:
+    """A stack of :class:`SmoothRelaxedLayer` s, ``layers[k]`` naming the paths of layer ``k`` (``"fc"``,
+    ``"conv"``), tanh between the layers, flattened and divided by the noise level, in float64.
+
+    ``(N, C, S, S) -> (N, C * S * S)``; parameters named ``<k>.paths.<path>.*``. ``fc``, ``conv``: the path types
+    (``SparseFC`` / ``SparseConv`` for an S-FC+S-CONV student).
+    """
+    torch.manual_seed(seed)
+    c, s = problem.channels, problem.size
+    make = {"fc": lambda: fc(c, c, s, s), "conv": lambda: conv(c, c, 3)}
+    stack = [SmoothRelaxedLayer({path: make[path]() for path in paths},
+                                torch.tanh if k + 1 < len(layers) else _identity) for k, paths in enumerate(layers)]
+    return nn.Sequential(*stack, nn.Flatten(), OutputScale(1.0 / problem.noise)).double()
+
+
+def deep_teacher(problem: Problem, structure: str, seed: int = 0, fc: type[nn.Module] = FactoredFC,
+                 conv: type[nn.Module] = Conv) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """``(teacher, x (n, C, S, S), y / noise (n, C*S*S))``: a :func:`deep_model` teacher with one path per layer
+    (``structure``, e.g. ``"CCF"``: :func:`structure_paths`; path types ``fc``, ``conv``; seed ``seed + 1000``),
+    standard normal inputs and its noisy targets.
+
+    Every teacher layer is rescaled in turn so that its pre-activation has standard deviation ``teacher_scale``
+    on these inputs (tanh in its nonlinear range without saturating; the last layer's output, the noise-free
+    target, then has ``teacher_scale / noise`` times the noise's standard deviation), and its bias is zeroed.
+    """
+    teacher = deep_model(problem, structure_paths(structure), seed + 1000, fc=fc, conv=conv)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(problem.n, problem.channels, problem.size, problem.size, generator=generator,
+                    dtype=torch.float64)
+    with torch.no_grad():
+        h = x
+        for layer in teacher[:len(structure)]:
+            for name, p in layer.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+            pre = sum(path(h) for path in layer.paths.values())
+            factor = problem.teacher_scale / float(pre.std())
+            for path in layer.paths.values():  # the last factor of every path scales its output linearly
+                last = path.stage_v.weight if hasattr(path, "stage_v") else next(path.parameters())
+                last.mul_(factor)
+            h = layer(h)
+        y = teacher(x) + torch.randn(problem.n, problem.channels * problem.size**2, generator=generator,
+                                     dtype=torch.float64)
+    return teacher, x, y
 
 
 def teacher_data(problem: Problem, active: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +178,21 @@ def teacher_data(problem: Problem, active: str, seed: int = 0) -> tuple[torch.Te
     return x, y
 
 
+def start_from(student: nn.Module, teacher: nn.Module) -> int:
+    """Copy into ``student`` every parameter and buffer of ``teacher`` with the same name and shape (the
+    teacher's paths that the student also has, with an S-path's anchors and interpolation basis, so that the
+    copied anchor values mean the same map); the student's other paths keep their random initialisation.
+    Returns how many tensors were copied."""
+    own = {**dict(student.named_parameters()), **dict(student.named_buffers())}
+    copied = 0
+    with torch.no_grad():
+        for name, value in [*teacher.named_parameters(), *teacher.named_buffers()]:
+            if name in own and own[name].shape == value.shape:
+                own[name].copy_(value)
+                copied += 1
+    return copied
+
+
 def fit_map(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor, max_iter: int = 500) -> None:
     """Full-batch L-BFGS on ``0.5 ||y - f(x)||^2 + 0.5 sum_t delta_t ||theta_t||^2`` (in place)."""
     optimizer = torch.optim.LBFGS(model.parameters(), max_iter=max_iter, tolerance_grad=1e-10,
@@ -110,9 +207,11 @@ def fit_map(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor, ma
     optimizer.step(closure)
 
 
-def fit_map_and_laplace(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor) -> LaplaceFit:
-    """The exact MAP at the current precisions (:func:`fit_map`), then the KFAC-Laplace fit there."""
-    fit_map(model, prior, x, y)
+def fit_map_and_laplace(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor,
+                        map_iter: int = 500) -> LaplaceFit:
+    """The MAP at the current precisions (:func:`fit_map`, at most ``map_iter`` L-BFGS iterations), then the
+    KFAC-Laplace fit there."""
+    fit_map(model, prior, x, y, max_iter=map_iter)
     return fit_laplace(model, [(x, y)], prior, likelihood="regression")
 
 
@@ -125,24 +224,29 @@ def report(fit: LaplaceFit, model: nn.Module, prior: Prior, x: torch.Tensor) -> 
 
 
 def path_columns(value: float, rows: list[PathReport]) -> dict:
-    """One machine-readable row: objective, and per path precision, relative N_eff, N_eff and output share."""
+    """One machine-readable row: objective, and per path precision, relative N_eff, N_eff and output share,
+    named ``<column>_<path>`` for a one-layer model and ``<column>_<layer>.<path>`` for a deeper one."""
     row: dict = {"neg_log_marglik": value}
+    deep = len({r.layer for r in rows}) > 1
     for r in rows:
-        row.update({f"precision_{r.path}": r.precisions[0], f"relative_{r.path}": r.relative,
-                    f"n_eff_{r.path}": r.n_eff, f"output_share_{r.path}": r.output_share})
+        key = f"{r.layer}.{r.path}" if deep else r.path
+        row.update({f"precision_{key}": r.precisions[0], f"relative_{key}": r.relative,
+                    f"n_eff_{key}": r.n_eff, f"output_share_{key}": r.output_share})
     return row
 
 
 def learn_precisions(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor, rounds: int,
-                     hyper_steps: int = 50, hyper_lr: float = 0.1, progress=None, method: str = "alternation") -> list[dict]:
+                     hyper_steps: int = 50, hyper_lr: float = 0.1, progress=None, method: str = "alternation",
+                     map_iter: int = 500) -> list[dict]:
     """Per round, exact MAP, then KFAC-Laplace and ``hyper_steps`` Adam steps on the log precisions by ``method``
     (:data:`ella.bilinear_ray.MARGLIK_METHODS`). Returns one row (``round`` and :func:`path_columns`) per round,
     after its hyper-steps: the method's objective, and the paths' effective parameters and output shares at the
-    round's MAP. ``progress``: optional callable invoked once per round."""
+    round's MAP. ``progress``: optional callable invoked once per round; ``map_iter``: the MAP's
+    L-BFGS iterations per round (:func:`fit_map_and_laplace`)."""
     optimizer = torch.optim.Adam([prior.log_precision], lr=hyper_lr)
     history = []
     for index in range(rounds):
-        fit = fit_map_and_laplace(model, prior, x, y)
+        fit = fit_map_and_laplace(model, prior, x, y, map_iter)
         value = optimise_precisions(method, fit, prior, model, optimizer, hyper_steps)
         _, rows = report(fit, model, prior, x)
         history.append({"round": index, **path_columns(value, rows)})

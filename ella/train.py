@@ -6,26 +6,32 @@ then validation and test metrics. With ``laplace=True``, after ``burn_in`` epoch
 epochs, KFAC is fitted on the *unaugmented* training data, eigendecomposed once, and ``hyper_steps`` Adam steps
 are taken on the log prior precisions (or, with ``marglik_method="ray"``, L-BFGS steps on the evidence profiled
 along the factored paths' scaling rays: :mod:`ella.bilinear_ray`). On CUDA every training step is a replayed CUDA
-graph (:mod:`ella.static_step`). Every ``checkpoint_every`` epochs (default 1) and after the last an atomic
-checkpoint is written, so an interrupted run loses at most the epochs since and ``resume=True`` continues from
-the last one (the one before is kept; see :mod:`ella.checkpoint`). Ctrl-C ends a run with :class:`Interrupted`, which says where it stopped. Progress bars
-(rank 0, on a terminal; :mod:`ella.progress`) follow the epochs, each epoch's batches and each KFAC-Laplace fit.
+graph (:mod:`ella.static_step`). An atomic checkpoint is written after the first epoch, then whenever the last
+one is older than ``checkpoint_minutes`` or than 50 times its own write time (so writing costs about 2% of a run;
+a small network's is written every epoch), or every ``checkpoint_every`` epochs when that is set, and after the
+last epoch; a run stopped by a signal loses at most the epochs since and ``resume=True`` continues from the last
+one (the one before is kept; see :mod:`ella.checkpoint`). A resume continues only the run that was started: the same
+configuration, the same number of processes and the same data (a fingerprint of the data tensors). Ctrl-C ends a
+run with :class:`Interrupted`, which says where it stopped: the first after the epoch in progress, once that is
+saved, a second at once (:class:`StopAfterEpoch`). Progress bars (rank 0, on a terminal;
+:mod:`ella.progress`) follow the epochs, each epoch's batches and each KFAC-Laplace fit.
 
 :class:`Learner` is that loop for any model holding relaxed layers and any data (tensors or loaders; see
 :mod:`ella.inputs`); :func:`ella.learn.learn` is its one-call form. :class:`Trainer` is an experiment's run:
 it loads the dataset and builds the paper's network from a :class:`TrainConfig`, then trains them as a
 :class:`Learner`.
 
-At about 500 lines this module is longer than the others: :class:`Learner` is one state machine (epochs,
+At about 600 lines this module is longer than the others: :class:`Learner` is one state machine (epochs,
 captured or plain steps, marginal-likelihood rounds, checkpoints and resume, interruption, progress, data
 parallelism) whose parts share its state; its configuration is :mod:`ella.config`, its pieces (checkpoint files,
 progress bars, static-shape steps, input checks) live in their own modules.
 
-Outputs in ``out_dir`` (none without one): ``config.json``, ``metrics.jsonl`` and ``metrics.csv`` (one row per
-epoch), ``checkpoint.pt`` and ``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or
-when asked) the effective-parameter report ``effective_parameters.{txt,json}``, with its figure
-``relative_effective_parameters.png`` in ``figure_dir`` (default ``out_dir/figures``; the experiment scripts use
-``figures/<experiment>/<run>``).
+Outputs in ``out_dir`` (none without one; the folder is locked while the run is in it): ``config.json``,
+``metrics.jsonl`` and ``metrics.csv`` (one row appended per epoch), ``checkpoint.pt`` and
+``checkpoint.previous.pt``, and after training ``final.json`` and (for Laplace or when asked) the
+effective-parameter report ``effective_parameters.{txt,json}``, with its figure ``relative_effective_parameters.png``
+in ``figure_dir`` (default ``out_dir/figures``; the experiment scripts use ``figures/<experiment>/<run>``), beside
+the learning curves and the shares per round (:mod:`ella.curves`).
 
 Data parallel (launched with ``torchrun --nproc_per_node=N``, see :mod:`ella.distributed`): parameter updates
 go through ``DistributedDataParallel`` with ``batch_size`` samples per process per step (the torch convention:
@@ -38,10 +44,13 @@ checkpoint on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -55,8 +64,20 @@ from tqdm.auto import tqdm
 
 from ella import distributed
 from ella.bilinear_ray import METHOD_CAPTIONS, optimise_precisions
-from ella.checkpoint import CheckpointError, OutputError, open_run, save_checkpoint, write_text
+from ella.checkpoint import (
+    CheckpointError,
+    OutputError,
+    append_text,
+    config_changes,
+    open_run,
+    save_checkpoint,
+    state_checksum,
+    unlock_folder,
+    write_config,
+    write_text,
+)
 from ella.config import TrainConfig, training_record
+from ella.curves import plot_run
 from ella.data import DataBundle, TensorLoader, load_dataset
 from ella.inputs import Data, PairLoader, check_curvature, check_model, dataset_size, first_inputs, is_pair
 from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace
@@ -73,7 +94,19 @@ from ella.report import (
     with_output_shares,
     write_report,
 )
-from ella.static_step import StaticStep, StepRunner, graph_safe_optimizer, plan_epoch, supports_planning
+from ella.static_step import (
+    CudaGraphs,
+    GraphRecorder,
+    StaticStep,
+    StepRunner,
+    device_description,
+    graph_safe_optimizer,
+    optimizer_flags,
+    plan_epoch,
+    plain_flags,
+    set_optimizer_flags,
+    supports_planning,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +119,8 @@ _STATE_KEYS = ("epoch", "model", "prior", "optimizer", "scheduler", "hyper_optim
 EVAL_BATCH = {"cpu": 500, "cuda": 5000}  # evaluation batch per device type (sums accumulate on the device)
 KFAC_BATCH = {"cpu": 150, "cuda": 1024}  # default KFAC batch per device type (a performance choice only)
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # x (B, C, H, W), generator -> x (B, C, H, W)
+CHECKPOINT_SHARE = 0.02  # by time, a checkpoint waits at least its own write time / this (writing costs about 2%)
+_clock = time.monotonic  # the checkpoints' clock (a test replaces it)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> dict[str, float]:
@@ -118,7 +153,9 @@ _NESTED = ("precisions", "relative_n_eff")  # per-group dictionaries: in the JSO
 
 
 def write_metrics(history: list[dict], out_dir: Path) -> None:
-    """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the full history (atomic, so never half-written)."""
+    """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the full history (atomic, so never half-written); a
+    run does so once (dropping the rows of epochs after the checkpoint it resumed), then appends
+    (:func:`append_metrics`)."""
     write_text("".join(json.dumps(row) + "\n" for row in history), out_dir / "metrics.jsonl")
     columns = list(dict.fromkeys(key for row in history for key in row if key not in _NESTED))
     text = io.StringIO(newline="")
@@ -128,20 +165,81 @@ def write_metrics(history: list[dict], out_dir: Path) -> None:
     write_text(text.getvalue(), out_dir / "metrics.csv")
 
 
+def append_metrics(history: list[dict], out_dir: Path) -> None:
+    """Append the last row of ``history`` to ``metrics.jsonl`` and ``metrics.csv`` (both written before by
+    :func:`write_metrics`); rewrite both when the row brings a column the CSV lacks (the first
+    marginal-likelihood round's)."""
+    row = history[-1]
+    with (out_dir / "metrics.csv").open(newline="") as handle:
+        columns = next(csv.reader(handle), [])
+    if any(key not in columns for key in row if key not in _NESTED):
+        write_metrics(history, out_dir)
+        return
+    append_text(json.dumps(row) + "\n", out_dir / "metrics.jsonl")
+    text = io.StringIO(newline="")
+    csv.DictWriter(text, fieldnames=columns, extrasaction="ignore").writerow(row)
+    append_text(text.getvalue(), out_dir / "metrics.csv")
+
+
+def _options() -> tuple[dict, dict[str, str]]:
+    """Every :class:`TrainConfig` field's default, and every option field's flag."""
+    options = fields(TrainConfig)
+    return ({f.name: f.default for f in options if f.default is not MISSING},
+            {f.name: flag(f) for f in options if is_option(f)})
+
+
 def open_output(out_dir: Path | None, record: dict, resume: bool) -> dict | None:
-    """Check the output folder (and on ``resume`` its checkpoint and configuration), then write ``config.json``
-    (``record``); return the checkpoint's state to continue from (see :func:`ella.checkpoint.open_run`). Runs on
-    rank 0; every rank gets its result. Without a folder nothing is written and there is nothing to resume."""
+    """Lock and check the output folder (and on ``resume`` its checkpoint, configuration and number of
+    processes); return the checkpoint's state to continue from (see :func:`ella.checkpoint.open_run`). The
+    :class:`Learner` writes ``config.json`` (``record``) once it has checked the data. Runs on rank 0; every rank
+    gets its result. Without a folder nothing is written and there is nothing to resume."""
     if out_dir is None:
         if resume:
             raise ValueError("resume needs the output folder of the run to continue (out_dir)")
         return None
-    options = fields(TrainConfig)
-    return distributed.on_main(lambda: open_run(
-        out_dir, record, resume, keys=_STATE_KEYS,
-        defaults={f.name: f.default for f in options if f.default is not MISSING},
-        flags={f.name: flag(f) for f in options if is_option(f)},
-    ))
+    defaults, flags = _options()
+    return distributed.on_main(lambda: open_run(out_dir, record, resume, keys=_STATE_KEYS, defaults=defaults,
+                                                flags=flags, world_size=distributed.env_world_size()))
+
+
+def check_finished(final: dict, path: Path, record: dict) -> None:
+    """Raise a ValueError naming every differing field (with its flag) unless the finished run whose
+    ``final.json`` (read from ``path``) is ``final`` has the configuration ``record``."""
+    changed = config_changes(final.get("config", {}), record, *_options())
+    if changed:
+        raise ValueError(f"--resume: the finished run in {path.parent} has another configuration: "
+                         f"{'; '.join(changed)}; run these settings with another --out, or the old ones again")
+
+
+def data_fingerprints(**data: Data | None) -> dict[str, str]:
+    """A content fingerprint (SHA-256 of dtype, shape and bytes; :func:`ella.checkpoint.state_checksum`) of every
+    named data given as tensors ``(x, y)``; loaders and ``None`` have none."""
+    return {name: state_checksum(list(pair)) for name, pair in data.items() if pair is not None and is_pair(pair)}
+
+
+def check_data(saved: dict[str, str] | None, now: dict[str, str], out_dir: Path) -> None:
+    """Raise a ValueError unless the data fingerprints a checkpoint recorded (``saved``; ``None`` for one that
+    predates them) match those of this run's data (``now``), naming the data that differ."""
+    words = {"train": "training", "valid": "validation", "test": "test"}
+    differ = [words[name] for name in now if saved is not None and name in saved and saved[name] != now[name]]
+    if differ:
+        raise ValueError(
+            f"--resume on other data than the run in {out_dir} was trained on: the {' and '.join(differ)} data differ "
+            "from those its checkpoint recorded (do --data-dir or ELLA_DATA point at other data now?); point them "
+            "back at the run's data, or choose another --out"
+        )
+
+
+@contextlib.contextmanager
+def unlocked_on_error(out_dir: Path | None):
+    """Release the output folder's lock when the block raises (a run refused after :func:`open_output`, or one
+    that stopped), so that another process may continue it."""
+    try:
+        yield
+    except BaseException:
+        if out_dir is not None:
+            unlock_folder(out_dir)
+        raise
 
 
 class Learner:
@@ -161,6 +259,8 @@ class Learner:
     (default: :func:`training_record`). ``description`` labels the progress bar, ``title`` the report's figure.
     """
 
+    test_set: str | None = None  # which test set the data hold (a Trainer's dataset says), kept in final.json
+
     def __init__(self, model: nn.Module, config: TrainConfig, train: Data, *, valid: Data | None = None,
                  test: Data | None = None, laplace_data: Data | None = None, augment: Augment | None = None,
                  out_dir: Path | None = None, figure_dir: Path | None = None, state: dict | None = None,
@@ -173,36 +273,44 @@ class Learner:
         self.figure_dir = self.out_dir / "figures" if figure_dir is None and self.out_dir is not None else figure_dir
         self.record = training_record(config) if record is None else record
         self.description, self.title = description, title
-        self.device = distributed.setup(config.device)
+        self.device = distributed.setup(config.device, config.process_timeout)
         self.model = model.to(self.device)
         self.prior = Prior(self.model, per_tensor=config.per_tensor_prior, init_precision=config.prior_init)
         self.ddp_model = distributed.wrap_model(self.model, self.device)  # training forward only
-        self.n_train = dataset_size(train, "training")
+        self.n_train = dataset_size(train, "train")
         rank, world = distributed.rank(), distributed.world_size()
         if self.n_train < world:
             raise ValueError(f"{self.n_train} training images cannot be shared among {world} processes")
         self.train_loader = self._train_loader(train, augment, rank, world)
         self.laplace_data = train if laplace_data is None else laplace_data
+        self.laplace_name = "train" if laplace_data is None else "laplace_data"  # the data's name in messages
         self.marglik_loader = BarLoader(self._laplace_loader(self.laplace_data, rank, world))
         self.eval_data = {name: data for name, data in (("valid", valid), ("test", test)) if data is not None}
-        self.captured = (config.capture and self.device.type == "cuda" and world == 1
-                         and isinstance(self.train_loader, TensorLoader) and supports_planning(self.train_loader))
+        self.captured = config.capture and self._can_capture()
         self.optimizer = self._make_optimizer()
-        self.runner = self._make_runner(capture=True) if self.captured else None
+        self.capture_fallback: dict | None = None  # where and why capture failed (then the plain loop trained on)
+        self.runner = self._captured_runner() if self.captured else None
         total_steps = config.epochs * len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps, eta_min=config.lr_min)
         self.hyper_optimizer = torch.optim.Adam(self.prior.parameters(), lr=config.hyper_lr)
         self.history: list[dict] = []
         self.epoch = 0
         self.last_marglik: float | None = None
-        self.saved_epoch = 0  # the epoch of the last checkpoint (rank 0)
+        self.saved_epoch = 0  # the epoch of the last checkpoint
+        self._last_save, self._save_seconds = _clock(), 0.0  # when the last checkpoint was written; how long it took
+        self._metrics_written = False  # metrics files rewritten from the history once, then appended to
+        self.data_fingerprints = (data_fingerprints(train=train, valid=valid, test=test)
+                                  if self.out_dir is not None and distributed.is_main() else {})
         self.report: list[PathReport] = []  # the effective-parameter report, once finished
         if config.laplace or config.report:  # before training, a model KFAC cannot handle says so
-            check_curvature(self.model, self.marglik_loader.loader, "laplace", **self._kfac_options())
+            check_curvature(self.model, self.marglik_loader.loader, self.laplace_name, **self._kfac_options())
         if state is not None:
+            distributed.on_main(lambda: check_data(state.get("data"), self.data_fingerprints, self.out_dir))
             self._load_state(state)
         elif resume and distributed.is_main():
             log.warning("--resume: no checkpoint in %s yet, so this starts a new run", self.out_dir)
+        if self.out_dir is not None and distributed.is_main():
+            write_config(self.record, self.out_dir)
         if config.laplace and not any(map(self.is_marglik_epoch, range(1, config.epochs + 1))) and distributed.is_main():
             log.warning("no marginal-likelihood round in %d epochs (burn_in %d): the precisions stay at %g",
                         config.epochs, config.burn_in, config.prior_init)
@@ -224,13 +332,18 @@ class Learner:
             kfac_batch = self.config.kfac_batch_size or KFAC_BATCH.get(self.device.type, KFAC_BATCH["cpu"])
             x, y = (t.to(self.device) for t in data)
             return TensorLoader(x, y, kfac_batch, rank=rank, world_size=world, pad_shards=False)
-        return PairLoader(data, "laplace", self.device)
+        return PairLoader(data, self.laplace_name, self.device)
 
     def _train_batches(self):
         """The training batches of an epoch: a TensorLoader's, or a loader's checked and on the device."""
         if isinstance(self.train_loader, TensorLoader):
             return self.train_loader
-        return PairLoader(self.train_loader, "training", self.device)
+        return PairLoader(self.train_loader, "train", self.device)
+
+    def _can_capture(self) -> bool:
+        """Whether training steps can be captured: CUDA, one process, training tensors whose epochs can be planned."""
+        return (self.device.type == "cuda" and distributed.world_size() == 1
+                and isinstance(self.train_loader, TensorLoader) and supports_planning(self.train_loader))
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         if self.captured:
@@ -251,7 +364,23 @@ class Learner:
         def make_step(size: int, totals: torch.Tensor, lr: torch.Tensor | None) -> StaticStep:
             return StaticStep(self.model, self._penalty, self.optimizer, x, y, augment, size, totals, lr)
 
-        return StepRunner(make_step, self.optimizer, self.device, capture=capture)
+        return StepRunner(make_step, self.optimizer, self.device, capture=capture,
+                          graphs=self._graphs() if capture else None)
+
+    def _graphs(self) -> GraphRecorder:
+        return CudaGraphs(self.device)
+
+    def _captured_runner(self) -> StepRunner | None:
+        """The captured steps' runner, or None (the plain loop) when even preparing capture fails."""
+        try:
+            return self._make_runner(capture=True)
+        except Exception as error:  # a driver or torch quirk of the user's card must not end the run
+            cause = f"{type(error).__name__}: {error}"
+            log.warning("preparing CUDA graphs failed: %s; training goes on with the plain loop, as with "
+                        "--no-capture", cause)
+            set_optimizer_flags(self.optimizer, plain_flags(self.optimizer))
+            self.capture_fallback = {"stage": "preparing", "cause": cause}
+            return None
 
     def _penalty(self) -> torch.Tensor:
         """The prior's share of the training objective per data point, ``penalty / N``."""
@@ -272,6 +401,8 @@ class Learner:
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
             "last_marglik": self.last_marglik,
+            "world_size": distributed.world_size(),
+            "data": self.data_fingerprints,
         }
 
     def _load_state(self, state: dict) -> None:
@@ -281,7 +412,9 @@ class Learner:
         except RuntimeError as error:  # missing or unexpected parameters, other shapes
             raise CheckpointError(f"the checkpoint in {self.out_dir} holds another model than this run's: "
                                   f"{str(error).splitlines()[0]}; choose another output folder") from error
+        flags = optimizer_flags(self.optimizer)
         self.optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_flags(self.optimizer, flags)  # the checkpoint's device or capture mode may not be this run's
         self.scheduler.load_state_dict(state["scheduler"])
         self.hyper_optimizer.load_state_dict(state["hyper_optimizer"])
         if state["train_generator"] is not None:
@@ -298,6 +431,9 @@ class Learner:
         self.model.train()
         if self.runner is not None:
             total, non_finite = self.runner.run_epoch(plan_epoch(self.train_loader), self.scheduler)
+            if self.runner.failure is not None:  # the plain loop trains on (see ella.static_step)
+                self.capture_fallback = {"epoch": self.epoch + 1, **asdict(self.runner.failure)}
+                self.runner = None
             if non_finite:
                 raise FloatingPointError(f"training loss became non-finite in epoch {self.epoch + 1}")
             return total / self.train_loader.num_samples()
@@ -351,12 +487,15 @@ class Learner:
     def run(self) -> dict:
         """Train from the current epoch to ``config.epochs``; then evaluate and report (see :meth:`finish`).
 
-        Ctrl-C raises :class:`Interrupted`, saying where the run stopped and which epoch its last checkpoint holds.
+        Ctrl-C raises :class:`Interrupted`, saying where the run stopped and which epoch its last checkpoint holds:
+        the first once the epoch in progress is done and saved (rank 0's decides for all processes), a second at
+        once (:class:`StopAfterEpoch`).
         """
         c = self.config
         seconds = [row["seconds"] for row in self.history]
-        with RunBar(total=c.epochs, initial=self.epoch, desc=self.description, disable=_no_bar(),
-                     seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None) as bar:
+        with (RunBar(total=c.epochs, initial=self.epoch, desc=self.description, disable=_no_bar(),
+                     seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None) as bar,
+              StopAfterEpoch(bar) as stop):
             for epoch in range(self.epoch + 1, c.epochs + 1):
                 start = time.perf_counter()
                 try:
@@ -367,11 +506,23 @@ class Learner:
                     self.epoch = epoch
                     if distributed.is_main():
                         bar.set_postfix_str("evaluating, saving")
-                        self._record(row, start)
+                    self.saved_epoch, stopping = distributed.on_main(  # every rank knows them
+                        lambda: self._record(row, start, stop), what=f"rank 0 evaluating and saving epoch {epoch}")
                 except KeyboardInterrupt:
-                    raise Interrupted(f"interrupted in epoch {epoch} of {c.epochs}; {self._saved()}") from None
+                    where = "after" if self.epoch == epoch else "in"  # after: while it was evaluated and saved
+                    raise Interrupted(f"interrupted {where} epoch {epoch} of {c.epochs}; {self._saved()}") from None
+                except RuntimeError as error:  # a lost process: say what is saved, so that the run can continue
+                    if isinstance(error, distributed.ProcessGroupError):
+                        raise distributed.ProcessGroupError(f"{error}; in epoch {epoch}: {self._saved()}") from error
+                    if distributed.is_collective_failure(error):
+                        lost = distributed.process_group_error(error, "exchanging gradients")
+                        raise distributed.ProcessGroupError(f"{lost}; in epoch {epoch}: {self._saved()}") from error
+                    raise
+                if stopping:
+                    raise Interrupted(f"interrupted after epoch {epoch} of {c.epochs}; {self._saved()}")
                 bar.set_postfix_str("", refresh=False)
                 bar.update()
+            stop.restore()  # Ctrl-C in the final report stops at once
             bar.set_postfix_str("final report")
             return self.finish()
 
@@ -390,22 +541,41 @@ class Learner:
             return evaluate(self.model, *(t.to(self.device) for t in data))
         return evaluate_batches(self.model, PairLoader(data, name, self.device), self.device)
 
-    def _record(self, row: dict, start: float) -> None:
-        """Evaluate, then append ``row`` to the history, checkpoint and rewrite the metrics (rank 0 only)."""
+    def _record(self, row: dict, start: float, stop: StopAfterEpoch) -> tuple[int, bool]:
+        """Evaluate, then append ``row`` to the history, checkpoint when due (:meth:`_checkpoint_due`) or when the
+        run is to ``stop``, and append to the metrics (rank 0 only); returns the epoch the last checkpoint holds
+        and whether the run stops here."""
+        stopping = stop.requested
         for name in self.eval_data:
             row.update({f"{name}_{k}": v for k, v in self._evaluate(name).items()})
         row["precisions"] = self.prior.as_dict()
         row["seconds"] = time.perf_counter() - start
         self.history.append(row)
         if self.out_dir is not None:
-            if self.epoch % self.config.checkpoint_every == 0 or self.epoch == self.config.epochs:
+            if stopping or self._checkpoint_due():
+                begin = _clock()
                 save_checkpoint(self._state(), self.out_dir)
+                self._last_save = _clock()
+                self._save_seconds = self._last_save - begin
                 self.saved_epoch = self.epoch
-            write_metrics(self.history, self.out_dir)
+            (append_metrics if self._metrics_written else write_metrics)(self.history, self.out_dir)
+            self._metrics_written = True
         log.info("epoch %d: train %.4f%s%s%s", row["epoch"], row["train_loss"],
                  f" valid nll {row['valid_nll']:.4f} acc {row['valid_acc']:.2f}" if "valid" in self.eval_data else "",
                  f" test acc {row['test_acc']:.2f}" if "test" in self.eval_data else "",
                  f" -log p(D)/N {row['neg_log_marglik']:.4f}" if row.get("neg_log_marglik") is not None else "")
+        return self.saved_epoch, stopping
+
+    def _checkpoint_due(self) -> bool:
+        """After the last epoch; every ``checkpoint_every`` epochs when set; else when the last checkpoint is older
+        than ``checkpoint_minutes`` or than its write time / :data:`CHECKPOINT_SHARE` (the first epoch's is
+        written at once, measuring that time)."""
+        c = self.config
+        if self.epoch == c.epochs:
+            return True
+        if c.checkpoint_every is not None:
+            return self.epoch % c.checkpoint_every == 0
+        return _clock() - self._last_save >= min(60 * c.checkpoint_minutes, self._save_seconds / CHECKPOINT_SHARE)
 
     def finish(self) -> dict:
         """Final metrics (``final.json``), and the effective-parameter report (:attr:`report`) for Laplace runs
@@ -417,6 +587,8 @@ class Learner:
                 with self._fit_progress("final report"):
                     fit = self.laplace_fit()  # on every rank
             final, self.report = distributed.on_main(lambda: self._write_final(fit, start))
+            if self.out_dir is not None:
+                unlock_folder(self.out_dir)  # the run is over (a no-op on ranks that hold no lock)
             return final
         except KeyboardInterrupt:
             saved = (f"the checkpoint in {self.out_dir} holds all {self.epoch} epochs" if self.out_dir is not None
@@ -434,16 +606,19 @@ class Learner:
         """``final.json`` and the report's rows; its ``seconds`` are the run's wall time: the epochs' (over
         resumes) and the finish's."""
         final = {"config": self.record, "epochs": self.epoch}
+        if self.test_set is not None:
+            final["test_set"] = self.test_set
         final.update({name: self._evaluate(name) for name in self.eval_data})
         final.update({
             "n_params": sum(p.numel() for p in self.model.parameters()),
             "neg_log_marglik": self.last_marglik,
             "precisions": self.prior.as_dict(),
+            "training": self.training_path(),
         })
         rows = []
         if fit is not None:
             rows = path_reports(self.prior, effective_parameters(fit, self.prior), fit.n_params)
-            inputs = first_inputs(self.laplace_data, OUTPUT_SHARE_IMAGES, "laplace", self.device)
+            inputs = first_inputs(self.laplace_data, OUTPUT_SHARE_IMAGES, self.laplace_name, self.device)
             rows = with_output_shares(rows, path_output_power(self.model, inputs))
             if self.out_dir is not None:
                 try:
@@ -453,10 +628,30 @@ class Learner:
                     raise OutputError(f"cannot write the report of {self.out_dir}: {error}") from error
             final["effective_layer_types"] = effective_layer_types(rows)
             final["caption"] = self._caption()
+        if self.out_dir is not None:
+            try:
+                plot_run(self.history, self.figure_dir, title=self.title)
+            except OSError as error:
+                raise OutputError(f"cannot draw the learning curves of {self.out_dir}: {error}") from error
         final["seconds"] = sum(row["seconds"] for row in self.history) + time.perf_counter() - start
         if self.out_dir is not None:
             write_text(json.dumps(final, indent=2), self.out_dir / "final.json")
         return final, rows
+
+    def training_path(self) -> dict:
+        """How this process trained (a resumed run: since the resume): ``steps`` (captured CUDA graphs, eager
+        static-shape steps or the plain loop), ``capture_fallback`` (None, or where and why capture failed and
+        the plain loop took over) and ``device`` (:func:`ella.static_step.device_description`)."""
+        runner, fallback = self.runner, self.capture_fallback
+        if fallback is not None:
+            steps = ("plain loop" if fallback["stage"] == "preparing"
+                     else f"captured CUDA graphs, then the plain loop from epoch {fallback['epoch']}")
+        elif runner is None:
+            steps = "plain loop"
+        else:
+            steps = "captured CUDA graphs" if runner.capture else "static-shape steps, eager"
+        return {"steps": steps, "capture_fallback": self.capture_fallback,
+                "device": device_description(self.device)}
 
 
 class Trainer(Learner):
@@ -465,7 +660,7 @@ class Trainer(Learner):
 
     def __init__(self, config: TrainConfig, out_dir: Path, resume: bool = False, figure_dir: Path | None = None) -> None:
         config.check()
-        device = distributed.setup(config.device)
+        device = distributed.setup(config.device, config.process_timeout)
         state = open_output(out_dir, asdict(config), resume)  # checks before it loads or writes; rank 0's state
 
         torch.manual_seed(config.seed)
@@ -492,10 +687,41 @@ class Trainer(Learner):
             state=state, resume=resume, record=asdict(config), description=f"{config.layer} on {config.dataset}",
             title=config.layer,
         )
+        self.test_set = self.data.info["test_source"]
 
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says where the run stopped and what its checkpoint holds."""
+
+
+class StopAfterEpoch:
+    """Ctrl-C during the epochs of a run: the first sets :attr:`requested` (the run stops once the epoch in
+    progress is done and saved; ``bar`` says so), a second raises KeyboardInterrupt at once. Takes over SIGINT
+    only in the main thread and only from Python's default handler (a program with its own keeps it); leaving
+    the block, or :meth:`restore`, gives it back."""
+
+    def __init__(self, bar: RunBar) -> None:
+        self.bar, self.requested, self._previous = bar, False, None
+
+    def __enter__(self) -> StopAfterEpoch:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._first_then_at_once)
+        return self
+
+    def _first_then_at_once(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.bar.set_postfix_str("stopping after this epoch, once it is saved (Ctrl-C again: at once)")
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
 
 def _no_bar() -> bool | None:
@@ -504,5 +730,7 @@ def _no_bar() -> bool | None:
 
 
 def train(config: TrainConfig, out_dir: Path, resume: bool = False, figure_dir: Path | None = None) -> dict:
-    """Run (or continue, with ``resume``) one training run; returns the final metrics."""
-    return Trainer(config, out_dir, resume=resume, figure_dir=figure_dir).run()
+    """Run (or continue, with ``resume``) one training run; returns the final metrics. However it ends, the output
+    folder is unlocked."""
+    with unlocked_on_error(out_dir):
+        return Trainer(config, out_dir, resume=resume, figure_dir=figure_dir).run()

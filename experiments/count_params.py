@@ -8,6 +8,10 @@ Models are built on the ``meta`` device, so the 133M-parameter FC models cost no
 
 from __future__ import annotations
 
+from ella.interrupt import quiet_interrupts
+
+quiet_interrupts()  # first: Ctrl-C while torch loads ends with one line, not a traceback
+
 import argparse
 import json
 from pathlib import Path

@@ -20,6 +20,10 @@ Takes about 30 s on one CPU core.
 
 from __future__ import annotations
 
+from ella.interrupt import quiet_interrupts
+
+quiet_interrupts()  # first: Ctrl-C while torch loads ends with one line, not a traceback
+
 import argparse
 import json
 import math

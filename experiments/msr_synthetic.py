@@ -16,6 +16,10 @@ Examples:
 
 from __future__ import annotations
 
+from ella.interrupt import quiet_interrupts
+
+quiet_interrupts()  # first: Ctrl-C while torch loads ends with one line, not a traceback
+
 import argparse
 import logging
 import time

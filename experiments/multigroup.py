@@ -12,6 +12,10 @@ effective parameters of each path type as mean (min-max) over the 8 blocks, in %
 
 from __future__ import annotations
 
+from ella.interrupt import quiet_interrupts
+
+quiet_interrupts()  # first: Ctrl-C while torch loads ends with one line, not a traceback
+
 import argparse
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +33,6 @@ PRESETS = {
     # epochs cut to what fits in 8 minutes per data set (CIFAR variants get the same epochs here, not 4x).
     "gpu": {
         "epochs": 60, "optimizer": "adam", "lr": 0.002, "burn_in": 10, "marglik_every": 5, "hyper_steps": 20,
-        "checkpoint_every": 10,
     },
 }
 DATASETS = ("mnist", "translated_mnist", "rotated_mnist", "cifar10", "rotated_cifar10")
@@ -72,14 +75,19 @@ def relative_summary(final_dir: Path) -> dict[str, str]:
     return summary
 
 
+DEFAULT_ROOT = "runs/multigroup/{preset}"  # --out when not given
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), help="datasets to run")
-    add_training_arguments(parser, PRESETS)
+    add_training_arguments(parser, PRESETS, out_default=DEFAULT_ROOT.format(preset="<preset>"))
     args = parser.parse_args()
     setup_logging(args.verbose)
     base = config_from_args(args, PRESETS, layer="ffc_conv_gconv", dataset="cifar10")
-    root = args.out or Path("runs") / "multigroup" / args.preset
+    if args.marglik_method is not None and not base.laplace:
+        parser.error("--marglik-method chooses how --laplace learns the precisions; a MAP run learns none: add --laplace")
+    root = args.out or Path(DEFAULT_ROOT.format(preset=args.preset))
     mode = "laplace" if base.laplace else "map"
     results = run_many(make_runs(base, args.datasets, cifar_epochs=4 if args.preset == "paper" else 1), root,
                        args.resume)

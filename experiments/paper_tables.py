@@ -1,21 +1,27 @@
 """Run one experiment's set of models back to back under one preset and write one results table.
 
-    python experiments/paper_tables.py cifar10 --preset gpu
+    python experiments/paper_tables.py cifar10 --preset cpu
     python experiments/paper_tables.py quadrant_mnist --preset gpu --seeds 711 1 2
     python experiments/paper_tables.py multigroup --preset gpu --device cuda
 
 The sets are the paper's: CIFAR-10 (Table 2) CONV, F-FC and FC+CONV by MAP and the learned F-FC+CONV;
 quadrant MNIST (Table 1) FC and CONV by MAP and the learned F-FC+CONV on both tasks; multi-group (Table 3) the
-learned F-FC+CONV+GCONV on five data sets. The preset comes from the experiment's script (``--help`` of
-``experiments/<experiment>.py`` lists them); every training flag overrides it. Each run goes to
-``<out>/<run>-s<seed>/`` (``--out`` default ``runs/tables/<experiment>-<preset>``), and the table to
+learned F-FC+CONV+GCONV on five data sets. The preset comes from the experiment's script (``paper_tables.py
+<experiment> --help`` lists them and the training flags); the default is ``gpu`` where CUDA is available, else
+``cpu``, and every training flag overrides it. Each run goes to ``<out>/<run>-s<seed>/`` (``--out`` default
+``runs/tables/<experiment>-<preset>``), and the table to
 ``<out>/table.{json,csv}``, printed as Markdown: test accuracy and NLL, ``-log p(D)/N``, the paper's accuracy,
 wall minutes, and for learned models each path kind's relative effective parameters (``rel``) and share of the
-layer's output power (``out``) in blocks 0, 1, ... (head layers left out). ``--resume`` skips finished runs
-and continues an interrupted one.
+layer's output power (``out``) in blocks 0, 1, ... (head layers left out), drawn in ``block_shares.png`` in the
+figure folder (``figures/tables/<experiment>-<preset>/``). ``--resume`` skips finished runs and continues an
+interrupted one.
 """
 
 from __future__ import annotations
+
+from ella.interrupt import quiet_interrupts
+
+quiet_interrupts()  # first: Ctrl-C while torch loads ends with one line, not a traceback
 
 import argparse
 import importlib
@@ -24,9 +30,16 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ella.cli import add_training_arguments, config_from_args, run_many, run_script, setup_logging, write_table
+import torch
+
+from ella import distributed
+from ella.cli import (
+    add_training_arguments, config_from_args, figure_dir, run_many, run_script, setup_logging, write_table,
+)
+from ella.curves import plot_block_shares
 
 EXPERIMENTS = ("cifar10", "quadrant_mnist", "multigroup")
+DEFAULT_ROOT = "runs/tables/{experiment}-{preset}"  # --out when not given
 FIXED = {  # what each experiment's script fixes itself (the run set then chooses layers, tasks, data sets)
     "cifar10": {"dataset": "cifar10"},
     "quadrant_mnist": {"dataset": "quadrant_mnist"},
@@ -55,6 +68,14 @@ def block_shares(run_dir: Path) -> dict[str, str]:
     return shares
 
 
+def draw_block_shares(names, root: Path) -> Path | None:
+    """The table's per-block shares (:func:`ella.curves.plot_block_shares`) of the runs ``names`` in ``root``, into
+    ``block_shares.png`` in ``root``'s figure folder."""
+    reports = {name: json.loads(path.read_text())["paths"] for name in names
+               if (path := root / name / "effective_parameters.json").exists()}
+    return plot_block_shares(reports, figure_dir(root) / "block_shares.png")
+
+
 def table_row(name: str, final: dict, run_dir: Path, module) -> dict:
     config = final["config"]
     return {
@@ -64,22 +85,43 @@ def table_row(name: str, final: dict, run_dir: Path, module) -> dict:
     }
 
 
-def main() -> None:
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("experiment", nargs="?", choices=EXPERIMENTS)
-    known, _ = first.parse_known_args()
-    module = experiment_module(known.experiment) if known.experiment else None
+def default_preset() -> str:
+    """The preset that fits this machine: ``gpu`` where CUDA is available, else ``cpu``."""
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def make_parser(experiment: str | None) -> argparse.ArgumentParser:
+    """The flags of ``paper_tables.py <experiment>``: the experiment's training flags and presets; without an
+    experiment only the experiment itself (its training flags and defaults differ from one to the next)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=EXPERIMENTS, help="which paper table to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[711], help="seeds to run every model with (default: 711)")
     parser.add_argument("--only", nargs="+", metavar="RUN", default=None,
                         help="run only these members of the set (names as in the table without the seed, e.g. "
                              "conv-map ffc_conv-laplace; default: all)")
-    add_training_arguments(parser, module.PRESETS if module else {"gpu": {}}, default_preset="gpu")
+    if experiment is None:
+        parser.epilog = ("The presets and training flags are the experiment's: paper_tables.py EXPERIMENT --help "
+                         "lists them.")
+        return parser
+    preset = default_preset()
+    add_training_arguments(parser, experiment_module(experiment).PRESETS, default_preset=preset,
+                           out_default=DEFAULT_ROOT.format(experiment=experiment, preset="<preset>"))
+    return parser
+
+
+def main() -> None:
+    experiment = next((word for word in sys.argv[1:] if word in EXPERIMENTS), None)
+    parser = make_parser(experiment)
+    if experiment is None:
+        if {"-h", "--help"} & set(sys.argv[1:]):
+            parser.parse_args(["--help"])
+        parser.error(f"name the experiment to run (one of {', '.join(EXPERIMENTS)}), e.g. paper_tables.py cifar10 "
+                     f"{' '.join(sys.argv[1:])}".rstrip())
+    module = experiment_module(experiment)
     args = parser.parse_args()
     setup_logging(args.verbose)
     base = config_from_args(args, module.PRESETS, **FIXED[args.experiment])
-    root = args.out or Path("runs") / "tables" / f"{args.experiment}-{args.preset}"
+    root = args.out or Path(DEFAULT_ROOT.format(experiment=args.experiment, preset=args.preset))
     members = module.make_runs(base)
     unknown = sorted(set(args.only or ()) - set(members))
     if unknown:
@@ -89,7 +131,8 @@ def main() -> None:
     results = run_many(runs, root, args.resume)
     rows = [table_row(name, final, root / name, module) for name, final in results.items()]
     print(write_table(rows, root, stem="table"))
-    print(f"results in {root}")
+    figure = draw_block_shares(results, root) if distributed.is_main() else None
+    print(f"results in {root}" + (f", per-block shares in {figure}" if figure else ""))
 
 
 if __name__ == "__main__":

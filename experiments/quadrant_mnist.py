@@ -14,6 +14,10 @@ all runs is written to <out>/summary.{json,csv} and printed.
 
 from __future__ import annotations
 
+from ella.interrupt import quiet_interrupts
+
+quiet_interrupts()  # first: Ctrl-C while torch loads ends with one line, not a traceback
+
 import argparse
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +25,7 @@ from pathlib import Path
 from ella.cli import (
     add_training_arguments, config_from_args, model_runs, run_many, run_script, setup_logging, write_table,
 )
+from ella.models import LAYER_NAMES
 
 PRESETS = {
     # Paper: 999 epochs, no augmentation, width 10.
@@ -36,7 +41,7 @@ PRESETS = {
     # network has 134 M parameters); Adam with a cosine schedule.
     "gpu": {
         "epochs": 40, "optimizer": "adam", "lr": 0.001, "burn_in": 10, "marglik_every": 5, "hyper_steps": 20,
-        "augment": False, "checkpoint_every": 10,
+        "augment": False,
     },
 }
 # (layer, learned by the marginal likelihood?) — the paper's MAP baselines and the learned model.
@@ -46,6 +51,7 @@ PAPER_ACCURACY = {  # paper Table 1, test accuracy (%), digit / digit+quadrant
     ("fc", "laplace"): (97.04, 95.46), ("conv", "laplace"): (99.23, 24.50), ("ffc_conv", "laplace"): (98.86, 99.00),
 }
 TASKS = ("digit", "digit_quadrant")
+DEFAULT_ROOT = "runs/quadrant_mnist/{preset}"  # --out when not given
 
 
 def make_runs(base, entries=DEFAULT_RUNS, tasks=TASKS) -> dict:
@@ -66,15 +72,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help="LAYER:map or LAYER:laplace entries (default: %(default)s)")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="which tasks to run")
-    add_training_arguments(parser, PRESETS)
+    add_training_arguments(parser, PRESETS, out_default=DEFAULT_ROOT.format(preset="<preset>"))
     args = parser.parse_args()
     setup_logging(args.verbose)
     base = config_from_args(args, PRESETS, dataset="quadrant_mnist")
-    root = args.out or Path("runs") / "quadrant_mnist" / args.preset
+    root = args.out or Path(DEFAULT_ROOT.format(preset=args.preset))
 
-    for entry in args.runs:
-        if entry.partition(":")[2] not in ("map", "laplace"):
+    for entry in args.runs:  # all of them before the first run trains
+        layer, _, mode = entry.partition(":")
+        if mode not in ("map", "laplace"):
             parser.error(f"--runs entries look like 'conv:map' or 'ffc_conv:laplace', got {entry!r}")
+        if layer not in LAYER_NAMES:
+            parser.error(f"--runs {entry}: unknown layer {layer!r}; the layers are {', '.join(LAYER_NAMES)}")
     results = run_many(make_runs(base, args.runs, args.tasks), root, args.resume)
 
     rows = []

@@ -116,6 +116,45 @@ def test_ray_objective_equals_the_evidence_refitted_along_the_ray(path: type[nn.
 
 
 
+def _factor_eigenvalues(model: nn.Module, data, likelihood: str, s: float) -> list[torch.Tensor]:
+    """The KFAC eigenvalues of path ``0``'s factor tensors, refitted with those tensors scaled by ``s``."""
+    scaled = copy.deepcopy(model)
+    names = [name for name, _ in scaled.named_parameters()]
+    index = [names.index(f"0.{t}") for t in FACTOR_TENSORS]
+    with torch.no_grad():
+        for i, p in enumerate(scaled.parameters()):
+            if i in index:
+                p.mul_(s)
+    fit = fit_laplace(scaled, data, Prior(scaled).double(), likelihood=likelihood)
+    return [fit.decomposition.block_eigenvalues(i) for i in index]
+
+
+@pytest.mark.parametrize("path", [FactoredFC, SparseFC])
+def test_factor_eigenvalues_scale_by_t_exactly_only_where_the_path_feeds_a_gaussian_likelihood(path) -> None:
+    """The documented exactness (docs/design.md, "Ray-profiled precision updates"): a bilinear path as the last
+    layer of a Gaussian regression, KFAC refitted at the scaled factors, gives ``t = s^2`` times the eigenvalues
+    to float64 round-off. With a nonlinearity and a softmax after the path the backpropagated factors change
+    too: the refitted eigenvalue sums differ from ``t`` times the old ones by an amount of the order of
+    ``|t - 1|`` itself (1-2% at ``s = 0.99``, up to 190% at ``s = 0.5``)."""
+    torch.manual_seed(1)
+    x = torch.randn(40, 2, 4, 4, dtype=torch.float64)
+    regression = nn.Sequential(path(2, 2, 4, 3), nn.Flatten()).double()
+    data = [(x, torch.randn(40, 18, dtype=torch.float64))]
+    start = _factor_eigenvalues(regression, data, "regression", 1.0)
+    for s in (0.5, 1.7):
+        for new, old in zip(_factor_eigenvalues(regression, data, "regression", s), start):
+            assert float((new - s * s * old).abs().max()) <= 1e-12 * float(old.abs().max())
+    classifier = nn.Sequential(path(2, 2, 4, 3), nn.Flatten(), nn.Tanh(), nn.Linear(18, 5)).double()
+    data = [(x, torch.arange(40) % 5)]
+    start = _factor_eigenvalues(classifier, data, "classification", 1.0)
+    for s in (0.99, 0.5, 1.7):
+        t = s * s
+        errors = [abs(float(new.sum() / (t * old.sum())) - 1)
+                  for new, old in zip(_factor_eigenvalues(classifier, data, "classification", s), start)]
+        assert max(errors) <= 3 * abs(t - 1), s  # bounded by the move along the ray
+        assert max(errors) >= 0.1 * abs(t - 1), s  # and not exact: the ray is a model here
+
+
 PROBLEM = Problem(channels=2, size=6, n=256, noise=0.1)
 
 
@@ -224,3 +263,15 @@ def test_scripts_reject_an_unknown_method_with_a_message(tmp_path: Path, script:
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_ray_advances_the_step_hooks_of_the_rounds_optimizer() -> None:
+    """A training run's progress bar counts the hyper-optimizer's steps; the ray takes its own L-BFGS steps
+    and reports each to the hooks registered on that optimizer, without moving it."""
+    model, prior, x, y = _linear_regression(FactoredFC)
+    fit = fit_laplace(model, [(x, y)], prior, likelihood="regression")
+    optimizer = torch.optim.Adam(prior.parameters(), lr=0.1)
+    calls = []
+    optimizer.register_step_post_hook(lambda *_: calls.append(1))
+    optimise_precisions("ray", fit, prior, model, optimizer, steps=4)
+    assert len(calls) == 4 and not optimizer.state

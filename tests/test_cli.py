@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import runpy
+import socket
+import subprocess
 import sys
+import threading
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -14,9 +19,10 @@ import pytest
 
 import ella.cli as cli
 from ella.checkpoint import CheckpointError, OutputError
-from ella.cli import add_training_arguments, config_from_args, resume_command, run_script
+from ella.cli import add_training_arguments, config_from_args, default_out_dir, resume_command, run_many, run_script
 from ella.options import COUNT, Range, flag, is_option, option
 from ella.train import Interrupted, TrainConfig
+from test_train import _tiny_config, _write_tiny_cifar
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"cpu": {"epochs": 10, "alpha": 4, "augment": False, "optimizer": "adam"}, "paper": {"epochs": 4000}}
@@ -89,7 +95,7 @@ def test_a_new_option_is_one_field(monkeypatch: pytest.MonkeyPatch, capsys: pyte
         (["--lr-min=-0.001"], "argument --lr-min: must be a finite number >= 0, got -0.001"),
         (["--valid-fraction", "1"], "argument --valid-fraction: must be a finite number in (0, 1), got 1"),
         (["--n-valid", "0"], "argument --n-valid: must be an integer >= 1, got 0"),
-        (["--seed", "x"], "argument --seed: must be an integer, got 'x'"),
+        (["--seed", "x"], "argument --seed: must be an integer >= 0, got 'x'"),
         (["--curvature", "kfe"], "argument --curvature: invalid choice: 'kfe'"),
     ],
 )
@@ -169,3 +175,98 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(
     with pytest.raises(SystemExit) as stop:
         run_script(other)
     assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_resume_command_keeps_the_torchrun_launcher_and_its_processes() -> None:
+    argv = ["experiments/cifar10.py", "--layer", "conv"]
+    assert resume_command(argv, {}) == "python experiments/cifar10.py --layer conv --resume"
+    two = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1"}
+    assert resume_command(argv, two) == (
+        "torchrun --standalone --nproc_per_node=2 experiments/cifar10.py --layer conv --resume")
+    nodes = {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}
+    assert resume_command(argv, nodes).startswith("torchrun --nnodes=2 --nproc_per_node=4 experiments/cifar10.py ")
+
+
+def test_only_rank_0_says_where_an_interrupted_run_stopped(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def main() -> None:
+        raise Interrupted("interrupted in epoch 3 of 10; the checkpoint in runs/x holds epoch 2")
+
+    monkeypatch.setattr(cli.sys, "argv", ["experiments/cifar10.py"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank, said in (("1", ""), ("0", "interrupted in epoch 3 of 10; the checkpoint in runs/x holds epoch 2; "
+                                        "continue with: torchrun --standalone --nproc_per_node=2 "
+                                        "experiments/cifar10.py --resume\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            run_script(main)
+        assert stop.value.code == 130 and capsys.readouterr().err == said
+
+
+def test_default_output_folder_names_a_seed_other_than_the_default() -> None:
+    """Issue 30, first row: two seeds on the default --out must not share one folder."""
+    config = TrainConfig(layer="conv", device="cpu")
+    assert default_out_dir("cifar10", config, "cpu") == Path("runs/cifar10/cifar10-conv-map-cpu")
+    assert default_out_dir("cifar10", replace(config, seed=5, laplace=True), "cpu") == Path(
+        "runs/cifar10/cifar10-conv-laplace-cpu-s5")
+
+
+def test_run_set_resume_refuses_a_finished_run_of_another_configuration(tmp_path: Path) -> None:
+    """Issue 30, first table: ``paper_tables.py ... --epochs 2`` then ``--epochs 1 --resume``: the finished run
+    is not reused, and the message names the differing fields with their flags; the same flags reuse it."""
+    config = _tiny_config(_write_tiny_cifar(tmp_path / "data"), epochs=2, laplace=False)
+    first = run_many({"conv-map-s3": config}, tmp_path / "t", resume=False)
+    out = tmp_path / "t" / "conv-map-s3"
+    with pytest.raises(ValueError, match=rf"^--resume: the finished run in {out} has another configuration: epochs "
+                                         r"\(--epochs\): 2 saved, 1 now; lr \(--lr\): 0.01 saved, 0.1 now; run these"):
+        run_many({"conv-map-s3": replace(config, epochs=1, lr=0.1)}, tmp_path / "t", resume=True)
+    again = run_many({"conv-map-s3": replace(config, device="cpu", kfac_batch_size=7)}, tmp_path / "t", resume=True)
+    assert again == first  # how a run is computed (device, KFAC batch) is not its configuration
+
+
+class _SilentServer:
+    """A server on 127.0.0.1 that accepts connections and never answers (closed when the test ends)."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(8)
+        self.port = self.socket.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.held.append(self.socket.accept()[0])
+            except OSError:  # closed
+                return
+
+    def close(self) -> None:
+        self.socket.close()
+        for connection in self.held:
+            connection.close()
+
+
+def test_download_from_a_server_that_never_answers_times_out_with_a_message(tmp_path: Path) -> None:
+    """Issue 30, first table: ``--download`` behind a connection that accepts and never answers. With a 2 s
+    limit the command ends within seconds, saying whom it waited for and that nothing came."""
+    server = _SilentServer()
+    url = f"http://127.0.0.1:{server.port}/cifar-10-python.tar.gz"
+    code = ("import runpy, sys, torchvision.datasets as d, ella.data.readers as r; "
+            f"d.CIFAR10.url = {url!r}; r.DOWNLOAD_TIMEOUT = 2.0; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    command = [sys.executable, "-c", code, str(REPO / "experiments" / "cifar10.py"), "--layer", "conv", "--download",
+               "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--out", str(tmp_path / "run")]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        server.close()
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    waiting = f"downloading cifar10 from {url} into {tmp_path / 'data'} (waiting at most 2 s for each answer)"
+    assert waiting in done.stderr
+    assert (f"download of cifar10 into {tmp_path / 'data'} failed: no answer from {url} within 2 s (a firewall or "
+            "proxy that lets the connection open but never answers?)") in done.stderr

@@ -140,7 +140,7 @@ def test_missing_jpeg_test_set(tmp_path):
     msg = str(err.value)
     assert "--cifar-test jpeg10k needs" in msg and "use --cifar-test exact" in msg and "cifar_test" not in msg
     assert "--download" not in msg  # torchvision cannot download this file
-    with pytest.raises(ValueError, match=r"--cifar-test must be one of exact, jpeg10k, got 'jpeg'"):
+    with pytest.raises(ValueError, match=r"--cifar-test must be one of auto, exact, jpeg10k, got 'jpeg'"):
         D.read_cifar10(tmp_path, cifar_test="jpeg")
 
 
@@ -170,15 +170,17 @@ def test_cifar_npz_roundtrip_and_jpeg_choice(tmp_path):
     x_jpeg = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     y_jpeg = (np.arange(20) % 10).astype(np.uint8)
     np.savez(tmp_path / "cifar10_test10k_jpeg.npz", x_test=x_jpeg, y_test=y_jpeg)
-    for got, want in zip(D.read_cifar10(tmp_path), arrays):
+    for got, want in zip(D.read_cifar10(tmp_path, cifar_test="exact"), arrays):
         np.testing.assert_array_equal(got, want)
-    b = D.load_dataset("cifar10", tmp_path, n_valid=5)
+    b = D.load_dataset("cifar10", tmp_path, n_valid=5, cifar_test="exact")
     torch.testing.assert_close(b.train[0].double(), cifar_expected(arrays[0])[b.train_index], atol=1e-5, rtol=0)
     torch.testing.assert_close(b.test[0].double(), cifar_expected(arrays[2]), atol=1e-5, rtol=0)
     assert b.augment is D.cifar_augment and b.in_channels == 3
     bj = D.load_dataset("cifar10", tmp_path, n_valid=5, cifar_test="jpeg10k")
     torch.testing.assert_close(bj.test[0].double(), cifar_expected(x_jpeg), atol=1e-5, rtol=0)
     assert torch.equal(bj.train[0], b.train[0]) and "jpeg" in bj.info["test_source"]
+    auto = D.load_dataset("cifar10", tmp_path, n_valid=5)  # 10 exact test images only: the JPEG copies
+    assert torch.equal(auto.test[0], bj.test[0]) and auto.info["test_source"] == bj.info["test_source"]
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -618,7 +620,7 @@ def test_real_files_statistics():
     std = (s2 / (n * 255.0) - mean ** 2) ** 0.5
     assert abs(mean - 0.1306604762738429) < 1e-9 and abs(std - 0.3081078038564626) < 1e-9
     assert np.bincount(y_tr).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-    cx_tr, cy_tr, cx_te, cy_te = D.read_cifar10(real_data_dir())
+    cx_tr, cy_tr, cx_te, cy_te = D.read_cifar10(real_data_dir(), cifar_test="exact")
     assert cx_tr.shape == (50000, 32, 32, 3) and cx_te.shape == (1000, 32, 32, 3)
     assert np.bincount(cy_tr).tolist() == [5000] * 10
 

@@ -6,16 +6,23 @@
   two ray-profiled hyper-steps (``ella.bilinear_ray``) on the S-FC paths;
 - ``torchrun --nproc_per_node=2 experiments/cifar10.py`` with ``batch_size`` 8 (no augmentation) reproduces the
   single-process run with ``batch_size`` 16 (the same global batches) and writes the documented files once;
-- an interrupted 2-process run resumes to exactly the uninterrupted one, and rank 1 writes nothing.
+- an interrupted 2-process run resumes to exactly the uninterrupted one, and rank 1 writes nothing;
+- Ctrl-C under torchrun prints one line with a torchrun command that finishes the run, and a resume with another
+  number of processes is refused; a killed process leaves a resume command too, a frozen one a time-out that
+  says what the others waited for.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +39,14 @@ from ella.models import build_model
 from ella.priors import Prior
 from ella.train import TrainConfig, Trainer, train
 from kfac import fit_kfac
-from test_train import _Interrupt, _raise_in_epoch, _tiny_config, _without_timing, _write_tiny_cifar
+from test_train import (
+    _Interrupt,
+    _raise_in_epoch,
+    _start_and_wait_for_two_epochs,
+    _tiny_config,
+    _without_timing,
+    _write_tiny_cifar,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -279,3 +293,98 @@ def test_interrupted_distributed_run_resumes_exactly_and_only_rank0_writes(two_p
         assert got["resumed"]["precisions"] == got["straight"]["precisions"]
     assert _rows(tmp_path / "resumed") == _rows(tmp_path / "straight")
     assert [row["epoch"] for row in _rows(tmp_path / "resumed")] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# interrupted, killed and frozen processes
+# ----------------------------------------------------------------------------------------------------------
+def _torchrun_script(data: Path, out: Path, epochs: int) -> list[str]:
+    return [str(REPO / "experiments" / "cifar10.py"), "--layer", "conv", "--alpha", "1", "--epochs", str(epochs),
+            "--n-train", "100", "--n-valid", "20", "--cifar-test", "exact", "--data-dir", str(data), "--device",
+            "cpu", "--out", str(out), "--checkpoint-every", "1"]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_ctrl_c_under_torchrun_prints_a_torchrun_command_that_finishes_the_run(tmp_path: Path) -> None:
+    """Issue 30, first table: Ctrl-C under ``torchrun --nproc_per_node=2``. One line (rank 0 speaks for both)
+    with the checkpoint's epoch and a resume command that keeps torchrun and its processes; the workers end with
+    130; one process refuses to continue the run; the printed command finishes it."""
+    data = _write_tiny_cifar(tmp_path / "data", n_train=200)
+    out = tmp_path / "run"
+    script = _torchrun_script(data, out, epochs=30)
+    process = _start_and_wait_for_two_epochs(_torchrun("--standalone", f"--nproc_per_node={WORLD}", *script),
+                                             _env(), out)
+    process.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reaches torchrun, which passes it to the workers
+    err = process.communicate(timeout=120)[1]
+    said = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(said) == 1, err
+    match = re.fullmatch(rf"interrupted (in|after) epoch (\d+) of 30; the checkpoint in {out} holds epoch (\d+); "
+                         r"continue with: (.*)", said[0])
+    assert match and int(match[3]) == int(match[2]) - (match[1] == "in"), said[0]
+    assert match[4] == shlex.join(["torchrun", "--standalone", f"--nproc_per_node={WORLD}", *script, "--resume"])
+    assert process.returncode != 0  # torchrun's own status for a stop by a signal (the workers end with 130)
+
+    single = subprocess.run([sys.executable, *script, "--resume"], env=_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert single.returncode == 2
+    assert (f"error: --resume with 1 process, but {out / 'checkpoint.pt'} was written by a run of 2 processes "
+            f"(torchrun --nproc_per_node=2): the batches and the result depend on it") in single.stderr
+
+    done = subprocess.run(_torchrun(*shlex.split(match[4])[1:]), env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [row["epoch"] for row in _rows(out)] == list(range(1, 31))
+
+
+def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The process id of torchrun's worker of ``rank`` (from the workers' environments)."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for pid in children:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
+def test_a_killed_torchrun_process_leaves_a_resume_command(tmp_path: Path) -> None:
+    data = _write_tiny_cifar(tmp_path / "data", n_train=200)
+    out = tmp_path / "run"
+    script = _torchrun_script(data, out, epochs=30)
+    process = _start_and_wait_for_two_epochs(_torchrun("--standalone", f"--nproc_per_node={WORLD}", *script),
+                                             _env(), out)
+    os.kill(_worker_pid(process, 1), signal.SIGKILL)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode != 0
+    resume = shlex.join(["torchrun", "--standalone", f"--nproc_per_node={WORLD}", *script, "--resume"])
+    assert re.search(rf"the checkpoint in {out} holds epoch \d+; continue with: {re.escape(resume)}", err), err
+
+
+def _frozen_worker(rank: int, port: int, root: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    distributed.setup("cpu", timeout=2.0)
+    if rank == 1:
+        time.sleep(6)  # frozen while rank 0 waits for its share of the loss
+        return
+    start = time.monotonic()
+    try:
+        distributed.all_reduce_sum(1.0)
+    except distributed.ProcessGroupError as error:
+        Path(root, "error.json").write_text(json.dumps({"message": str(error), "seconds": time.monotonic() - start}))
+
+
+def test_a_frozen_process_ends_the_wait_with_a_message(tmp_path: Path) -> None:
+    mp.spawn(_frozen_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    error = json.loads((tmp_path / "error.json").read_text())
+    assert error["seconds"] < 5
+    assert error["message"].startswith("process 0 of 2 stopped waiting for the others (summing the training loss): ")
+    assert "Timed out" in error["message"] and error["message"].endswith("another process has ended, been killed, "
+                                                                         "or hangs")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -207,7 +208,8 @@ def test_a_dataloader_trains_exactly_as_the_same_batches_of_tensors(tmp_path: Pa
 
 
 def test_an_interrupted_library_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    options = {"epochs": 3, "batch_size": 8, "burn_in": 1, "marglik_every": 1, "hyper_steps": 2, "device": "cpu"}
+    options = {"epochs": 3, "batch_size": 8, "burn_in": 1, "marglik_every": 1, "hyper_steps": 2, "device": "cpu",
+               "checkpoint_every": 1}  # so that the interruption in epoch 3 finds epoch 2 saved
     straight = learn(_nested_model(), _images(), out_dir=tmp_path / "straight", **options)
     original = _raise_in_epoch(monkeypatch, 3, KeyboardInterrupt, Learner)
     with pytest.raises(Interrupted, match="interrupted in epoch 3 of 3; the checkpoint in .* holds epoch 2"):
@@ -263,10 +265,10 @@ def test_loaders_whose_batches_are_not_pairs_are_a_clear_error(batches: list, me
     class Loader(list):
         dataset = range(2)
 
-    for name, training, laplace, marglik in (("laplace", Loader(batches), None, True),
-                                             ("laplace", _images(), Loader(batches), True),
-                                             ("training", Loader(batches), None, False)):  # MAP: found by the loop
-        with pytest.raises(ValueError, match=re.escape(f"the {name} data must be tensors (x, y) or a loader") +
+    for name, training, laplace, marglik in (("train", Loader(batches), None, True),  # blamed on train, not laplace
+                                             ("laplace_data", _images(), Loader(batches), True),
+                                             ("train", Loader(batches), None, False)):
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be tensors (x, y) or a loader") +
                            ".*" + re.escape(message)):
             learn(_nested_model(), training, laplace_data=laplace, laplace=marglik, epochs=1, device="cpu")
 
@@ -277,12 +279,16 @@ def test_loaders_whose_batches_are_not_pairs_are_a_clear_error(batches: list, me
         ({"layer": "conv"}, TypeError, "learn() takes no 'layer'"),
         ({"learning_rate": 0.1}, TypeError, "unknown option 'learning_rate'; the training options are: epochs,"),
         ({"resume": True}, ValueError, "resume needs the output folder"),
-        ({"lr": -1.0}, ValueError, "--lr must be a finite number >= 0, got -1.0"),
+        ({"lr": -1.0}, ValueError, "lr must be a finite number >= 0, got -1.0"),
+        ({"epochs": 0}, ValueError, "epochs must be an integer >= 1, got 0"),
+        ({"seed": -1}, ValueError, "seed must be an integer >= 0, got -1"),
     ],
 )
 def test_options_that_learn_cannot_take_are_a_clear_error(options: dict, error: type, message: str) -> None:
-    with pytest.raises(error, match=re.escape(message)):
-        learn(_nested_model(), _images(), epochs=1, device="cpu", **options)
+    options = {"epochs": 1, **options}
+    with pytest.raises(error, match=re.escape(message)) as raised:
+        learn(_nested_model(), _images(), device="cpu", **options)
+    assert "--" not in str(raised.value)  # the argument's name, not a flag
 
 
 def test_the_example_learns_the_precisions_of_its_network_and_prints_the_report(tmp_path: Path) -> None:
@@ -307,3 +313,51 @@ def test_the_example_learns_the_precisions_of_its_network_and_prints_the_report(
         relative = [float(row[7]) for row in rows if row[0] == layer]  # layer path kind precision params N_eff norm rel
         assert sum(relative) == pytest.approx(1.0, abs=1e-3) and rows[int(layer) * 2][-1] in ("F-FC", "CONV")
     assert lines[0].startswith("test accuracy ")
+
+
+def _with(data: tuple[torch.Tensor, torch.Tensor], index: int, *, label: int | None = None,
+          value: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``data`` with example ``index``'s label or one of its input values replaced."""
+    x, y = data[0].clone(), data[1].clone()
+    if label is not None:
+        y[index] = label
+    if value is not None:
+        x[index, 0, 0, 0] = value
+    return x, y
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"train": _with(_images(), 21, label=3)}, "train: the label of example 21 is 3, not a class index in [0, 3)"),
+        ({"valid": _with(_images(6), 5, label=-1)}, "valid: the label of example 5 is -1"),
+        ({"test": _with(_images(6), 4, label=9)}, "test: the label of example 4 is 9"),
+        ({"train": (_images()[0], F.one_hot(_images()[1], 3).float())},
+         "the labels of train look one-hot (shape (24, 3), torch.float32): learn() expects class indices"),
+        ({"train": _with(_images(), 17, value=float("nan"))}, "train: example 17 has non-finite inputs (nan or inf)"),
+        ({"valid": _with(_images(6), 2, value=float("inf"))}, "valid: example 2 has non-finite inputs"),
+        ({"laplace_data": _with(_images(), 9, value=float("nan"))}, "laplace_data: example 9 has non-finite inputs"),
+        ({"train": (torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))}, "train holds no examples"),
+        ({"valid": (torch.zeros(3, 3, 8, 8), torch.zeros(2, dtype=torch.long))}, "valid holds 3 inputs but 2 labels"),
+        ({"train": DataLoader(TensorDataset(*_with(_images(), 13, label=5)), batch_size=10)},
+         "train: the label of example 3 in batch 1 is 5"),
+        ({"valid": DataLoader(TensorDataset(*_with(_images(6), 4, value=float("nan"))), batch_size=4)},
+         "valid: example 0 in batch 1 has non-finite inputs"),
+    ],
+)
+def test_bad_data_anywhere_are_named_by_argument_and_example_before_training(
+        arguments: dict, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every example is checked, in every argument, before a step is taken (tensors) or as its batch comes
+    (loaders: the epoch fails at that batch, not with an IndexError or a NaN loss)."""
+    data = {"train": _images(), **arguments}
+    if not isinstance(data["train"], DataLoader) and not isinstance(data.get("valid"), DataLoader):
+        monkeypatch.setattr(Learner, "train_epoch", lambda self: pytest.fail("trained on data it should refuse"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        learn(_nested_model(), data.pop("train"), **data, epochs=1, laplace=False, device="cpu")
+
+
+def test_an_in_place_activation_after_a_relaxed_layer_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Learner, "train_epoch", lambda self: pytest.fail("trained a model it cannot handle"))
+    model = nn.Sequential(relaxed_layer(3, 4, 8, "ffc_conv"), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(256, 3))
+    with pytest.raises(ModelError, match=re.escape("an in-place operation (such as nn.ReLU(inplace=True)")):
+        learn(model, _images(), epochs=1, device="cpu")

@@ -13,7 +13,16 @@ import pytest
 import torch
 
 from ella.priors import Prior
-from ella.teacher import Problem, evidence_profile, learn_precisions, path_squared_norm, relaxed_model, teacher_data
+from ella.teacher import (
+    Problem,
+    deep_teacher,
+    evidence_profile,
+    learn_precisions,
+    path_squared_norm,
+    relaxed_model,
+    structure_paths,
+    teacher_data,
+)
 
 PROBLEM = Problem(channels=2, size=6, n=256, noise=0.1)
 
@@ -79,3 +88,35 @@ def test_the_experiment_writes_rounds_profile_config_and_figure(tmp_path: Path) 
     assert "teacher conv  alternation" in result.stdout and "teacher conv  ray" in result.stdout
     assert (out / "conv" / "figures" / "profile.png").is_file()
     assert json.loads((out / "config.json").read_text())["rounds"] == 2
+
+
+def test_deep_teacher_layers_have_the_chosen_preactivation_scale_and_one_path() -> None:
+    problem = Problem(channels=2, size=4, n=128, noise=0.1, teacher_scale=1.5)
+    teacher, x, y = deep_teacher(problem, "CFC", seed=3)
+    assert [tuple(layer.paths) for layer in teacher[:3]] == [("conv",), ("fc",), ("conv",)]
+    h = x
+    with torch.no_grad():
+        for layer in teacher[:3]:
+            pre = sum(path(h) for path in layer.paths.values())
+            assert float(pre.std()) == pytest.approx(1.5, rel=1e-9)
+            h = layer(h)
+        assert float((y - teacher(x)).std()) == pytest.approx(1.0, rel=0.05)  # unit noise after the 1 / noise
+    with pytest.raises(ValueError, match="unknown teacher structure 'CGC'"):
+        structure_paths("CGC")
+
+
+def test_the_layerwise_experiment_recovers_a_ccf_teacher_at_tiny_size(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "layerwise"
+    command = [sys.executable, str(repo / "experiments" / "layerwise_symmetry.py"), "--structures", "CCF",
+               "--seeds", "0", "--out", str(out)]  # one cell of the default setting: about 30 s on one core
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "recovered 3/3 layers"
+    layers = json.loads((out / "layers.json").read_text())
+    assert [(row["layer"], row["student"]) for row in layers] == [(1, "CONV"), (2, "CONV"), (3, "F-FC")]
+    assert all(row["unused_output_share"] <= 1e-3 for row in layers)
+    evidence = json.loads((out / "evidence.json").read_text())[0]
+    assert evidence["relaxed"] < min(evidence["all_conv"], evidence["all_fc"]) - 10  # neither fixed alternative fits
+    assert (out / "figures" / "recovery.png").is_file() and (out / "cells" / "CCF_0.json").is_file()

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ella.data.augment import cifar_augment
-from ella.data.readers import read_cifar10, read_mnist
+from ella.data.readers import read_cifar10_with_source, read_mnist
 from ella.data.splits import balanced_subset, split_train_valid
 from ella.data.variants import (
     make_variant, n_classes_of, render_variant, sample_variant_params, variant_generator, variant_labels,
@@ -51,7 +51,7 @@ def _warn_if_single_class(labels: Tensor) -> None:
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, task: str | None = None,
                  n_train: int | None = None, n_valid: int | None = None, valid_fraction: float = 0.1,
-                 seed: int = 0, variant_seed: int = 0, download: bool = False, cifar_test: str = "exact",
+                 seed: int = 0, variant_seed: int = 0, download: bool = False, cifar_test: str = "auto",
                  device: str | torch.device = "cpu") -> DataBundle:
     """Load dataset ``name`` (one of ``DATASETS``) as a ``DataBundle``.
 
@@ -59,16 +59,19 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, task: str | N
     the official training set; ``n_train`` (default: all the rest) takes a seeded class-balanced subset of
     the rest. ``seed`` drives the split and subset; ``variant_seed`` drives the per-image transforms
     (fixed by default, so the benchmark is the same for every run seed). ``task`` is required for
-    ``quadrant_mnist`` ('digit' or 'digit_quadrant'). ``cifar_test``: see ``read_cifar10``.
+    ``quadrant_mnist`` ('digit' or 'digit_quadrant'). ``cifar_test``: see ``read_cifar10_with_source``;
+    ``info["test_source"]`` says which test set was taken.
     Error messages name the command-line flags these arguments come from (``--n-train``, ``--n-valid``,
     ``--valid-fraction``, ``--cifar-test``, ``--data-dir``, ``--download``).
     """
     n_classes = n_classes_of(name, task)
     cifar = "cifar" in name
     if cifar:
-        x_tr, y_tr, x_te, y_te = read_cifar10(data_dir, cifar_test=cifar_test, download=download)
+        (x_tr, y_tr, x_te, y_te), test_source = read_cifar10_with_source(data_dir, cifar_test=cifar_test,
+                                                                         download=download)
     else:
         x_tr, y_tr, x_te, y_te = read_mnist(data_dir, download=download)
+        test_source = f"official ({len(x_te):,} test images)"
     n_full = len(x_tr)
 
     params = sample_variant_params(name, n_full, variant_generator(variant_seed, name, "train"))
@@ -87,8 +90,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, task: str | N
         return render_variant(name, x_tr[idx.numpy()], sub).to(device), y_all[idx].to(device)
 
     test = make_variant(name, x_te, y_te, variant_generator(variant_seed, name, "test"), task)
-    test_source = "exact" if not cifar or cifar_test == "exact" else "jpeg10k (lossy, non-official order)"
-    log.info("%s: %d train, %d valid, %d test (%s)", name, len(train_idx), len(valid_idx), len(x_te), test_source)
+    log.info("%s: %d train, %d valid, test set %s", name, len(train_idx), len(valid_idx), test_source)
     return DataBundle(
         name=name, train=render(train_idx), valid=render(valid_idx), test=(test.x.to(device), test.y.to(device)),
         n_classes=n_classes, in_channels=3 if cifar else 1, train_index=train_idx, valid_index=valid_idx,

@@ -28,8 +28,8 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
 
 def not_found(what: str, data_dir: Path, looked: list[str], fix: str = FIX_HINT) -> DatasetNotFoundError:
     """The error for ``what`` missing from ``data_dir``: the folder, every path ``looked`` at, then ``fix``."""
-    lines = [f"Could not find {what} (data dir: {data_dir.resolve()}"
-             + ("" if data_dir.is_dir() else ", which does not exist") + "). Looked at:"]
+    state = "" if data_dir.is_dir() else ", which is a file, not a folder" if data_dir.exists() else ", which does not exist"
+    lines = [f"Could not find {what} (data dir: {data_dir.resolve()}{state}). Looked at:"]
     lines += [f"  {p}" for p in looked]
     lines.append(fix)
     return DatasetNotFoundError("\n".join(lines))

@@ -9,7 +9,8 @@ MNIST comes back as ``(x_train (N, 28, 28), y_train (N,), x_test, y_test)`` with
    with its checks: every CIFAR-10 file must match the official MD5 before torchvision unpickles it, and an MNIST
    file present only as ``.gz`` must match torchvision's MD5 before it is decompressed beside itself (as
    torchvision's own download does). Uncompressed MNIST files have no checksum in torchvision;
-3. only when asked (``download=True``, the flag ``--download``): a torchvision download into that folder.
+3. only when asked (``download=True``, the flag ``--download``): a torchvision download into that folder, where
+   every wait for the server ends after :data:`DOWNLOAD_TIMEOUT` seconds without an answer.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import logging
 import os
 import pickle
 import shutil
+import socket
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from ella.data.locate import DatasetNotFoundError, not_found, resolve_data_dir
 
 log = logging.getLogger(__name__)
 
-CIFAR_TEST_CHOICES = ("exact", "jpeg10k")
+CIFAR_TEST_CHOICES = ("auto", "exact", "jpeg10k")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
@@ -41,6 +43,7 @@ _PARSE_ERRORS = (AssertionError, KeyError, IndexError, TypeError, ValueError, Ru
                  pickle.UnpicklingError)
 
 RawArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+DOWNLOAD_TIMEOUT = 60.0  # seconds a download waits for each answer of the server
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray, image_shape: tuple[int, ...], where: str, n_classes: int) -> None:
@@ -184,21 +187,41 @@ def read_cifar10_torchvision(root: str | Path) -> RawArrays:
 
 
 def _download(kind: str, root: Path) -> None:
-    """Download MNIST or CIFAR-10 with torchvision into ``root``; network problems -> DatasetNotFoundError."""
+    """Download MNIST or CIFAR-10 with torchvision into ``root``, waiting at most :data:`DOWNLOAD_TIMEOUT`
+    seconds for each answer; network problems (a time-out too) -> DatasetNotFoundError naming the server."""
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "cifar10": tvd.CIFAR10}[kind]
+    sources = " or ".join(getattr(cls, "mirrors", None) or [cls.url])
     root.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s into %s with torchvision", kind, root)
+    log.warning("downloading %s from %s into %s (waiting at most %g s for each answer)", kind, sources, root,
+                DOWNLOAD_TIMEOUT)
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # torchvision's urlopen takes no timeout of its own
     try:
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as err:  # torchvision raises URLError, RuntimeError, OSError ... on network trouble
+        what = (f"no answer from {sources} within {DOWNLOAD_TIMEOUT:g} s (a firewall or proxy that lets the "
+                "connection open but never answers?)" if _timed_out(err) else f"{type(err).__name__}: {err}")
         raise DatasetNotFoundError(
-            f"download of {kind} into {root.resolve()} failed ({type(err).__name__}: {err}). Without network "
-            "access, put mnist.npz / cifar10.npz (or torchvision's layout) into a folder and point "
-            "--data-dir or ELLA_DATA at it."
+            f"download of {kind} into {root.resolve()} failed: {what}. Without network access, put mnist.npz / "
+            "cifar10.npz (or torchvision's layout) into a folder and point --data-dir or ELLA_DATA at it."
         ) from err
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def _timed_out(error: BaseException | None) -> bool:
+    """True when ``error``, an exception it wraps (``reason``, its cause or context) or its text is a time-out."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, TimeoutError) or "timed out" in str(error):
+            return True
+        reason = getattr(error, "reason", None)
+        error = reason if isinstance(reason, BaseException) else (error.__cause__ or error.__context__)
+    return False
 
 
 def read_mnist(data_dir: str | Path | None = None, *, download: bool = False) -> RawArrays:
@@ -220,19 +243,35 @@ def read_mnist(data_dir: str | Path | None = None, *, download: bool = False) ->
     raise not_found("MNIST", root, looked)
 
 
-def read_cifar10(data_dir: str | Path | None = None, *, cifar_test: str = "exact",
+OFFICIAL_TEST_SIZE = 10_000  # images in CIFAR-10's official test_batch
+
+
+def read_cifar10(data_dir: str | Path | None = None, *, cifar_test: str = "auto",
                  download: bool = False) -> RawArrays:
-    """CIFAR-10 as uint8 ``(x_train (50000,32,32,3) HWC RGB, y_train, x_test, y_test)``.
+    """CIFAR-10 as uint8 ``(x_train (50000,32,32,3) HWC RGB, y_train, x_test, y_test)``; see
+    :func:`read_cifar10_with_source`, which also says which test set was taken."""
+    return read_cifar10_with_source(data_dir, cifar_test=cifar_test, download=download)[0]
+
+
+def read_cifar10_with_source(data_dir: str | Path | None = None, *, cifar_test: str = "auto",
+                             download: bool = False) -> tuple[RawArrays, str]:
+    """CIFAR-10 as uint8 ``(x_train (50000,32,32,3) HWC RGB, y_train, x_test, y_test)`` and a description of the
+    test set taken (for logs and ``final.json``).
 
     Training images come from ``cifar10.npz``, else torchvision's ``cifar-10-batches-py``, else a download
     (only if ``download``). The test set depends on ``cifar_test`` (the flag ``--cifar-test``):
 
-    - ``"exact"``: bit-exact official test images: the first 1,000 (``cifar10.npz``) or all 10,000
-      (torchvision layout). Exact, but 1,000 images give a test-accuracy standard error of about 1.3 points.
+    - ``"auto"`` (the default): the official 10,000 bit-exact test images where the folder has them
+      (torchvision's layout, or an ``.npz`` whose ``x_test`` holds 10,000 images); where it has fewer exact ones
+      (this project's shared ``cifar10.npz`` holds the first 1,000), the 10,000 JPEG copies of
+      ``cifar10_test10k_jpeg.npz`` if present, else those exact images; a warning says which when it is not
+      the official 10,000.
+    - ``"exact"``: the bit-exact official test images the folder has: all 10,000 (torchvision layout) or the
+      first 1,000 (``cifar10.npz``), which give a test-accuracy standard error of about 1.5 points.
     - ``"jpeg10k"``: all 10,000 test images from ``cifar10_test10k_jpeg.npz`` (lossy JPEG re-encodings, except
-      1,000 exact ones; class-interleaved, non-official order). Lower-variance accuracy estimates, but the
-      pixel statistics differ slightly from the training images (std ~0.002 lower): do not compare these
-      numbers with exact-test-set numbers.
+      1,000 exact ones; class-interleaved, non-official order). Lower-variance accuracy estimates than 1,000
+      exact images, but the pixel statistics differ slightly from the training images (std ~0.002 lower): do
+      not compare these numbers with exact-test-set numbers.
     """
     if cifar_test not in CIFAR_TEST_CHOICES:
         raise ValueError(f"--cifar-test must be one of {', '.join(CIFAR_TEST_CHOICES)}, got {cifar_test!r}")
@@ -249,11 +288,25 @@ def read_cifar10(data_dir: str | Path | None = None, *, cifar_test: str = "exact
     else:
         looked = [str(npz.resolve()), str(folder.resolve()) + "/{data_batch_1..5,test_batch,batches.meta}"]
         raise not_found("CIFAR-10", root, looked)
-    if cifar_test == "jpeg10k":
-        jpeg = root / _JPEG_TEST_FILE
-        if not jpeg.is_file():
-            raise not_found("the CIFAR-10 JPEG test set", root, [str(jpeg.resolve())],
-                            f"--cifar-test jpeg10k needs {_JPEG_TEST_FILE} in the data folder (--data-dir or "
-                            "ELLA_DATA); use --cifar-test exact otherwise.")
-        arrays = (*arrays[:2], *read_npz(jpeg, (32, 32, 3), keys=("x_test", "y_test")))
-    return arrays  # type: ignore[return-value]
+    n_exact = len(arrays[2])
+    exact = f"exact ({n_exact:,} official test images)"
+    held = npz if npz.is_file() else folder / "test_batch"
+    jpeg = root / _JPEG_TEST_FILE
+    if cifar_test == "exact" or (cifar_test == "auto" and n_exact >= OFFICIAL_TEST_SIZE):
+        return arrays, exact  # type: ignore[return-value]
+    if cifar_test == "auto" and not jpeg.is_file():
+        log.warning("CIFAR-10 test set: %s holds only %d exact test images and there is no %s beside it, so the "
+                    "test set is those %d (standard error ~%.1f points); the official test_batch (torchvision's "
+                    "cifar-10-batches-py/) has all 10,000", held, n_exact, _JPEG_TEST_FILE, n_exact,
+                    50 / max(n_exact, 1) ** 0.5)
+        return arrays, exact  # type: ignore[return-value]
+    if not jpeg.is_file():
+        raise not_found("the CIFAR-10 JPEG test set", root, [str(jpeg.resolve())],
+                        f"--cifar-test jpeg10k needs {_JPEG_TEST_FILE} in the data folder (--data-dir or "
+                        "ELLA_DATA); use --cifar-test exact otherwise.")
+    if cifar_test == "auto":
+        log.warning("CIFAR-10 test set: %s holds only %d exact test images, so the test set is the 10,000 lossy "
+                    "JPEG copies in %s (--cifar-test exact takes the %d exact ones; the official test_batch, "
+                    "torchvision's cifar-10-batches-py/, has all 10,000 exact)", held, n_exact, jpeg, n_exact)
+    jpeg_arrays = read_npz(jpeg, (32, 32, 3), keys=("x_test", "y_test"))
+    return (*arrays[:2], *jpeg_arrays), "jpeg10k (10,000 lossy JPEG copies, non-official order)"  # type: ignore[return-value]

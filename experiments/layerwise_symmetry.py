@@ -1,0 +1,235 @@
+"""Layer-wise known symmetry: does every layer of a deep student keep the path its teacher layer uses?
+
+A teacher of --depth relaxed layers (tanh between them, the last one linear), each with exactly one path on
+(a structure such as CCF: layer 1 CONV, layer 2 CONV, layer 3 a dense F-FC map no convolution expresses), each
+layer rescaled so that its pre-activation has standard deviation --teacher-scale, generates regression data
+from standard normal inputs. A student of the same depth with F-FC+CONV layers (--student sfc_sconv: S-FC+S-CONV)
+learns one precision per path (the teacher's paths are then of the same types), every step exact as in known_symmetry.py (full-batch L-BFGS MAP, KFAC-Laplace,
+hyper-steps by --method). Beside it, students fixed to the true structure, to all-CONV and to all-F-FC layers
+learn theirs the same way; every student's final -log p(D)/N is the Laplace evidence with the MAP refitted at
+its final precisions.
+
+A student layer is *recovered* when the path the teacher layer does not use carries at most --share-threshold
+of the layer's output power (what the layer computes), read beside its relative effective parameters and the
+evidence against the true-structure student's.
+
+With --init teacher (the default) a student starts from the teacher's weights on the paths the two share (its
+other paths at their random initialisation), so that the question is the evidence's, not whether L-BFGS finds
+a 3-layer network's global fit from a random start (--init random: it does not, docs/results.md).
+
+    python experiments/layerwise_symmetry.py
+    python experiments/layerwise_symmetry.py --structures CCF --seeds 0 --rounds 3 --n 128
+
+Writes <out>/cells/<structure>_<seed>.json (one per structure and seed, written atomically; a rerun with the
+same settings reuses them), <out>/layers.{json,csv} (one row per structure, seed and layer),
+<out>/evidence.{json,csv} (one row per structure and seed: the final -log p(D)/N of every student),
+config.json, and the figure recovery.png in figures/<path of --out below runs/> (or <out>/figures); prints the
+recovery table, ending in `recovered N/M layers`.
+"""
+
+from __future__ import annotations
+
+from ella.interrupt import quiet_interrupts
+
+quiet_interrupts()  # first: Ctrl-C while torch loads ends with one line, not a traceback
+
+import argparse
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ella.bilinear_ray import MARGLIK_METHODS
+from ella.cli import figure_dir, positive_float, positive_int, run_script, setup_logging, write_table
+from ella.layers import Conv, FactoredFC, SparseConv, SparseFC
+from ella.marglik import neg_log_marglik
+from ella.priors import Prior
+from ella.report import effective_layer_types, pyplot, save_figure
+from ella.teacher import (
+    STRUCTURE_LETTERS,
+    Problem,
+    deep_model,
+    deep_teacher,
+    fit_map_and_laplace,
+    learn_precisions,
+    report,
+    start_from,
+    structure_paths,
+)
+
+STUDENTS = {"ffc_conv": (FactoredFC, Conv), "sfc_sconv": (SparseFC, SparseConv)}
+STRUCTURES = ("CCC", "CCF", "CFF", "FFF", "FCC")
+KIND_COLOURS = {"CONV": "tab:blue", "S-CONV": "tab:blue", "F-FC": "tab:orange", "S-FC": "tab:orange"}
+
+
+def train_student(problem: Problem, layers: list[tuple[str, ...]], teacher: torch.nn.Module, x: torch.Tensor,
+                  y: torch.Tensor, args: argparse.Namespace, progress) -> tuple[float, list]:
+    """Learn a student's precisions; returns ``(final -log p(D)/N with the MAP refitted, report rows)``."""
+    fc, conv = STUDENTS[args.student]
+    model = deep_model(problem, layers, seed=args.student_seed, fc=fc, conv=conv)
+    if args.init == "teacher":
+        start_from(model, teacher)
+    prior = Prior(model)
+    learn_precisions(model, prior, x, y, args.rounds, args.hyper_steps, args.hyper_lr, progress, method=args.method,
+                     map_iter=args.map_iter)
+    fit = fit_map_and_laplace(model, prior, x, y, args.map_iter)
+    with torch.no_grad():
+        value = float(neg_log_marglik(fit, prior))
+    return value, report(fit, model, prior, x)[1]
+
+
+def run_cell(problem: Problem, structure: str, seed: int, args: argparse.Namespace, progress) -> dict:
+    """One structure and seed: the relaxed student's layers and every student's evidence."""
+    fc, conv = STUDENTS[args.student]
+    teacher, x, y = deep_teacher(problem, structure, seed, fc=fc, conv=conv)  # paths of the student's types
+    depth = len(structure)
+    students = {"relaxed": [("fc", "conv")] * depth, "true": structure_paths(structure),
+                "all_conv": [("conv",)] * depth, "all_fc": [("fc",)] * depth}
+    evidence, relaxed_rows, trained = {}, [], {}
+    for name, layers in students.items():
+        key = tuple(map(tuple, layers))  # the true structure may be all-CONV or all-F-FC: trained once
+        if key not in trained:
+            trained[key] = train_student(problem, layers, teacher, x, y, args, progress)
+        else:
+            progress(args.rounds)
+        evidence[name], rows = trained[key]
+        if name == "relaxed":
+            relaxed_rows = rows
+    types = effective_layer_types(relaxed_rows)
+    layers = []
+    for k, letter in enumerate(structure):
+        used = STRUCTURE_LETTERS[letter]
+        unused = next(p for p in ("fc", "conv") if p != used)
+        row = {r.path: r for r in relaxed_rows if r.layer == str(k)}
+        share = row[unused].output_share
+        layers.append({
+            "structure": structure, "seed": seed, "layer": k + 1, "teacher": row[used].kind, "student": types[str(k)],
+            "recovered": share <= args.share_threshold, "unused": row[unused].kind,
+            "unused_relative": row[unused].relative, "unused_output_share": share,
+            "unused_precision": row[unused].precisions[0], "used_precision": row[used].precisions[0],
+        })
+    gap = evidence["relaxed"] - evidence["true"]
+    return {"structure": structure, "seed": seed, "layers": layers,
+            "evidence": {"structure": structure, "seed": seed, **evidence, "relaxed_minus_true": gap}}
+
+
+def write_atomic(path: Path, payload: dict) -> None:
+    """Write ``payload`` as JSON to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=2))
+    os.replace(temporary, path)
+
+
+def recovery_grid(layers: list[dict], structures: list[str], seeds: list[int]) -> str:
+    """A Markdown table, structures down and seeds across: each cell the student's layers read by output share,
+    ``C`` / ``F`` where the layer is recovered (CONV / dense), the wrong path's letter in lower case where that
+    path carries most of the output, ``?`` where both carry more than the threshold."""
+    letters = {}
+    for row in layers:
+        teacher = "C" if row["teacher"] in ("CONV", "S-CONV") else "F"
+        other = "f" if teacher == "C" else "c"
+        letter = teacher if row["recovered"] else other if row["unused_output_share"] > 0.5 else "?"
+        letters[(row["structure"], row["seed"], row["layer"])] = letter
+    lines = ["| teacher | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "| --- |" + " --- |" * len(seeds)]
+    for structure in structures:
+        cells = ["".join(letters.get((structure, seed, k + 1), " ") for k in range(len(structure))) for seed in seeds]
+        lines.append(f"| {structure} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_recovery(layers: list[dict], structures: list[str], seeds: list[int], out: Path) -> Path:
+    """Grid: layers across (one sub-column per seed), structures down; each cell coloured by the student
+    layer's type as its output shares read it, a black cross where it is not the teacher's."""
+    plt = pyplot()
+    depth = max(len(s) for s in structures)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.35 * depth * len(seeds)), 1.2 + 0.5 * len(structures)))
+    for row in layers:
+        i = structures.index(row["structure"])
+        j = (row["layer"] - 1) * len(seeds) + seeds.index(row["seed"])
+        kind = row["teacher"] if row["recovered"] else row["unused"] if row["unused_output_share"] > 0.5 else "mixed"
+        ax.add_patch(plt.Rectangle((j, i), 1, 1, color=KIND_COLOURS.get(kind, "tab:gray"), ec="white"))
+        if not row["recovered"]:
+            ax.plot(j + 0.5, i + 0.5, "kx", markersize=8)
+    for k in range(1, depth):
+        ax.axvline(k * len(seeds), color="black", linewidth=2)
+    ax.set_xlim(0, depth * len(seeds))
+    ax.set_ylim(len(structures), 0)
+    ax.set_xticks([(k + 0.5) * len(seeds) for k in range(depth)], [f"layer {k + 1}" for k in range(depth)])
+    ax.set_yticks([i + 0.5 for i in range(len(structures))], structures)
+    ax.set_title("student layers by output share, one column per seed\n"
+                 "blue CONV, orange F-FC, grey mixed; x: not the teacher's", fontsize="small")
+    return save_figure(fig, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--structures", nargs="+", default=list(STRUCTURES),
+                        help="teacher structures, one letter per layer, layer 1 first (C: CONV, F: dense F-FC)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="data and teacher seeds")
+    parser.add_argument("--method", choices=MARGLIK_METHODS, default="ray", help="how the precisions are learned")
+    parser.add_argument("--student", choices=tuple(STUDENTS), default="ffc_conv", help="the student's paths")
+    parser.add_argument("--init", choices=("teacher", "random"), default="teacher",
+                        help="start the students from the teacher's weights on shared paths, or at random")
+    parser.add_argument("--rounds", type=positive_int, default=4, help="MAP + Laplace rounds per student")
+    parser.add_argument("--map-iter", type=positive_int, default=100, help="L-BFGS iterations of every MAP fit")
+    parser.add_argument("--hyper-steps", type=positive_int, default=50, help="hyper-steps per round")
+    parser.add_argument("--hyper-lr", type=positive_float, default=0.1, help="learning rate of the alternation's Adam")
+    parser.add_argument("--channels", type=positive_int, default=2, help="channels of every layer")
+    parser.add_argument("--size", type=positive_int, default=4, help="image side (size x size)")
+    parser.add_argument("--n", type=positive_int, default=256, help="number of examples")
+    parser.add_argument("--noise", type=positive_float, default=0.1, help="standard deviation of the target noise")
+    parser.add_argument("--teacher-scale", type=positive_float, default=1.0,
+                        help="standard deviation of every teacher layer's pre-activation on the data")
+    parser.add_argument("--share-threshold", type=positive_float, default=1e-3,
+                        help="a layer is recovered when its unused path's output share is at most this")
+    parser.add_argument("--student-seed", type=int, default=0, help="seed of the students' random initialisation")
+    parser.add_argument("--out", type=Path, default=Path("runs") / "layerwise_symmetry", help="output folder")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every round")
+    args = parser.parse_args()
+    for structure in args.structures:
+        try:
+            structure_paths(structure)
+        except ValueError as error:
+            parser.error(f"--structures: {error}")
+    setup_logging(args.verbose)
+    problem = Problem(channels=args.channels, size=args.size, n=args.n, noise=args.noise,
+                      teacher_scale=args.teacher_scale)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "verbose"}
+    settings = {k: v for k, v in config.items() if k not in ("structures", "seeds", "out")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").write_text(json.dumps(config, indent=2))
+    cells = []
+    total = len(args.structures) * len(args.seeds) * 4 * args.rounds
+    with tqdm(total=total, desc=f"layer-wise, {args.method}") as bar:
+        for structure in args.structures:
+            for seed in args.seeds:
+                path = args.out / "cells" / f"{structure}_{seed}.json"
+                if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
+                    cells.append(json.loads(path.read_text()))
+                    bar.update(4 * args.rounds)
+                    continue
+                cell = {**run_cell(problem, structure, seed, args, bar.update), "settings": settings}
+                write_atomic(path, cell)
+                cells.append(cell)
+    layers = [row for cell in cells for row in cell["layers"]]
+    evidence = [cell["evidence"] for cell in cells]
+    table = write_table(layers, args.out, "layers")
+    evidence_table = write_table(evidence, args.out, "evidence")
+    figure = plot_recovery(layers, args.structures, args.seeds, figure_dir(args.out) / "recovery.png")
+    print(f"\n{asdict(problem)}, student {args.student}, {args.method}, {args.rounds} rounds, init {args.init}")
+    print(f"per layer (recovered: the unused path's output share <= {args.share_threshold:g}):\n{table}")
+    print(f"\nfinal -log p(D)/N per student (MAP refitted at its final precisions):\n{evidence_table}")
+    close = sum(abs(row["relaxed_minus_true"]) <= 0.01 for row in evidence)
+    print(f"evidence within 0.01 of the true-structure student's: {close}/{len(evidence)}")
+    print(f"\nrecovery (the student's layers by output share; ? where the unused path carries more than "
+          f"{args.share_threshold:g}):\n{recovery_grid(layers, args.structures, args.seeds)}")
+    print(f"figure: {figure}")
+    print(f"recovered {sum(row['recovered'] for row in layers)}/{len(layers)} layers")
+
+
+if __name__ == "__main__":
+    run_script(main)
