@@ -23,7 +23,7 @@ from torch import nn
 
 from ella.distributed import all_reduce_curvature
 from ella.priors import Prior
-from kfac import CurvatureError, KronDecomposition, fit_kfac
+from kfac import CurvatureError, KronDecomposition, fit_kfac, segment_sum
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,14 @@ class _LogdetSum(torch.autograd.Function):
 
     Forward computes the value and the per-segment sums ``sum_i 1 / (lambda_i + delta_s)`` (the gradient) in
     one pass over the eigenvalues, so backward is a multiplication; nothing of size ``P`` is kept for it.
-    ``delta (S,)``, ``eigenvalues (P,)``, ``lengths (S,)`` (summing to ``P``); float64 throughout.
+    ``delta (S,)``, ``eigenvalues (P,)``, ``lengths (S,)`` (non-negative, summing to ``P``: not checked, so that
+    an evaluation never waits for the device; see :func:`kfac.segment_sum`); float64 throughout.
     """
 
     @staticmethod
     def forward(ctx, delta: torch.Tensor, eigenvalues: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         shifted = eigenvalues + delta.repeat_interleave(lengths, output_size=eigenvalues.numel())
-        ctx.save_for_backward(torch.segment_reduce(shifted.reciprocal(), "sum", lengths=lengths))
+        ctx.save_for_backward(segment_sum(shifted.reciprocal(), lengths))
         return shifted.log_().sum()
 
     @staticmethod

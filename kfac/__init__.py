@@ -13,7 +13,7 @@ are the building blocks such rules are made of (see :mod:`kfac.rules`, :mod:`kfa
 
 from kfac.capture import BACKWARD_MODES
 from kfac.curvature import KronBlock, KronCurvature
-from kfac.decomposition import CurvatureError, KronDecomposition
+from kfac.decomposition import BlockEigen, CurvatureError, KronDecomposition, segment_sum
 from kfac.fit import fit_kfac, kfac_batch
 from kfac.options import (
     KFAC_APPROXES,
@@ -31,6 +31,7 @@ from kfac.statistics import RowsGram, mirror_lower, per_group_gram, position_sta
 
 __all__ = [
     "BACKWARD_MODES",
+    "BlockEigen",
     "CURVATURES",
     "ConvWindows",
     "CurvatureError",
@@ -59,6 +60,7 @@ __all__ = [
     "register_option",
     "register_rule",
     "registered_options",
+    "segment_sum",
     "sites_last",
     "trainable",
 ]

@@ -7,12 +7,25 @@ eigenvalues (round-off) are clamped to 0. With a per-block prior precision ``del
 
 - ``logdet(delta)[l] = sum log(lambda + delta_l)`` (log-determinant of GGN block + ``delta_l I``),
 - ``effective_params(delta)[l] = sum lambda / (lambda + delta_l)`` (MacKay).
+
+Cost (:meth:`KronDecomposition.from_curvature`): only eigenvalues are computed (``torch.linalg.eigvalsh``,
+about half the time of ``eigh`` on the CPU); the factors of equal size are stacked and decomposed in one batched
+call per size; a weight's output factor equal to its bias block's matrix (a layer with one position, e.g. a
+Linear head) is decomposed once; the device is asked for its results twice per decomposition (one check that
+every eigenvalue is finite, one for the shared factors), not per block. Eigenvectors, which only some callers
+need (e.g. quadratic forms in a block), are computed on first access of :attr:`BlockEigen.out_vecs` /
+:attr:`BlockEigen.in_vecs`, for that block alone.
+
+Where: on the factors' device unless ``device`` is given. On the CPU a stack of small matrices is one LAPACK
+loop; CUDA's batched solver covers matrices up to 32 and loops above, so for CUDA factors
+``device="cpu"`` may be faster for networks of many mid-sized factors: ``benchmarks/train_speed.py`` times both
+on a GPU.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,47 +35,84 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+Factors = tuple[torch.Tensor, torch.Tensor | None]
+_EIG_ELEMENTS = 1 << 24  # factors of one size are decomposed together up to this many entries (128 MiB in float64)
+
+
 class CurvatureError(RuntimeError):
     """The curvature cannot be computed: the model output of a batch is not finite, or a factor could not be
     eigendecomposed (the message names the block)."""
 
 
-def _eigh(matrix: torch.Tensor, what: str, jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric eigendecomposition of ``(..., n, n)`` in float64 (float32 LAPACK fails on the many zero
-    eigenvalues that dead ReLUs cause); on failure or non-finite output retry with a tiny jitter."""
-    if not torch.isfinite(matrix).all():
+def _symmetric(matrix: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """``(..., n, n)`` in float64 (float32 LAPACK fails on the many zero eigenvalues that dead ReLUs cause),
+    symmetrised, on ``device`` (default: its own)."""
+    wide = matrix.to(device=device, dtype=torch.float64)
+    return (wide + wide.transpose(-1, -2)).mul_(0.5)
+
+
+def _jittered(sym: torch.Tensor, jitter: float) -> torch.Tensor:
+    """``sym + jitter * max(1, mean |diag|) I`` per matrix."""
+    scale = sym.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1.0)
+    eye = torch.eye(sym.shape[-1], dtype=sym.dtype, device=sym.device)
+    return sym + jitter * scale[..., None, None] * eye
+
+
+def _decompose_one(sym: torch.Tensor, what: str, jitter: float, vectors: bool) -> tuple[torch.Tensor, ...]:
+    """Eigenvalues (and vectors) of the symmetric ``(..., n, n)`` float64 ``sym``; on failure or non-finite
+    output retry once with a tiny jitter, then raise :class:`CurvatureError` naming ``what``."""
+    solve = torch.linalg.eigh if vectors else lambda m: (torch.linalg.eigvalsh(m),)
+    if not torch.isfinite(sym).all():
         raise CurvatureError(f"{what}: factor has non-finite entries")
-    wide = matrix.double()
-    sym = 0.5 * (wide + wide.transpose(-1, -2))
     try:
-        vals, vecs = torch.linalg.eigh(sym)
-        if torch.isfinite(vals).all() and torch.isfinite(vecs).all():
-            return vals, vecs
-        first: Exception = RuntimeError("non-finite eigenpairs")
+        found = solve(sym)
+        if all(torch.isfinite(t).all() for t in found):
+            return found
+        first: Exception = RuntimeError("non-finite eigenvalues")
     except (torch.linalg.LinAlgError, RuntimeError) as error:
         first = error
-    logger.warning("eigh failed for %s (%s); retrying with jitter", what, first)
-    n = sym.shape[-1]
-    scale = sym.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1.0)
-    eye = torch.eye(n, dtype=sym.dtype, device=sym.device)
+    logger.warning("eigendecomposition failed for %s (%s); retrying with jitter", what, first)
     try:
-        vals, vecs = torch.linalg.eigh(sym + jitter * scale[..., None, None] * eye)
+        found = solve(_jittered(sym, jitter))
     except (torch.linalg.LinAlgError, RuntimeError) as second:
         raise CurvatureError(f"{what}: eigendecomposition failed twice ({second})") from second
-    if not (torch.isfinite(vals).all() and torch.isfinite(vecs).all()):
+    if not all(torch.isfinite(t).all() for t in found):
         raise CurvatureError(f"{what}: eigendecomposition returned non-finite values twice")
-    return vals, vecs
+    return found
 
 
-@dataclass
 class BlockEigen:
-    """Eigen-pairs of one block: ``out_vals (K_out, o)``, ``out_vecs (K_out, o, o)``, ``in_* (K, i[, i])``."""
+    """Eigenvalues of one block's factors: ``out_vals (K_out, o)``, ``in_vals (K, i)`` (``None`` for one-factor
+    blocks), ascending, float64. The eigenvectors ``out_vecs (K_out, o, o)`` and ``in_vecs (K, i, i)`` are
+    computed from the block's factors (``factors()``: output factor and input factor / ``n_data``) on first
+    access and kept."""
 
-    out_vals: torch.Tensor
-    out_vecs: torch.Tensor
-    in_vals: torch.Tensor | None
-    in_vecs: torch.Tensor | None
-    num_params: int
+    def __init__(self, out_vals: torch.Tensor, in_vals: torch.Tensor | None, num_params: int,
+                 factors: Callable[[], Factors], name: str = "", jitter: float = 1e-10) -> None:
+        self.out_vals, self.in_vals, self.num_params = out_vals, in_vals, num_params
+        self._factors, self._name, self._jitter = factors, name, jitter
+        self._vecs: Factors | None = None
+
+    def _vectors(self) -> Factors:
+        if self._vecs is None:
+            b, a = self._factors()
+            label = f"block {self._name}"
+            out_vecs = _decompose_one(_symmetric(b), f"{label} (output-side factor)", self._jitter, True)[1]
+            in_vecs = None if a is None else \
+                _decompose_one(_symmetric(a), f"{label} (input-side factor)", self._jitter, True)[1]
+            device = self.out_vals.device
+            self._vecs = (out_vecs.to(device), None if in_vecs is None else in_vecs.to(device))
+        return self._vecs
+
+    @property
+    def out_vecs(self) -> torch.Tensor:
+        """``(K_out, o, o)`` float64 eigenvectors of the output factor(s), columns in ``out_vals`` order."""
+        return self._vectors()[0]
+
+    @property
+    def in_vecs(self) -> torch.Tensor | None:
+        """``(K, i, i)`` float64 eigenvectors of the input factor(s) / ``n_data`` (``None``: one-factor block)."""
+        return self._vectors()[1]
 
     def eigenvalues(self) -> torch.Tensor:
         """``(num_params,)`` the block's GGN eigenvalues ``beta[k, j] alpha[k, i]`` (clamped at 0), flat."""
@@ -73,8 +123,62 @@ class BlockEigen:
         return (beta.expand(alpha.shape[0], beta.shape[1])[:, :, None] * alpha[:, None, :]).reshape(-1)
 
 
+def _shared_out_factors(curvature: KronCurvature) -> dict[str, str]:
+    """``{weight block: bias block}`` for the weights whose output factor equals their bias block's matrix (one
+    position: ``KronBlock`` s store the same sums apart); checked on the values, with one device read in all."""
+    pairs = []
+    for name, block in curvature.blocks.items():
+        prefix = name[: -len("weight")]
+        bias = curvature.blocks.get(f"{prefix}bias")
+        if (name.endswith("weight") and block.layout == "kron" and bias is not None
+                and bias.out_factors.shape == block.out_factors.shape):
+            pairs.append((name, bias.name))
+    if not pairs:
+        return {}
+    equal = torch.stack([(curvature.blocks[w].out_factors == curvature.blocks[b].out_factors).all()
+                         for w, b in pairs])
+    return {w: b for (w, b), same in zip(pairs, equal.tolist()) if same}
+
+
+def _eigenvalues(matrices: list[torch.Tensor], labels: list[str], jitter: float,
+                 device: torch.device | None) -> list[torch.Tensor]:
+    """Eigenvalues ``(k_m, n_m)`` of every stack of factors ``matrices[m] (k_m, n_m, n_m)`` (float64, on the
+    matrices' own device), one batched ``eigvalsh`` per size ``n`` (per ``_EIG_ELEMENTS`` entries). Checked once: a factor with non-finite
+    entries or eigenvalues, or in a batched call that failed, is decomposed alone with a jittered retry
+    (:func:`_decompose_one`, whose error names ``labels[m]``)."""
+    by_size: dict[tuple[int, int], list[int]] = {}  # (size, chunk): at most _EIG_ELEMENTS entries per call
+    filled: dict[int, int] = {}
+    for m, matrix in enumerate(matrices):
+        n = matrix.shape[-1]
+        filled[n] = filled.get(n, 0) + matrix.numel()
+        by_size.setdefault((n, (filled[n] - 1) // _EIG_ELEMENTS), []).append(m)
+    found: list[torch.Tensor | None] = [None] * len(matrices)
+    checks: list[tuple[int, torch.Tensor]] = []  # (factor, finite input and output)
+    failed: list[int] = []
+    for members in by_size.values():
+        stack = _symmetric(torch.cat([matrices[m] for m in members]), device)
+        finite_in = torch.isfinite(stack).all(-1).all(-1)  # LAPACK may return finite values for a NaN input
+        try:
+            vals = torch.linalg.eigvalsh(stack)
+        except (torch.linalg.LinAlgError, RuntimeError):
+            failed.extend(members)
+            continue
+        finite = finite_in & torch.isfinite(vals).all(-1)
+        counts = [matrices[m].shape[0] for m in members]
+        for m, part, ok in zip(members, vals.split(counts), finite.split(counts)):
+            found[m] = part
+            checks.append((m, ok.all()))
+    if checks:
+        finite = torch.stack([ok for _, ok in checks]).tolist()  # the one device read
+        failed.extend(m for (m, _), ok in zip(checks, finite) if not ok)
+    for m in sorted(failed):
+        found[m] = _decompose_one(_symmetric(matrices[m], device), labels[m], jitter, False)[0]
+    return [vals.to(matrices[m].device) for m, vals in enumerate(found)]
+
+
 class KronDecomposition:
-    """Eigendecomposition of every factor of a :class:`~kfac.curvature.KronCurvature` (done once)."""
+    """Eigenvalues of every factor of a :class:`~kfac.curvature.KronCurvature` (computed once; see the module
+    docstring for what is computed how)."""
 
     def __init__(self, names: list[str], eigen: list[BlockEigen], n_data: int, loss) -> None:
         self.block_names = list(names)
@@ -82,17 +186,35 @@ class KronDecomposition:
         self.n_data = n_data
         self.loss = loss
         self._eigenvalues: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None
 
     @classmethod
-    def from_curvature(cls, curvature: KronCurvature, jitter: float = 1e-10) -> KronDecomposition:
-        eigen = []
+    def from_curvature(cls, curvature: KronCurvature, jitter: float = 1e-10,
+                       device: torch.device | str | None = None) -> KronDecomposition:
+        """Decompose every factor of ``curvature`` (on ``device``, default: the factors' own; the eigenvalues
+        come back to the factors' device). A factor with non-finite entries, or one whose decomposition fails
+        twice (the second time with ``jitter`` times its mean absolute diagonal added), raises
+        :class:`CurvatureError` naming the block."""
+        device = None if device is None else torch.device(device)
+        shared = _shared_out_factors(curvature)
+        matrices: list[torch.Tensor] = []
+        labels: list[str] = []
+        where: dict[tuple[str, str], int] = {}
         for name in curvature.block_names:
             b, a = curvature.scaled_factors(name)
-            out_vals, out_vecs = _eigh(b, f"block {name} (output-side factor)", jitter)
-            in_vals = in_vecs = None
-            if a is not None:
-                in_vals, in_vecs = _eigh(a, f"block {name} (input-side factor)", jitter)
-            eigen.append(BlockEigen(out_vals, out_vecs, in_vals, in_vecs, curvature.blocks[name].num_params()))
+            for side, factor in (("output", b), ("input", a)):
+                if factor is None or (side == "output" and name in shared):
+                    continue
+                where[name, side] = len(matrices)
+                matrices.append(factor)
+                labels.append(f"block {name} ({side}-side factor)")
+        vals = _eigenvalues(matrices, labels, jitter, device)
+        eigen = []
+        for name in curvature.block_names:
+            out_vals = vals[where[shared.get(name, name), "output"]]
+            in_vals = vals[where[name, "input"]] if (name, "input") in where else None
+            factors = lambda name=name: curvature.scaled_factors(name)  # noqa: E731
+            eigen.append(BlockEigen(out_vals, in_vals, curvature.blocks[name].num_params(), factors, name, jitter))
         return cls(curvature.block_names, eigen, curvature.n_data, curvature.loss)
 
     def num_params(self) -> list[int]:
@@ -120,15 +242,19 @@ class KronDecomposition:
         return self.eigenvalues()[start : start + self.eigen[index].num_params]
 
     def segment_lengths(self) -> torch.Tensor:
-        """``(n_blocks,)`` int64 on the eigenvalues' device: the number of eigenvalues of each block."""
-        return torch.tensor(self.num_params(), device=self.eigen[0].out_vals.device)
+        """``(n_blocks,)`` int64 on the eigenvalues' device: the number of eigenvalues of each block (made once;
+        every length is positive and they sum to the number of eigenvalues, so :func:`segment_sum` may skip
+        its checks)."""
+        if self._lengths is None:
+            self._lengths = torch.tensor(self.num_params(), device=self.eigen[0].out_vals.device)
+        return self._lengths
 
     def _reduce(self, delta: torch.Tensor, fn) -> torch.Tensor:
         delta = self._check_delta(delta)
         lam = self.eigenvalues()
         lengths = self.segment_lengths()
         shifted = delta.to(lam).repeat_interleave(lengths, output_size=lam.numel())
-        return torch.segment_reduce(fn(lam, shifted), "sum", lengths=lengths)
+        return segment_sum(fn(lam, shifted), lengths)
 
     def logdet(self, delta: torch.Tensor) -> torch.Tensor:
         """Per-block ``log det(GGN_l + delta_l I)``, ``(n_blocks,)``, differentiable in ``delta``."""
@@ -137,3 +263,10 @@ class KronDecomposition:
     def effective_params(self, delta: torch.Tensor) -> torch.Tensor:
         """Per-block MacKay effective parameter count ``sum lambda / (lambda + delta_l)``, ``(n_blocks,)``."""
         return self._reduce(delta, lambda lam, d: lam / (lam + d))
+
+
+def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``(S,)`` sums of the consecutive segments of ``values (P,)`` with positive ``lengths (S,)`` summing to
+    ``P`` (the caller's guarantee: ``torch.segment_reduce`` is told to skip its own checks, two device reads);
+    differentiable in ``values``."""
+    return torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True)

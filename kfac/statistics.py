@@ -47,8 +47,9 @@ from kfac.options import RuleOptions
 from kfac.patches import ConvWindows, Patches
 
 _CHUNK_ELEMENTS = 1 << 23  # bound on temporaries of the batched Gram products
-_CAT_ELEMENTS = 1 << 20  # row sets up to this size are concatenated into one Gram product
+_CAT_ELEMENTS = 1 << 23  # row sets up to this size (32 MiB in float32) are concatenated into one Gram product
 _SYM_BLOCK = 256  # symmetric products wider than this are computed block-wise, lower block triangle only
+_MAX_BLOCKS = 16  # at most this many blocks per side (136 block products, 53% of the full product's work)
 
 
 def _gram(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,26 +58,30 @@ def _gram(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def _block_edges(d: int) -> list[int]:
-    """Boundaries of about ``_SYM_BLOCK``-wide blocks of ``range(d)``."""
-    n_blocks = -(-d // _SYM_BLOCK)
+    """Boundaries of about ``_SYM_BLOCK``-wide blocks of ``range(d)``, wider ones when that would make more than
+    ``_MAX_BLOCKS`` (a 10,240-wide factor: 16 blocks of 640, not 40 of 256, so 136 block products per sum)."""
+    n_blocks = min(-(-d // _SYM_BLOCK), _MAX_BLOCKS)
     return [round(i * d / n_blocks) for i in range(n_blocks + 1)]
 
 
 def _lower_gram(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Add the lower block triangle of ``rows^T rows`` for ``rows (M, d)`` (any row stride) onto ``out (d, d)``
-    (zeros if ``None``) in place; blocks strictly above the diagonal are left untouched (see :func:`mirror_lower`).
+    """Add the lower block triangle of ``rows^T rows`` for ``rows (M, d)`` or a batch ``(G, M, d)`` (any strides)
+    onto ``out (d, d)`` / ``(G, d, d)`` (zeros if ``None``) in place; blocks strictly above the diagonal are left
+    untouched (see :func:`mirror_lower`).
 
     The result is symmetric, so for ``k`` blocks only ``k (k + 1) / 2`` of the ``k^2`` block products are needed
-    (62.5% of the operations for ``k = 4``); every block product reads column slices of ``rows`` in place.
+    (62.5% of the operations for ``k = 4``); every block product reads column slices of ``rows`` in place, and a
+    batch takes one batched product per block pair (no loop over ``G``).
     """
-    d = rows.shape[1]
-    out = rows.new_zeros(d, d) if out is None else out
+    d = rows.shape[-1]
+    out = rows.new_zeros(*rows.shape[:-2], d, d) if out is None else out
     edges = _block_edges(d)
     for i in range(len(edges) - 1):
-        rows_i = rows[:, edges[i] : edges[i + 1]]
+        rows_i = rows[..., edges[i] : edges[i + 1]].transpose(-1, -2)
         for j in range(i + 1):
-            block = out[edges[i] : edges[i + 1], edges[j] : edges[j + 1]]
-            block.addmm_(rows_i.T, rows[:, edges[j] : edges[j + 1]])
+            block = out[..., edges[i] : edges[i + 1], edges[j] : edges[j + 1]]
+            cols = rows[..., edges[j] : edges[j + 1]]
+            block.addmm_(rows_i, cols) if rows.dim() == 2 else block.baddbmm_(rows_i, cols)
     return out
 
 
@@ -107,21 +112,21 @@ def _batched_gram(grads: torch.Tensor, out: torch.Tensor | None = None) -> torch
     return total
 
 
+def _group_major(rows: torch.Tensor) -> torch.Tensor:
+    """``(M, G, d) -> (G, M, d)``: a view for wide ``d`` (block products read it in place), a copy for narrow
+    ``d`` (one product, and ``bmm`` copies strided batch entries one by one otherwise)."""
+    grouped = rows.transpose(0, 1)
+    return grouped if rows.shape[-1] > _SYM_BLOCK else grouped.contiguous()
+
+
 def per_group_gram(grads: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """``(D, B, G, O) -> (G, O, O)``: ``sum_{d,n} g g^T`` per group, added onto ``out`` in place if given.
 
-    Wide (``O > _SYM_BLOCK``): lower block triangle only (:func:`_lower_gram` on each group's column slice in
-    place; complete it with :func:`mirror_lower`); narrow: one batched product of a group-major copy (complete).
+    Wide (``O > _SYM_BLOCK``): lower block triangle only (:func:`_lower_gram`, batched over the groups; complete
+    it with :func:`mirror_lower`); narrow: one batched product of a group-major copy (complete).
     """
     n_dirs, batch, groups, d_out = grads.shape
-    rows = grads.reshape(n_dirs * batch, groups, d_out)
-    if d_out > _SYM_BLOCK:
-        out = rows.new_zeros(groups, d_out, d_out) if out is None else out
-        for g in range(groups):
-            _lower_gram(rows[:, g], out[g])
-        return out
-    gg = rows.transpose(0, 1).contiguous()  # (G, N, O): bmm copies strided batch entries one by one otherwise
-    return torch.bmm(gg.transpose(1, 2), gg) if out is None else out.baddbmm_(gg.transpose(1, 2), gg)
+    return _lower_gram(_group_major(grads.reshape(n_dirs * batch, groups, d_out)), out)
 
 
 def _nonzero_somewhere(grads: torch.Tensor) -> torch.Tensor:
@@ -251,9 +256,10 @@ def _sample_factor(patches: Patches, weights: SampleWeights) -> torch.Tensor:
 
 
 class RowsGram:
-    """``sum_i rows_i^T rows_i`` over row sets ``(M_i, d)`` added one by one: small sets are held and joined into
-    one product (products of a few hundred rows are dominated by call overhead), at most ``_CAT_ELEMENTS``
-    elements at a time; lower block triangle only, mirrored in :meth:`result`."""
+    """``sum_i rows_i^T rows_i`` over row sets ``(M_i, d)`` added one by one, or per group over ``(M_i, G, d)``
+    (then ``(G, d, d)``): small sets are held and joined into one product (products of a few hundred rows are
+    dominated by call overhead, and longer ones run faster), at most ``_CAT_ELEMENTS`` elements at a time;
+    lower block triangle only, mirrored in :meth:`result`."""
 
     def __init__(self) -> None:
         self._held: list[torch.Tensor] = []
@@ -261,7 +267,7 @@ class RowsGram:
         self._total: torch.Tensor | None = None
 
     def add(self, rows: torch.Tensor) -> None:
-        """Take one more row set ``(M_i, d)``."""
+        """Take one more row set ``(M_i, d)`` or ``(M_i, G, d)``."""
         self._held.append(rows)
         self._size += rows.numel()
         if self._size > _CAT_ELEMENTS:
@@ -270,11 +276,11 @@ class RowsGram:
     def _flush(self) -> None:
         if self._held:
             rows = self._held[0] if len(self._held) == 1 else torch.cat(self._held)
-            self._total = _lower_gram(rows, self._total)
+            self._total = _lower_gram(rows if rows.dim() == 2 else _group_major(rows), self._total)
             self._held, self._size = [], 0
 
     def result(self) -> torch.Tensor:
-        """The ``(d, d)`` sum of all row sets added."""
+        """The ``(d, d)`` (or ``(G, d, d)``) sum of all row sets added."""
         self._flush()
         return mirror_lower(self._total)
 

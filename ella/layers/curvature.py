@@ -51,8 +51,6 @@ from kfac import (
     RuleOptions,
     SharedWeightBuilder,
     circular_patches,
-    mirror_lower,
-    per_group_gram,
     position_stats,
     register_option,
     register_rule,
@@ -139,12 +137,12 @@ class GroupedLinearBuilder(FactorBuilder):
 
     def __init__(self, prefix: str, module: nn.Module, x: torch.Tensor, options: RuleOptions) -> None:
         self.prefix, self.module, self.x, self.mode = prefix, module, x, options.grouped_mode
-        self._out: torch.Tensor | None = None
+        self._out = RowsGram() if trainable(module, "weight") else None
         self._bias_rows = RowsGram() if trainable(module, "bias") else None
 
     def add(self, grads: torch.Tensor) -> None:
-        if self.module.weight.requires_grad:
-            self._out = per_group_gram(grads, self._out)
+        if self._out is not None:  # per group: (D_i B, G, O) rows, joined over chunks
+            self._out.add(grads.reshape(-1, *grads.shape[2:]))
         if self._bias_rows is not None:  # the bias is shared by the groups: sum over them first
             self._bias_rows.add(grads.sum(2).reshape(-1, grads.shape[3]))
 
@@ -154,7 +152,7 @@ class GroupedLinearBuilder(FactorBuilder):
         if weight.requires_grad:
             xg = self.x.transpose(0, 1)  # (G, B, I): one product over few rows (no block split)
             a = torch.bmm(xg.transpose(1, 2), xg)  # (G, I, I)
-            b = mirror_lower(self._out)  # (G, O, O)
+            b = self._out.result()  # (G, O, O)
             if self.mode == "per_group":
                 blocks[f"{name}weight"] = KronBlock(f"{name}weight", weight.shape, "direct_sum", b, a)
             else:
