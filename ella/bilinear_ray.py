@@ -27,9 +27,10 @@ what is a model:
   channel pairs shrink unevenly, other paths compensate), so the ray objective is the Laplace evidence at the
   best point of one line, not at the refitted MAP;
 - so the MAP along the ray at precisions ``delta`` is ``1 - sum_f (delta_f - delta0_f) q_f / (2 b)``, taken
-  within ``[0, 1]``: ``t* = 0`` means the path is switched off outright, and ``t*`` stays 1 where the precisions
-  fall below ``delta0``. The ray profiles only what the fixed-parameter objective misses, the gain of
-  *shrinking* a path; growing one is left to training. (Unclamped, the slope taken from the MAP condition
+  within ``[min_scale, 1]``: ``t*`` stays 1 where the precisions fall below ``delta0``, and one round moves a
+  path at most to ``t* = min_scale`` (a trust region, :data:`RAY_MIN_SCALE` by default; ``min_scale = 0`` lets a
+  round switch a path off outright). The ray profiles only what the fixed-parameter objective misses, the gain
+  of *shrinking* a path; growing one is left to training. (Unclamped, the slope taken from the MAP condition
   predicts unbounded growth wherever ``b`` is small and the parameters are not near a MAP, e.g. a few epochs
   after a round that raised ``delta0``: on the multi-group CPU preset ``t*`` reached 193 and the objective
   ``-1982``.)
@@ -68,6 +69,8 @@ from kfac.decomposition import BlockEigen
 
 log = logging.getLogger(__name__)
 
+RAY_MIN_SCALE = 0.5
+"""Default trust region of a round: the least ``t*`` a round may move a path to (see :meth:`Ray.scale`)."""
 MARGLIK_METHODS = ("alternation", "ray")
 """``alternation``: the paper's fixed-parameter hyper-steps; ``ray``: this module's ray-profiled steps."""
 METHOD_CAPTIONS = {
@@ -89,7 +92,8 @@ class Ray:
     """One bilinear path's ray at the start of a round.
 
     ``tensors``: ``(F,)`` indices of the factor tensors in ``model.named_parameters()`` order;
-    ``squared_norms``, ``start_precisions``: ``(F,)`` float64 ``q_f`` and ``delta0_f``; ``curvature``: ``b``.
+    ``squared_norms``, ``start_precisions``: ``(F,)`` float64 ``q_f`` and ``delta0_f``; ``curvature``: ``b``;
+    ``min_scale``: the round's trust region, the least ``t*`` (0: none).
     """
 
     path: str
@@ -97,13 +101,20 @@ class Ray:
     squared_norms: torch.Tensor
     start_precisions: torch.Tensor
     curvature: float
+    min_scale: float = RAY_MIN_SCALE
 
     def scale(self, delta: torch.Tensor) -> torch.Tensor:
-        """``t*`` at per-tensor precisions ``delta (n_tensors,)`` (float64, in ``[0, 1]``). Differentiable; at
-        ``delta0`` itself, where every round starts, the derivative is the ray's (shrinking) side."""
+        """``t*`` at per-tensor precisions ``delta (n_tensors,)`` (float64, in ``[min_scale, 1]``). Differentiable;
+        at ``delta0`` itself, where every round starts, the derivative is the ray's (shrinking) side.
+
+        The trust region keeps the modelled point where the model is close: behind a nonlinearity the
+        eigenvalue scaling is first order in ``t - 1``, and in online training the next epochs start from
+        parameters that a far move leaves far from the MAP the slope assumes. Beyond it the objective is the
+        evidence at the point ``t = min_scale`` of the ray, a path can still be switched off over rounds
+        (``min_scale ** rounds``)."""
         shift = ((delta[list(self.tensors)] - self.start_precisions) * self.squared_norms).sum()
         t = 1.0 - shift / (2.0 * self.curvature)
-        return torch.where(t > 1.0, torch.ones_like(t), t).clamp_min(0.0)
+        return torch.where(t > 1.0, torch.ones_like(t), t).clamp_min(self.min_scale)
 
 
 def kron_quadratic_form(eigen: BlockEigen, weight: torch.Tensor) -> float:
@@ -126,8 +137,9 @@ def kron_quadratic_form(eigen: BlockEigen, weight: torch.Tensor) -> float:
     return float((lam * rotated**2).sum())
 
 
-def bilinear_rays(model: nn.Module, prior: Prior, fit: LaplaceFit) -> list[Ray]:
-    """The ray of every bilinear path of ``model`` with a nonzero output, from the round's fit.
+def bilinear_rays(model: nn.Module, prior: Prior, fit: LaplaceFit, min_scale: float = RAY_MIN_SCALE) -> list[Ray]:
+    """The ray of every bilinear path of ``model`` with a nonzero output, from the round's fit, with the trust
+    region ``min_scale`` (:meth:`Ray.scale`).
 
     A path whose output is numerically zero (``b`` not positive, or ``q / b`` not finite) has no ray: it is
     already switched off, and its precision is left to the fixed-parameter terms.
@@ -145,7 +157,7 @@ def bilinear_rays(model: nn.Module, prior: Prior, fit: LaplaceFit) -> list[Ray]:
         curvature = kron_quadratic_form(fit.decomposition.eigen[position[outer]], params[outer])
         if not (curvature > 0 and torch.isfinite(norms / curvature).all()):
             continue
-        rays.append(Ray(prefix, index, norms.to(delta0.device), delta0[list(index)], curvature))
+        rays.append(Ray(prefix, index, norms.to(delta0.device), delta0[list(index)], curvature, min_scale))
     return rays
 
 
@@ -174,9 +186,10 @@ def ray_neg_log_marglik(fit: LaplaceFit, prior: Prior, rays: list[Ray]) -> torch
 
 
 def optimise_prior_ray(fit: LaplaceFit, prior: Prior, model: nn.Module, steps: int,
-                       on_step: Callable[[], None] | None = None) -> float:
+                       on_step: Callable[[], None] | None = None, min_scale: float = RAY_MIN_SCALE) -> float:
     """Minimise :func:`ray_neg_log_marglik` over the log precisions by L-BFGS (``steps`` iterations, strong-Wolfe
-    line search), with the rays of ``model``'s bilinear paths at the round's ``fit``; returns the final objective.
+    line search), with the rays of ``model``'s bilinear paths at the round's ``fit`` and the trust region
+    ``min_scale`` (:meth:`Ray.scale`); returns the final objective.
     ``on_step``: called once per iteration, ``steps`` times in all (a progress bar; the iterations L-BFGS did not
     need, having converged, are reported at its end).
 
@@ -186,7 +199,7 @@ def optimise_prior_ray(fit: LaplaceFit, prior: Prior, model: nn.Module, steps: i
     refit them at the new precisions. A non-finite objective at the starting precisions raises
     :class:`MarglikError`; a minimisation that ends non-finite is undone (with a warning).
     """
-    rays = bilinear_rays(model, prior, fit)
+    rays = bilinear_rays(model, prior, fit, min_scale)
     with torch.no_grad():
         start_value = float(ray_neg_log_marglik(fit, prior, rays))
     if not math.isfinite(start_value):
@@ -223,13 +236,14 @@ def optimise_prior_ray(fit: LaplaceFit, prior: Prior, model: nn.Module, steps: i
 
 
 def optimise_precisions(method: str, fit: LaplaceFit, prior: Prior, model: nn.Module,
-                        optimizer: torch.optim.Optimizer, steps: int) -> float:
+                        optimizer: torch.optim.Optimizer, steps: int, min_scale: float = RAY_MIN_SCALE) -> float:
     """One round's hyper-steps by ``method`` (:data:`MARGLIK_METHODS`) on the round's ``fit`` of ``model``;
     returns the final objective, ``-log p(D | delta) / N`` (for ``ray``: at the MAP along the rays).
 
     ``alternation``: ``steps`` steps of ``optimizer`` (the paper's Adam, its state kept across rounds);
-    ``ray``: ``steps`` L-BFGS iterations (:func:`optimise_prior_ray`; ``optimizer`` takes no step, but the
-    step hooks registered on it, e.g. a progress bar's, run after every iteration).
+    ``ray``: ``steps`` L-BFGS iterations (:func:`optimise_prior_ray` with the trust region ``min_scale``;
+    ``optimizer`` takes no step, but the step hooks registered on it, e.g. a progress bar's, run after every
+    iteration).
     """
     if method == "alternation":
         return optimise_prior(fit, prior, optimizer, steps)
@@ -238,5 +252,5 @@ def optimise_precisions(method: str, fit: LaplaceFit, prior: Prior, model: nn.Mo
             for hook in list(optimizer._optimizer_step_post_hooks.values()):  # torch keeps them in this dict
                 hook(optimizer, (), {})
 
-        return optimise_prior_ray(fit, prior, model, steps, on_step)
+        return optimise_prior_ray(fit, prior, model, steps, on_step, min_scale)
     raise ValueError(f"marglik_method must be one of {MARGLIK_METHODS}, got {method!r}")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from ella.bilinear_ray import MARGLIK_METHODS
+from ella.bilinear_ray import MARGLIK_METHODS, RAY_MIN_SCALE
 from ella.data import CIFAR_TEST_CHOICES
 from ella.layers import GROUPED_MODES
 from ella.layers.relaxed import COMBINE_MODES
@@ -55,6 +55,9 @@ class TrainConfig:
     marglik_method: str = option("alternation", "precision updates: 'alternation' (the paper's Adam steps at fixed "
                                                 "parameters) or 'ray' (L-BFGS on the evidence profiled along every "
                                                 "F-FC / S-FC path's scaling ray; ella.bilinear_ray)", MARGLIK_METHODS)
+    ray_min_scale: float = option(RAY_MIN_SCALE, "--marglik-method ray: the trust region of a round, the least factor "
+                                                 "by which one round may scale an F-FC / S-FC path's output (0: "
+                                                 "none)", Range(float, 0, False, 1))
     kfac_batch_size: int | None = option(None, "batch size of the KFAC pass (when not set: 150 on the CPU, 1024 on "
                                                 "CUDA; the factors are sums, so only the speed depends on it)", COUNT)
     curvature: str = option("ggn", "KFAC curvature: 'ggn' (exact), 'mc' (Monte-Carlo) or 'ef' (empirical Fisher)",

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ella.bilinear_ray import optimise_precisions
+from ella.bilinear_ray import RAY_MIN_SCALE, optimise_precisions
 from ella.layers import Conv, FactoredFC, RelaxedLayer
 from ella.marglik import LaplaceFit, effective_parameters, fit_laplace, neg_log_marglik
 from ella.priors import Prior
@@ -237,17 +237,17 @@ def path_columns(value: float, rows: list[PathReport]) -> dict:
 
 def learn_precisions(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor, rounds: int,
                      hyper_steps: int = 50, hyper_lr: float = 0.1, progress=None, method: str = "alternation",
-                     map_iter: int = 500) -> list[dict]:
+                     map_iter: int = 500, min_scale: float = RAY_MIN_SCALE) -> list[dict]:
     """Per round, exact MAP, then KFAC-Laplace and ``hyper_steps`` Adam steps on the log precisions by ``method``
     (:data:`ella.bilinear_ray.MARGLIK_METHODS`). Returns one row (``round`` and :func:`path_columns`) per round,
     after its hyper-steps: the method's objective, and the paths' effective parameters and output shares at the
     round's MAP. ``progress``: optional callable invoked once per round; ``map_iter``: the MAP's
-    L-BFGS iterations per round (:func:`fit_map_and_laplace`)."""
+    L-BFGS iterations per round (:func:`fit_map_and_laplace`); ``min_scale``: the ray's trust region."""
     optimizer = torch.optim.Adam([prior.log_precision], lr=hyper_lr)
     history = []
     for index in range(rounds):
         fit = fit_map_and_laplace(model, prior, x, y, map_iter)
-        value = optimise_precisions(method, fit, prior, model, optimizer, hyper_steps)
+        value = optimise_precisions(method, fit, prior, model, optimizer, hyper_steps, min_scale)
         _, rows = report(fit, model, prior, x)
         history.append({"round": index, **path_columns(value, rows)})
         log.info("round %d: -log p(D)/N %.5f, precisions %s", index, value, prior.as_dict())

@@ -472,7 +472,8 @@ class Learner:
             with self._fit_progress("marginal likelihood", self.config.hyper_steps):
                 fit = self.laplace_fit()
                 self.last_marglik = optimise_precisions(self.config.marglik_method, fit, self.prior, self.model,
-                                                        self.hyper_optimizer, self.config.hyper_steps)
+                                                        self.hyper_optimizer, self.config.hyper_steps,
+                                                        self.config.ray_min_scale)
         except MarglikError as error:
             log.warning("epoch %d: marginal-likelihood round skipped, precisions kept: %s", self.epoch + 1, error)
             return {"neg_log_marglik": None}

@@ -20,7 +20,8 @@ import json
 
 from ella import distributed
 from ella.cli import (
-    add_training_arguments, config_from_args, default_out_dir, default_out_pattern, figure_dir, model_runs, run_script, setup_logging,
+    add_training_arguments, check_method_flags, config_from_args, default_out_dir, default_out_pattern, figure_dir,
+    model_runs, run_script, setup_logging,
 )
 from ella.models import LAYER_NAMES
 from ella.train import train
@@ -73,8 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging(args.verbose)
     config = config_from_args(args, PRESETS, layer=args.layer, dataset="cifar10")
-    if args.marglik_method is not None and not config.laplace:
-        parser.error("--marglik-method chooses how --laplace learns the precisions; a MAP run learns none: add --laplace")
+    check_method_flags(parser, args, config)
     out = args.out or default_out_dir("cifar10", config, args.preset)
     final = train(config, out, resume=args.resume, figure_dir=figure_dir(out))
     print(json.dumps({k: final[k] for k in ("test", "test_set", "valid", "neg_log_marglik", "n_params")}, indent=2))

@@ -32,8 +32,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ella.bilinear_ray import MARGLIK_METHODS
+from ella.bilinear_ray import MARGLIK_METHODS, RAY_MIN_SCALE
 from ella.cli import figure_dir, positive_float, positive_int, run_script, setup_logging, write_table
+from ella.options import Range
 from ella.priors import Prior
 from ella.teacher import (
     PATHS,
@@ -64,6 +65,9 @@ def main() -> None:
                         help="which path the teacher has on ('conv': equivariant data; 'fc': dense data)")
     parser.add_argument("--methods", nargs="+", choices=MARGLIK_METHODS, default=list(MARGLIK_METHODS),
                         help="how the precisions are learned: 'alternation' (the paper's) and/or 'ray'")
+    parser.add_argument("--ray-min-scale", type=Range(float, 0, False, 1), default=RAY_MIN_SCALE,
+                        help="the ray's trust region: the least factor by which one round may scale an F-FC path's "
+                             "output (0: none)")
     parser.add_argument("--rounds", type=positive_int, default=10, help="MAP + Laplace rounds of each method")
     parser.add_argument("--hyper-steps", type=positive_int, default=50, help="hyper-steps per round: Adam steps (alternation) or L-BFGS iterations (ray)")
     parser.add_argument("--hyper-lr", type=positive_float, default=0.1, help="learning rate of the alternation's Adam steps")
@@ -91,7 +95,7 @@ def main() -> None:
             prior = Prior(model)
             with tqdm(total=args.rounds + len(args.profile), desc=f"teacher {teacher}, {method}") as bar:
                 rounds = learn_precisions(model, prior, x, y, args.rounds, args.hyper_steps, args.hyper_lr,
-                                          bar.update, method=method)
+                                          bar.update, method=method, min_scale=args.ray_min_scale)
                 reached = math.log(rounds[-1][f"precision_{unused}"])
                 profile = evidence_profile(model, prior, x, y, unused, [reached + k for k in args.profile],
                                            bar.update)

@@ -20,7 +20,9 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from ella.cli import add_training_arguments, config_from_args, run_many, run_script, setup_logging, write_table
+from ella.cli import (
+    add_training_arguments, check_method_flags, config_from_args, run_many, run_script, setup_logging, write_table,
+)
 
 PRESETS = {
     # Paper: width 2 (the reduced multi-group width); MNIST 1000 epochs, CIFAR 4000 with augmentation.
@@ -85,8 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging(args.verbose)
     base = config_from_args(args, PRESETS, layer="ffc_conv_gconv", dataset="cifar10")
-    if args.marglik_method is not None and not base.laplace:
-        parser.error("--marglik-method chooses how --laplace learns the precisions; a MAP run learns none: add --laplace")
+    check_method_flags(parser, args, base)
     root = args.out or Path(DEFAULT_ROOT.format(preset=args.preset))
     mode = "laplace" if base.laplace else "map"
     results = run_many(make_runs(base, args.datasets, cifar_epochs=4 if args.preset == "paper" else 1), root,

@@ -78,10 +78,12 @@ def _at(prior: Prior, log_precision: float) -> Prior:
 
 
 @pytest.mark.parametrize("path", [FactoredFC, SparseFC])
-def test_ray_objective_equals_the_evidence_refitted_along_the_ray(path: type[nn.Module]) -> None:
+@pytest.mark.parametrize("min_scale", [0.0, 0.5])
+def test_ray_objective_equals_the_evidence_refitted_along_the_ray(path: type[nn.Module], min_scale: float) -> None:
+    """Also at the edge of the trust region, where the objective is the evidence at ``t = min_scale``."""
     model, prior, x, y = _linear_regression(path)
     fit = fit_laplace(model, [(x, y)], prior, likelihood="regression")
-    rays = bilinear_rays(model, prior, fit)
+    rays = bilinear_rays(model, prior, fit, min_scale)
     assert [r.path for r in rays] == ["0"]
     assert rays[0].tensors == tuple(prior.param_names.index(f"0.{t}") for t in FACTOR_TENSORS)
     start = float(prior.log_precision.detach()[0])
@@ -106,7 +108,7 @@ def test_ray_objective_equals_the_evidence_refitted_along_the_ray(path: type[nn.
         predicted, truth, t = refitted(start + offset)
         assert predicted == pytest.approx(truth, rel=1e-7), offset
         scales.append(t)
-    assert scales[0] == 1 > scales[1] > scales[2] > 0 and scales[3] == 0  # below delta0, shrinks, switched off
+    assert scales[0] == 1 > scales[1] > scales[2] > 0.5 and scales[3] == min_scale  # below delta0, shrinks, the edge
 
     h = 1e-4  # the hyper-gradient against finite differences of the refitted evidence
     shifted = _at(prior, start + 0.7)
@@ -203,7 +205,7 @@ def test_the_ray_reaches_the_profiled_optimum_where_the_alternation_stalls(conv_
     last = learn_precisions(model, prior, x, y, rounds=10, method="ray")[-1]
     reached = math.log(last["precision_fc"])
     profile = [row["neg_log_marglik"] for row in evidence_profile(model, prior, x, y, "fc", [reached, reached + 4, reached + 8])]
-    assert profile[0] == pytest.approx(last["neg_log_marglik"], abs=1e-3)  # refitting the MAP changes nothing
+    assert profile[0] == pytest.approx(last["neg_log_marglik"], abs=5e-3)  # refitting the MAP: the last round's move
     assert profile[0] < min(profile) + 0.01  # at the profile's optimum
     assert last["relative_fc"] < 0.05 and last["output_share_fc"] < 1e-6
     assert last["neg_log_marglik"] < stalled[2]["neg_log_marglik"] - 0.3  # the F-FC alternation's stall: 37.54
