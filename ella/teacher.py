@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ella.bilinear_ray import RAY_MIN_SCALE, optimise_precisions
+from ella.bilinear_ray import optimise_precisions
 from ella.layers import Conv, FactoredFC, RelaxedLayer
 from ella.marglik import LaplaceFit, effective_parameters, fit_laplace, neg_log_marglik
 from ella.priors import Prior
@@ -237,12 +237,16 @@ def path_columns(value: float, rows: list[PathReport]) -> dict:
 
 def learn_precisions(model: nn.Module, prior: Prior, x: torch.Tensor, y: torch.Tensor, rounds: int,
                      hyper_steps: int = 50, hyper_lr: float = 0.1, progress=None, method: str = "alternation",
-                     map_iter: int = 500, min_scale: float = RAY_MIN_SCALE) -> list[dict]:
+                     map_iter: int = 500, min_scale: float = 0.0) -> list[dict]:
     """Per round, exact MAP, then KFAC-Laplace and ``hyper_steps`` Adam steps on the log precisions by ``method``
     (:data:`ella.bilinear_ray.MARGLIK_METHODS`). Returns one row (``round`` and :func:`path_columns`) per round,
     after its hyper-steps: the method's objective, and the paths' effective parameters and output shares at the
     round's MAP. ``progress``: optional callable invoked once per round; ``map_iter``: the MAP's
-    L-BFGS iterations per round (:func:`fit_map_and_laplace`); ``min_scale``: the ray's trust region."""
+    L-BFGS iterations per round (:func:`fit_map_and_laplace`); ``min_scale``: the ray's trust region, none by
+    default: every round starts from the exact MAP at the last round's precisions, so a round that moved too far
+    is corrected by the next (measured: with ``0.5``, 4 rounds of the layer-wise experiment end 0.26-0.79 worse in
+    evidence on CCC and FCC teachers than without, :data:`ella.bilinear_ray.RAY_MIN_SCALE` being meant for online
+    training, where the next round starts from a few epochs of SGD)."""
     optimizer = torch.optim.Adam([prior.log_precision], lr=hyper_lr)
     history = []
     for index in range(rounds):

@@ -172,9 +172,10 @@ def main() -> None:
                         help="teacher structures, one letter per layer, layer 1 first (C: CONV, F: dense F-FC)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="data and teacher seeds")
     parser.add_argument("--method", choices=MARGLIK_METHODS, default="ray", help="how the precisions are learned")
-    parser.add_argument("--ray-min-scale", type=Range(float, 0, False, 1), default=RAY_MIN_SCALE,
+    parser.add_argument("--ray-min-scale", type=Range(float, 0, False, 1), default=0.0,
                         help="the ray's trust region: the least factor by which one round may scale an F-FC path's "
-                             "output (0: none)")
+                             "output (0, the default: none, as every round refits the exact MAP; training runs "
+                             "use %g)" % RAY_MIN_SCALE)
     parser.add_argument("--student", choices=tuple(STUDENTS), default="ffc_conv", help="the student's paths")
     parser.add_argument("--init", choices=("teacher", "random"), default="teacher",
                         help="start the students from the teacher's weights on shared paths, or at random")

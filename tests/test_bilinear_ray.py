@@ -205,7 +205,7 @@ def test_the_ray_reaches_the_profiled_optimum_where_the_alternation_stalls(conv_
     last = learn_precisions(model, prior, x, y, rounds=10, method="ray")[-1]
     reached = math.log(last["precision_fc"])
     profile = [row["neg_log_marglik"] for row in evidence_profile(model, prior, x, y, "fc", [reached, reached + 4, reached + 8])]
-    assert profile[0] == pytest.approx(last["neg_log_marglik"], abs=5e-3)  # refitting the MAP: the last round's move
+    assert profile[0] == pytest.approx(last["neg_log_marglik"], abs=1e-3)  # refitting the MAP changes nothing
     assert profile[0] < min(profile) + 0.01  # at the profile's optimum
     assert last["relative_fc"] < 0.05 and last["output_share_fc"] < 1e-6
     assert last["neg_log_marglik"] < stalled[2]["neg_log_marglik"] - 0.3  # the F-FC alternation's stall: 37.54
