@@ -49,12 +49,13 @@ class TrainConfig:
     laplace: bool = option(False, "learn the prior precisions by the Laplace marginal likelihood (otherwise MAP)")
     burn_in: int = option(10, "first epoch at which the prior precisions are updated", OPTIONAL_COUNT)
     marglik_every: int = option(5, "update the precisions every this many epochs", COUNT)
-    hyper_steps: int = option(20, "Adam steps on the log precisions per KFAC fit (L-BFGS iterations with "
-                                  "--marglik-method ray)", OPTIONAL_COUNT)
-    hyper_lr: float = option(0.1, "learning rate of the precision updates", Range(float, 0))
-    marglik_method: str = option("alternation", "precision updates: 'alternation' (the paper's Adam steps at fixed "
-                                                "parameters) or 'ray' (L-BFGS on the evidence profiled along every "
-                                                "F-FC / S-FC path's scaling ray; ella.bilinear_ray)", MARGLIK_METHODS)
+    hyper_steps: int = option(20, "hyper-steps per KFAC fit: L-BFGS iterations on the log precisions (Adam steps "
+                                  "with --marglik-method alternation)", OPTIONAL_COUNT)
+    hyper_lr: float = option(0.1, "learning rate of the alternation's Adam steps on the log precisions", Range(float, 0))
+    marglik_method: str = option("ray", "precision updates: 'ray' (L-BFGS on the evidence profiled along every F-FC / "
+                                        "S-FC path's scaling ray, ella.bilinear_ray; no worse in evidence than the "
+                                        "alternation on any experiment measured, docs/results.md) or 'alternation' "
+                                        "(the paper's Adam steps at fixed parameters)", MARGLIK_METHODS)
     ray_min_scale: float = option(RAY_MIN_SCALE, "--marglik-method ray: the trust region of a round, the least factor "
                                                  "by which one round may scale an F-FC / S-FC path's output (0: "
                                                  "none)", Range(float, 0, False, 1))

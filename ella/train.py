@@ -3,9 +3,10 @@
 Every epoch: SGD with momentum (Adam as an option) on the MAP objective ``mean CE + 1/2 sum_t delta_t
 ||theta_t||^2 / N`` over augmented mini-batches, with a cosine learning-rate schedule stepped per iteration;
 then validation and test metrics. With ``laplace=True``, after ``burn_in`` epochs and every ``marglik_every``
-epochs, KFAC is fitted on the *unaugmented* training data, eigendecomposed once, and ``hyper_steps`` Adam steps
-are taken on the log prior precisions (or, with ``marglik_method="ray"``, L-BFGS steps on the evidence profiled
-along the factored paths' scaling rays: :mod:`ella.bilinear_ray`). On CUDA every training step is a replayed CUDA
+epochs, KFAC is fitted on the *unaugmented* training data, eigendecomposed once, and ``hyper_steps`` L-BFGS steps
+are taken on the evidence profiled along the factored paths' scaling rays (``marglik_method="ray"``, the default:
+:mod:`ella.bilinear_ray`; with ``"alternation"``, the paper's Adam steps on the log prior precisions at fixed
+parameters). On CUDA every training step is a replayed CUDA
 graph (:mod:`ella.static_step`). An atomic checkpoint is written after the first epoch, then whenever the last
 one is older than ``checkpoint_minutes`` or than 50 times its own write time (so writing costs about 2% of a run;
 a small network's is written every epoch), or every ``checkpoint_every`` epochs when that is set, and after the

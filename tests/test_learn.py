@@ -43,7 +43,7 @@ TRAINER_BEFORE = {
 
 def _equivalence_config(data: Path):
     """F-FC+CONV at width 1 on 40 images, 2 epochs with a marginal-likelihood round after each."""
-    return _tiny_config(data, layer="ffc_conv", epochs=2, burn_in=1, marglik_every=1)
+    return _tiny_config(data, layer="ffc_conv", epochs=2, burn_in=1, marglik_every=1, marglik_method="alternation")
 
 
 def test_the_trainer_gives_the_numbers_it_gave_before(tmp_path: Path) -> None:
@@ -119,7 +119,8 @@ def test_learn_on_the_papers_network_gives_the_trainers_run(tmp_path: Path) -> N
     bundle = _tiny_bundle(data, config)
     model = build_model("ffc_conv", bundle.in_channels, bundle.n_classes, alpha=1)
     result = learn(model, bundle.train, valid=bundle.valid, test=bundle.test, augment=bundle.augment, epochs=2,
-                   batch_size=16, burn_in=1, marglik_every=1, hyper_steps=3, kfac_batch_size=25, seed=3, device="cpu")
+                   batch_size=16, burn_in=1, marglik_every=1, hyper_steps=3, kfac_batch_size=25, seed=3, device="cpu",
+                   marglik_method="alternation")
     for key in ("valid", "test", "neg_log_marglik", "precisions", "n_params", "effective_layer_types"):
         assert result.metrics[key] == expected[key], key
     assert result.precisions == expected["precisions"]
