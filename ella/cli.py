@@ -116,13 +116,15 @@ def config_from_args(args: argparse.Namespace, presets: dict[str, dict], **fixed
 def check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, config: TrainConfig,
                        laplace: bool | None = None) -> None:
     """Refuse (``parser.error``, exit status 2) a precision-update flag that the runs would ignore:
-    ``--marglik-method`` without a Laplace run (``laplace``: whether there is one, default ``config.laplace``),
-    ``--ray-min-scale`` without ``--marglik-method ray``."""
-    if args.marglik_method is not None and not (config.laplace if laplace is None else laplace):
-        parser.error("--marglik-method chooses how --laplace learns the precisions; a MAP run learns none: add --laplace")
+    ``--marglik-method`` or ``--ray-min-scale`` without a Laplace run (``laplace``: whether there is one, default
+    ``config.laplace``), ``--ray-min-scale`` with ``--marglik-method alternation``."""
+    learns = config.laplace if laplace is None else laplace
+    for given, name in ((args.marglik_method, "--marglik-method"), (args.ray_min_scale, "--ray-min-scale")):
+        if given is not None and not learns:
+            parser.error(f"{name} chooses how --laplace learns the precisions; a MAP run learns none: add --laplace")
     if args.ray_min_scale is not None and config.marglik_method != "ray":
-        parser.error("--ray-min-scale is the trust region of --marglik-method ray; the alternation has none: add "
-                     "--laplace --marglik-method ray")
+        parser.error("--ray-min-scale is the trust region of the ray (--marglik-method ray, the default); the "
+                     "alternation has none: leave out one of them")
 
 
 def default_out_dir(experiment: str, config: TrainConfig, preset: str) -> Path:

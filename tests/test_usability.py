@@ -141,8 +141,9 @@ def test_paper_tables_takes_the_preset_that_fits_the_machine_and_asks_for_an_exp
     ("multigroup", ["--marglik-method", "ray", "--preset", "cpu"], "a MAP run learns none: add --laplace"),
     ("quadrant_mnist", ["--runs", "fc:map", "ffc_cnv:laplace"], "--runs ffc_cnv:laplace: unknown layer 'ffc_cnv'"),
     ("quadrant_mnist", ["--runs", "conv:map", "--marglik-method", "ray"], "a MAP run learns none: add --laplace"),
-    ("cifar10", ["--layer", "ffc_conv", "--laplace", "--ray-min-scale", "0"], "the alternation has none: add --laplace "
-                                                                               "--marglik-method ray"),
+    ("cifar10", ["--layer", "ffc_conv", "--laplace", "--marglik-method", "alternation", "--ray-min-scale", "0"],
+     "the alternation has none: leave out one of them"),
+    ("cifar10", ["--layer", "ffc_conv", "--ray-min-scale", "0"], "--ray-min-scale chooses how --laplace learns"),
     ("multigroup", ["--laplace", "--marglik-method", "ray", "--ray-min-scale", "1"],
      "argument --ray-min-scale: must be a finite number in [0, 1), got 1"),
 ])
