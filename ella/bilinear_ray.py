@@ -101,7 +101,7 @@ class Ray:
     squared_norms: torch.Tensor
     start_precisions: torch.Tensor
     curvature: float
-    min_scale: float = RAY_MIN_SCALE
+    min_scale: float
 
     def scale(self, delta: torch.Tensor) -> torch.Tensor:
         """``t*`` at per-tensor precisions ``delta (n_tensors,)`` (float64, in ``[min_scale, 1]``). Differentiable;

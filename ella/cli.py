@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ella import distributed
+from ella.bilinear_ray import RAY_MIN_SCALE
 from ella.checkpoint import CheckpointError, OutputError
 from ella.marglik import MarglikError
 from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, is_option
@@ -125,6 +126,16 @@ def check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
     if args.ray_min_scale is not None and config.marglik_method != "ray":
         parser.error("--ray-min-scale is the trust region of the ray (--marglik-method ray, the default); the "
                      "alternation has none: leave out one of them")
+
+
+def add_exact_map_ray_argument(parser: argparse.ArgumentParser) -> None:
+    """``--ray-min-scale`` for the scripts whose every round refits the exact MAP (known_symmetry,
+    layerwise_symmetry): 0 by default, no trust region, because a round that moved too far is corrected by the
+    next; training runs, which continue from a few epochs of SGD, use :data:`~ella.bilinear_ray.RAY_MIN_SCALE`."""
+    parser.add_argument("--ray-min-scale", type=Range(float, 0, False, 1), default=0.0,
+                        help="the ray's trust region: the least factor by which one round may scale an F-FC path's "
+                             f"output (0, the default: none, as every round refits the exact MAP; training runs use "
+                             f"{RAY_MIN_SCALE:g})")
 
 
 def default_out_dir(experiment: str, config: TrainConfig, preset: str) -> Path:

@@ -32,9 +32,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ella.bilinear_ray import MARGLIK_METHODS, RAY_MIN_SCALE
-from ella.cli import figure_dir, positive_float, positive_int, run_script, setup_logging, write_table
-from ella.options import Range
+from ella.bilinear_ray import MARGLIK_METHODS
+from ella.cli import (
+    add_exact_map_ray_argument, figure_dir, positive_float, positive_int, run_script, setup_logging, write_table,
+)
 from ella.priors import Prior
 from ella.teacher import (
     PATHS,
@@ -65,10 +66,7 @@ def main() -> None:
                         help="which path the teacher has on ('conv': equivariant data; 'fc': dense data)")
     parser.add_argument("--methods", nargs="+", choices=MARGLIK_METHODS, default=list(MARGLIK_METHODS),
                         help="how the precisions are learned: 'alternation' (the paper's) and/or 'ray'")
-    parser.add_argument("--ray-min-scale", type=Range(float, 0, False, 1), default=0.0,
-                        help="the ray's trust region: the least factor by which one round may scale an F-FC path's "
-                             "output (0, the default: none, as every round refits the exact MAP; training runs "
-                             "use %g)" % RAY_MIN_SCALE)
+    add_exact_map_ray_argument(parser)
     parser.add_argument("--rounds", type=positive_int, default=10, help="MAP + Laplace rounds of each method")
     parser.add_argument("--hyper-steps", type=positive_int, default=50, help="hyper-steps per round: Adam steps (alternation) or L-BFGS iterations (ray)")
     parser.add_argument("--hyper-lr", type=positive_float, default=0.1, help="learning rate of the alternation's Adam steps")

@@ -42,11 +42,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ella.bilinear_ray import MARGLIK_METHODS, RAY_MIN_SCALE
-from ella.cli import figure_dir, positive_float, positive_int, run_script, setup_logging, write_table
+from ella.bilinear_ray import MARGLIK_METHODS
+from ella.cli import (
+    add_exact_map_ray_argument, figure_dir, positive_float, positive_int, run_script, setup_logging, write_table,
+)
 from ella.layers import Conv, FactoredFC, SparseConv, SparseFC
 from ella.marglik import neg_log_marglik
-from ella.options import Range
 from ella.priors import Prior
 from ella.report import effective_layer_types, pyplot, save_figure
 from ella.teacher import (
@@ -172,10 +173,7 @@ def main() -> None:
                         help="teacher structures, one letter per layer, layer 1 first (C: CONV, F: dense F-FC)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="data and teacher seeds")
     parser.add_argument("--method", choices=MARGLIK_METHODS, default="ray", help="how the precisions are learned")
-    parser.add_argument("--ray-min-scale", type=Range(float, 0, False, 1), default=0.0,
-                        help="the ray's trust region: the least factor by which one round may scale an F-FC path's "
-                             "output (0, the default: none, as every round refits the exact MAP; training runs "
-                             "use %g)" % RAY_MIN_SCALE)
+    add_exact_map_ray_argument(parser)
     parser.add_argument("--student", choices=tuple(STUDENTS), default="ffc_conv", help="the student's paths")
     parser.add_argument("--init", choices=("teacher", "random"), default="teacher",
                         help="start the students from the teacher's weights on shared paths, or at random")

@@ -149,8 +149,10 @@ def test_paper_tables_takes_the_preset_that_fits_the_machine_and_asks_for_an_exp
 ])
 def test_flags_that_cannot_work_are_refused_before_anything_runs(name, argv, message, monkeypatch, capsys):
     import ella.cli
+    import ella.train
 
     monkeypatch.setattr(ella.cli, "run_many", lambda *a, **k: pytest.fail("trained before refusing a flag"))
+    monkeypatch.setattr(ella.train, "train", lambda *a, **k: pytest.fail("trained before refusing a flag"))
     assert message in usage_error(name, argv, monkeypatch, capsys)
 
 
