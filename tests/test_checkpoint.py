@@ -331,12 +331,21 @@ def _fake_clock(monkeypatch: pytest.MonkeyPatch, save_seconds: float) -> list[in
     return written
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler during the test, as in a terminal; the inherited one afterwards. A process
+    started from a background shell (``cmd &``) inherits SIGINT ignored, and a run leaves an ignored Ctrl-C alone."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
 @pytest.mark.parametrize(("signals", "message", "saved"), [
     (1, "interrupted after epoch 3 of 8; the checkpoint in {out} holds epoch 3", [1, 3]),
     (2, "interrupted in epoch 3 of 8; the checkpoint in {out} holds epoch 1", [1]),
 ])
 def test_ctrl_c_stops_after_the_epoch_in_progress_once_it_is_saved(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signals: int, message: str, saved: list[int]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signals: int, message: str, saved: list[int], python_ctrl_c: None
 ) -> None:
     """By time (100 s epochs, 10 s checkpoints) epochs 2 and 3 would not be saved. Ctrl-C in epoch 3 lets that
     epoch end, saves it and stops, and the resumed run ends as the uninterrupted one; a second Ctrl-C stops at

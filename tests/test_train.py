@@ -163,9 +163,16 @@ def test_kfac_options_reach_the_laplace_fit(tmp_path: Path, layer: str, option: 
         TrainConfig(**{option: "sum"}).check()
 
 
+def _as_from_a_terminal() -> None:
+    """In a child before it runs: Ctrl-C's default action, which a background shell (``cmd &``) sets to ignore."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_wait_for_two_epochs(command: list[str], env: dict, out: Path) -> subprocess.Popen:
-    """Start ``command`` and return once ``out/metrics.jsonl`` holds two epochs (or it ended, or 120 s passed)."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    """Start ``command`` as from a terminal (SIGINT not ignored, whatever this process inherited) and return once
+    ``out/metrics.jsonl`` holds two epochs (or it ended, or 120 s passed)."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_as_from_a_terminal)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
