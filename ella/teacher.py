@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ella.bilinear_ray import optimise_precisions
-from ella.layers import Conv, FactoredFC, RelaxedLayer
+from ella.layers import Conv, FactoredFC, GroupConv, RelaxedLayer
+from ella.layers.group import N_ROTATIONS
 from ella.marglik import LaplaceFit, effective_parameters, fit_laplace, neg_log_marglik
 from ella.priors import Prior
 from ella.report import PathReport, path_output_power, path_reports, pyplot, save_figure, with_output_shares
@@ -36,8 +37,9 @@ from ella.report import PathReport, path_output_power, path_reports, pyplot, sav
 log = logging.getLogger(__name__)
 
 PATHS = ("fc", "conv")
-STRUCTURE_LETTERS = {"C": "conv", "F": "fc"}
-"""Letters of a deep teacher's structure (layer 1 first): ``C`` a CONV layer, ``F`` a dense (F-FC) layer."""
+STRUCTURE_LETTERS = {"C": "conv", "F": "fc", "G": "gconv"}
+"""Letters of a deep teacher's structure (layer 1 first): ``C`` a CONV layer, ``F`` a dense (F-FC) layer, ``G`` a
+p4 GCONV layer (in a group model, :class:`PathTypes`)."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,8 @@ def relaxed_model(problem: Problem, seed: int, fc: type[nn.Module] = FactoredFC)
 
 
 def _path_of(name: str) -> str:
-    """The path (``"fc"`` or ``"conv"``) owning parameter ``<layer>.paths.<path>.*`` of a :func:`relaxed_model`
-    or a :func:`deep_model`."""
+    """The path (``"fc"``, ``"conv"`` or ``"gconv"``) owning parameter ``<layer>.paths.<path>.*`` of a
+    :func:`relaxed_model` or a :func:`deep_model`."""
     return name.split(".")[2]
 
 
@@ -107,40 +109,79 @@ def structure_paths(structure: str) -> list[tuple[str, ...]]:
     """``"CCF"`` -> ``[("conv",), ("conv",), ("fc",)]``: the one path of each layer of a teacher (layer 1 first)."""
     if not structure or any(letter not in STRUCTURE_LETTERS for letter in structure):
         raise ValueError(f"unknown teacher structure {structure!r}: one letter per layer, each one of "
-                         f"{sorted(STRUCTURE_LETTERS)} (C: CONV, F: dense F-FC)")
+                         f"{sorted(STRUCTURE_LETTERS)} (C: CONV, F: dense F-FC, G: p4 GCONV)")
     return [(STRUCTURE_LETTERS[letter],) for letter in structure]
 
 
-def deep_model(problem: Problem, layers: Sequence[Sequence[str]], seed: int, fc: type[nn.Module] = FactoredFC,
-               conv: type[nn.Module] = Conv) -> nn.Sequential:
-    """A stack of :class:`SmoothRelaxedLayer` s, ``layers[k]`` naming the paths of layer ``k`` (``"fc"``,
-    ``"conv"``), tanh between the layers, flattened and divided by the noise level, in float64.
+@dataclass(frozen=True)
+class PathTypes:
+    """The paths a :func:`deep_model` 's layers may have: the dense ``fc`` (type ``fc``: ``FactoredFC`` or
+    ``SparseFC``) and the convolution ``conv`` (``Conv`` or ``SparseConv``), and with ``group`` a third, the p4
+    group convolution ``gconv`` (:class:`~ella.layers.GroupConv`, pointwise: rotation ``g`` of the output is
+    the input's rotation ``g`` convolved with the filter turned ``g`` quarter turns, as in the paper's
+    F-FC+CONV+GCONV layer). A group model acts on p4 maps ``(N, 4C, S, S)`` (group-major, as in
+    :mod:`ella.layers.group`), its ``fc`` and ``conv`` paths on all ``4C`` channels, so a CONV path can express a
+    GCONV map (with 16 times its parameters) and neither can express a dense one."""
 
-    ``(N, C, S, S) -> (N, C * S * S)``; parameters named ``<k>.paths.<path>.*``. ``fc``, ``conv``: the path types
-    (``SparseFC`` / ``SparseConv`` for an S-FC+S-CONV student).
+    fc: type[nn.Module] = FactoredFC
+    conv: type[nn.Module] = Conv
+    group: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The path names, in the order of their parameters."""
+        return ("fc", "conv", "gconv") if self.group else ("fc", "conv")
+
+    def width(self, channels: int) -> int:
+        """Channels of the maps a layer acts on: ``4 * channels`` for a group model."""
+        return N_ROTATIONS * channels if self.group else channels
+
+    def make(self, path: str, channels: int, size: int) -> nn.Module:
+        """A new ``path`` (one of :attr:`names`) for ``channels`` channels (fields of 4 rotations in a group
+        model) on ``size x size`` maps."""
+        if path not in self.names:
+            raise ValueError(f"unknown path {path!r} for a model with paths {self.names}"
+                             + ("" if self.group else " (GCONV layers need a group model)"))
+        width = self.width(channels)
+        if path == "fc":
+            return self.fc(width, width, size, size)
+        if path == "conv":
+            return self.conv(width, width, 3)
+        return GroupConv(channels, channels, 3, mode="pointwise")
+
+
+def deep_model(problem: Problem, layers: Sequence[Sequence[str]], seed: int,
+               types: PathTypes = PathTypes()) -> nn.Sequential:
+    """A stack of :class:`SmoothRelaxedLayer` s, ``layers[k]`` naming the paths of layer ``k`` (of
+    ``types.names``), tanh between the layers, flattened and divided by the noise level, in float64.
+
+    ``(N, W, S, S) -> (N, W * S * S)`` with ``W = types.width(C)`` (``4C`` channels of p4 maps in a group model);
+    parameters named ``<k>.paths.<path>.*``.
     """
     torch.manual_seed(seed)
     c, s = problem.channels, problem.size
-    make = {"fc": lambda: fc(c, c, s, s), "conv": lambda: conv(c, c, 3)}
-    stack = [SmoothRelaxedLayer({path: make[path]() for path in paths},
+    stack = [SmoothRelaxedLayer({path: types.make(path, c, s) for path in paths},
                                 torch.tanh if k + 1 < len(layers) else _identity) for k, paths in enumerate(layers)]
     return nn.Sequential(*stack, nn.Flatten(), OutputScale(1.0 / problem.noise)).double()
 
 
-def deep_teacher(problem: Problem, structure: str, seed: int = 0, fc: type[nn.Module] = FactoredFC,
-                 conv: type[nn.Module] = Conv) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
-    """``(teacher, x (n, C, S, S), y / noise (n, C*S*S))``: a :func:`deep_model` teacher with one path per layer
-    (``structure``, e.g. ``"CCF"``: :func:`structure_paths`; path types ``fc``, ``conv``; seed ``seed + 1000``),
-    standard normal inputs and its noisy targets.
+def deep_teacher(problem: Problem, structure: str, seed: int = 0,
+                 types: PathTypes = PathTypes()) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """``(teacher, x (n, W, S, S), y / noise (n, W*S*S))``: a :func:`deep_model` teacher with one path per layer
+    (``structure``, e.g. ``"CCF"``: :func:`structure_paths`; path types ``types``; seed ``seed + 1000``),
+    standard normal inputs and its noisy targets. In a group model (``W = 4C``) the inputs are standard normal
+    p4 fields, the four rotations of a channel independent: on lifted images (four equal copies) a first CONV
+    layer would see only a quarter of its input directions, and a first GCONV layer would be a lifting
+    convolution, so first layers would not be told apart as cleanly as deeper ones.
 
     Every teacher layer is rescaled in turn so that its pre-activation has standard deviation ``teacher_scale``
     on these inputs (tanh in its nonlinear range without saturating; the last layer's output, the noise-free
     target, then has ``teacher_scale / noise`` times the noise's standard deviation), and its bias is zeroed.
     """
-    teacher = deep_model(problem, structure_paths(structure), seed + 1000, fc=fc, conv=conv)
+    teacher = deep_model(problem, structure_paths(structure), seed + 1000, types)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(problem.n, problem.channels, problem.size, problem.size, generator=generator,
-                    dtype=torch.float64)
+    width = types.width(problem.channels)
+    x = torch.randn(problem.n, width, problem.size, problem.size, generator=generator, dtype=torch.float64)
     with torch.no_grad():
         h = x
         for layer in teacher[:len(structure)]:
@@ -153,8 +194,7 @@ def deep_teacher(problem: Problem, structure: str, seed: int = 0, fc: type[nn.Mo
                 last = path.stage_v.weight if hasattr(path, "stage_v") else next(path.parameters())
                 last.mul_(factor)
             h = layer(h)
-        y = teacher(x) + torch.randn(problem.n, problem.channels * problem.size**2, generator=generator,
-                                     dtype=torch.float64)
+        y = teacher(x) + torch.randn(problem.n, width * problem.size**2, generator=generator, dtype=torch.float64)
     return teacher, x, y
 
 

@@ -1,15 +1,19 @@
 """Layer-wise known symmetry: does every layer of a deep student keep the path its teacher layer uses?
 
-A teacher of --depth relaxed layers (tanh between them, the last one linear), each with exactly one path on
-(a structure such as CCF: layer 1 CONV, layer 2 CONV, layer 3 a dense F-FC map no convolution expresses), each
+A teacher of relaxed layers (tanh between them, the last one linear), each with exactly one path on (a
+structure such as CCF: layer 1 CONV, layer 2 CONV, layer 3 a dense F-FC map no convolution expresses), each
 layer rescaled so that its pre-activation has standard deviation --teacher-scale, generates regression data
-from standard normal inputs. A student of the same depth with F-FC+CONV layers (--student sfc_sconv: S-FC+S-CONV)
-learns one precision per path (the teacher's paths are then of the same types), every step exact as in known_symmetry.py (full-batch L-BFGS MAP, KFAC-Laplace,
-hyper-steps by --method). Beside it, students fixed to the true structure, to all-CONV and to all-F-FC layers
-learn theirs the same way; every student's final -log p(D)/N is the Laplace evidence with the MAP refitted at
-its final precisions.
+from standard normal inputs. A student of the same depth with F-FC+CONV layers learns one precision per path,
+every step exact as in known_symmetry.py (full-batch L-BFGS MAP, KFAC-Laplace, hyper-steps by --method).
+--student sfc_sconv gives S-FC+S-CONV layers (the teacher's paths are then of the same types);
+--student ffc_conv_gconv gives F-FC+CONV+GCONV layers on p4 maps (4 rotations of every channel; the inputs
+independent standard normal p4 fields), where a G layer of the teacher is a p4 group convolution, which the CONV
+path could also express with 16 times its parameters. Beside the relaxed student, students fixed to the true
+structure and to one path in every layer (all-CONV, all-F-FC, all-GCONV) learn theirs the same way; every
+student's final -log p(D)/N is the Laplace evidence with the MAP refitted (--final-map-iter) at its final
+precisions.
 
-A student layer is *recovered* when the path the teacher layer does not use carries at most --share-threshold
+A student layer is *recovered* when the paths the teacher layer does not use carry at most --share-threshold
 of the layer's output power (what the layer computes), read beside its relative effective parameters and the
 evidence against the true-structure student's.
 
@@ -19,6 +23,7 @@ a 3-layer network's global fit from a random start (--init random: it does not, 
 
     python experiments/layerwise_symmetry.py
     python experiments/layerwise_symmetry.py --structures CCF --seeds 0 --rounds 3 --n 128
+    python experiments/layerwise_symmetry.py --student ffc_conv_gconv
 
 Writes <out>/cells/<structure>_<seed>.json (one per structure and seed, written atomically; a rerun with the
 same settings reuses them), <out>/layers.{json,csv} (one row per structure, seed and layer),
@@ -52,6 +57,7 @@ from ella.priors import Prior
 from ella.report import effective_layer_types, pyplot, save_figure
 from ella.teacher import (
     STRUCTURE_LETTERS,
+    PathTypes,
     Problem,
     deep_model,
     deep_teacher,
@@ -62,22 +68,23 @@ from ella.teacher import (
     structure_paths,
 )
 
-STUDENTS = {"ffc_conv": (FactoredFC, Conv), "sfc_sconv": (SparseFC, SparseConv)}
-STRUCTURES = ("CCC", "CCF", "CFF", "FFF", "FCC")
-KIND_COLOURS = {"CONV": "tab:blue", "S-CONV": "tab:blue", "F-FC": "tab:orange", "S-FC": "tab:orange"}
+STUDENTS = {"ffc_conv": PathTypes(FactoredFC, Conv), "sfc_sconv": PathTypes(SparseFC, SparseConv),
+            "ffc_conv_gconv": PathTypes(FactoredFC, Conv, group=True)}
+STRUCTURES = {"ffc_conv": ("CCC", "CCF", "CFF", "FFF", "FCC"), "ffc_conv_gconv": ("GGG", "CGF", "GFC")}
+"""The default --structures of each student (sfc_sconv: ffc_conv's)."""
+PATH_LETTERS = {path: letter for letter, path in STRUCTURE_LETTERS.items()}
 
 
 def train_student(problem: Problem, layers: list[tuple[str, ...]], teacher: torch.nn.Module, x: torch.Tensor,
                   y: torch.Tensor, args: argparse.Namespace, progress) -> tuple[float, list]:
     """Learn a student's precisions; returns ``(final -log p(D)/N with the MAP refitted, report rows)``."""
-    fc, conv = STUDENTS[args.student]
-    model = deep_model(problem, layers, seed=args.student_seed, fc=fc, conv=conv)
+    model = deep_model(problem, layers, seed=args.student_seed, types=STUDENTS[args.student])
     if args.init == "teacher":
         start_from(model, teacher)
     prior = Prior(model)
     learn_precisions(model, prior, x, y, args.rounds, args.hyper_steps, args.hyper_lr, progress, method=args.method,
                      map_iter=args.map_iter, min_scale=args.ray_min_scale)
-    fit = fit_map_and_laplace(model, prior, x, y, args.map_iter)
+    fit = fit_map_and_laplace(model, prior, x, y, args.final_map_iter)
     with torch.no_grad():
         value = float(neg_log_marglik(fit, prior))
     return value, report(fit, model, prior, x)[1]
@@ -85,11 +92,11 @@ def train_student(problem: Problem, layers: list[tuple[str, ...]], teacher: torc
 
 def run_cell(problem: Problem, structure: str, seed: int, args: argparse.Namespace, progress) -> dict:
     """One structure and seed: the relaxed student's layers and every student's evidence."""
-    fc, conv = STUDENTS[args.student]
-    teacher, x, y = deep_teacher(problem, structure, seed, fc=fc, conv=conv)  # paths of the student's types
+    types = STUDENTS[args.student]
+    teacher, x, y = deep_teacher(problem, structure, seed, types)  # paths of the student's types
     depth = len(structure)
-    students = {"relaxed": [("fc", "conv")] * depth, "true": structure_paths(structure),
-                "all_conv": [("conv",)] * depth, "all_fc": [("fc",)] * depth}
+    students = {"relaxed": [types.names] * depth, "true": structure_paths(structure),
+                **{f"all_{path}": [(path,)] * depth for path in types.names}}
     evidence, relaxed_rows, trained = {}, [], {}
     for name, layers in students.items():
         key = tuple(map(tuple, layers))  # the true structure may be all-CONV or all-F-FC: trained once
@@ -100,18 +107,19 @@ def run_cell(problem: Problem, structure: str, seed: int, args: argparse.Namespa
         evidence[name], rows = trained[key]
         if name == "relaxed":
             relaxed_rows = rows
-    types = effective_layer_types(relaxed_rows)
+    student_types = effective_layer_types(relaxed_rows)
     layers = []
     for k, letter in enumerate(structure):
         used = STRUCTURE_LETTERS[letter]
-        unused = next(p for p in ("fc", "conv") if p != used)
         row = {r.path: r for r in relaxed_rows if r.layer == str(k)}
-        share = row[unused].output_share
+        unused = max((p for p in types.names if p != used), key=lambda p: row[p].output_share)
+        share = sum(row[p].output_share for p in types.names if p != used)
         layers.append({
-            "structure": structure, "seed": seed, "layer": k + 1, "teacher": row[used].kind, "student": types[str(k)],
-            "recovered": share <= args.share_threshold, "unused": row[unused].kind,
-            "unused_relative": row[unused].relative, "unused_output_share": share,
+            "structure": structure, "seed": seed, "layer": k + 1, "teacher": row[used].kind,
+            "student": student_types[str(k)], "recovered": share <= args.share_threshold,
+            "unused": row[unused].kind, "unused_relative": row[unused].relative, "unused_output_share": share,
             "unused_precision": row[unused].precisions[0], "used_precision": row[used].precisions[0],
+            "largest": PATH_LETTERS[max(types.names, key=lambda p: row[p].output_share)],
         })
     gap = evidence["relaxed"] - evidence["true"]
     return {"structure": structure, "seed": seed, "layers": layers,
@@ -126,16 +134,20 @@ def write_atomic(path: Path, payload: dict) -> None:
     os.replace(temporary, path)
 
 
+def layer_letter(row: dict) -> str:
+    """A student layer read by output share: its teacher's letter (``C``, ``F``, ``G``) where it is recovered,
+    the letter of the path carrying most of its output in lower case where that is another path, ``?`` where the
+    teacher's path carries most but the others more than the threshold."""
+    teacher = row["structure"][row["layer"] - 1]
+    if row["recovered"]:
+        return teacher
+    return row["largest"].lower() if row["largest"] != teacher else "?"
+
+
 def recovery_grid(layers: list[dict], structures: list[str], seeds: list[int]) -> str:
-    """A Markdown table, structures down and seeds across: each cell the student's layers read by output share,
-    ``C`` / ``F`` where the layer is recovered (CONV / dense), the wrong path's letter in lower case where that
-    path carries most of the output, ``?`` where both carry more than the threshold."""
-    letters = {}
-    for row in layers:
-        teacher = "C" if row["teacher"] in ("CONV", "S-CONV") else "F"
-        other = "f" if teacher == "C" else "c"
-        letter = teacher if row["recovered"] else other if row["unused_output_share"] > 0.5 else "?"
-        letters[(row["structure"], row["seed"], row["layer"])] = letter
+    """A Markdown table, structures down and seeds across, each cell the student's layers by
+    :func:`layer_letter`."""
+    letters = {(row["structure"], row["seed"], row["layer"]): layer_letter(row) for row in layers}
     lines = ["| teacher | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "| --- |" + " --- |" * len(seeds)]
     for structure in structures:
         cells = ["".join(letters.get((structure, seed, k + 1), " ") for k in range(len(structure))) for seed in seeds]
@@ -143,17 +155,21 @@ def recovery_grid(layers: list[dict], structures: list[str], seeds: list[int]) -
     return "\n".join(lines)
 
 
+LETTER_COLOURS = {"C": "tab:blue", "F": "tab:orange", "G": "tab:green"}
+
+
 def plot_recovery(layers: list[dict], structures: list[str], seeds: list[int], out: Path) -> Path:
     """Grid: layers across (one sub-column per seed), structures down; each cell coloured by the student
-    layer's type as its output shares read it, a black cross where it is not the teacher's."""
+    layer's type as its output shares read it (:func:`layer_letter`), a black cross where it is not the
+    teacher's."""
     plt = pyplot()
     depth = max(len(s) for s in structures)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.35 * depth * len(seeds)), 1.2 + 0.5 * len(structures)))
     for row in layers:
         i = structures.index(row["structure"])
         j = (row["layer"] - 1) * len(seeds) + seeds.index(row["seed"])
-        kind = row["teacher"] if row["recovered"] else row["unused"] if row["unused_output_share"] > 0.5 else "mixed"
-        ax.add_patch(plt.Rectangle((j, i), 1, 1, color=KIND_COLOURS.get(kind, "tab:gray"), ec="white"))
+        colour = LETTER_COLOURS.get(layer_letter(row).upper(), "tab:gray")
+        ax.add_patch(plt.Rectangle((j, i), 1, 1, color=colour, ec="white"))
         if not row["recovered"]:
             ax.plot(j + 0.5, i + 0.5, "kx", markersize=8)
     for k in range(1, depth):
@@ -163,22 +179,31 @@ def plot_recovery(layers: list[dict], structures: list[str], seeds: list[int], o
     ax.set_xticks([(k + 0.5) * len(seeds) for k in range(depth)], [f"layer {k + 1}" for k in range(depth)])
     ax.set_yticks([i + 0.5 for i in range(len(structures))], structures)
     ax.set_title("student layers by output share, one column per seed\n"
-                 "blue CONV, orange F-FC, grey mixed; x: not the teacher's", fontsize="small")
+                 "blue CONV, orange dense, green GCONV, grey mixed; x: not the teacher's", fontsize="small")
     return save_figure(fig, out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--structures", nargs="+", default=list(STRUCTURES),
-                        help="teacher structures, one letter per layer, layer 1 first (C: CONV, F: dense F-FC)")
+    parser.add_argument("--structures", nargs="+",
+                        help="teacher structures, one letter per layer, layer 1 first (C: CONV, F: dense F-FC, G: p4 "
+                             "GCONV, with --student ffc_conv_gconv); default: "
+                             + "; ".join(f"{' '.join(v)} ({k})" for k, v in STRUCTURES.items())
+                             + " (sfc_sconv: ffc_conv's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="data and teacher seeds")
     parser.add_argument("--method", choices=MARGLIK_METHODS, default="ray", help="how the precisions are learned")
     add_exact_map_ray_argument(parser)
-    parser.add_argument("--student", choices=tuple(STUDENTS), default="ffc_conv", help="the student's paths")
+    parser.add_argument("--student", choices=tuple(STUDENTS), default="ffc_conv",
+                        help="the student's paths (ffc_conv_gconv: F-FC+CONV+GCONV layers on p4 maps)")
     parser.add_argument("--init", choices=("teacher", "random"), default="teacher",
                         help="start the students from the teacher's weights on shared paths, or at random")
-    parser.add_argument("--rounds", type=positive_int, default=4, help="MAP + Laplace rounds per student")
-    parser.add_argument("--map-iter", type=positive_int, default=100, help="L-BFGS iterations of every MAP fit")
+    parser.add_argument("--rounds", type=positive_int, default=8, help="MAP + Laplace rounds per student (default 8)")
+    parser.add_argument("--map-iter", type=positive_int, default=50,
+                        help="L-BFGS iterations of every round's MAP fit, warm-started from the last round's "
+                             "(default 50)")
+    parser.add_argument("--final-map-iter", type=positive_int, default=500,
+                        help="L-BFGS iterations of the MAP refitted at a student's final precisions, whose evidence "
+                             "is compared (default 500)")
     parser.add_argument("--hyper-steps", type=positive_int, default=50, help="hyper-steps per round")
     parser.add_argument("--hyper-lr", type=positive_float, default=0.1, help="learning rate of the alternation's Adam")
     parser.add_argument("--channels", type=positive_int, default=2, help="channels of every layer")
@@ -188,16 +213,24 @@ def main() -> None:
     parser.add_argument("--teacher-scale", type=positive_float, default=1.0,
                         help="standard deviation of every teacher layer's pre-activation on the data")
     parser.add_argument("--share-threshold", type=positive_float, default=1e-3,
-                        help="a layer is recovered when its unused path's output share is at most this")
+                        help="a layer is recovered when its unused paths' output share is at most this")
     parser.add_argument("--student-seed", type=int, default=0, help="seed of the students' random initialisation")
-    parser.add_argument("--out", type=Path, default=Path("runs") / "layerwise_symmetry", help="output folder")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/layerwise_symmetry, "
+                        "runs/layerwise_symmetry_<student> for another student than ffc_conv)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every round")
     args = parser.parse_args()
+    types = STUDENTS[args.student]
+    if args.out is None:
+        args.out = Path("runs") / ("layerwise_symmetry" + ("" if args.student == "ffc_conv" else f"_{args.student}"))
+    if args.structures is None:
+        args.structures = list(STRUCTURES["ffc_conv_gconv" if types.group else "ffc_conv"])
     for structure in args.structures:
         try:
-            structure_paths(structure)
+            paths = structure_paths(structure)
         except ValueError as error:
             parser.error(f"--structures: {error}")
+        if any(path not in types.names for (path,) in paths):
+            parser.error(f"--structures: {structure} has a GCONV layer, which needs --student ffc_conv_gconv")
     setup_logging(args.verbose)
     problem = Problem(channels=args.channels, size=args.size, n=args.n, noise=args.noise,
                       teacher_scale=args.teacher_scale)
@@ -206,14 +239,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
     cells = []
-    total = len(args.structures) * len(args.seeds) * 4 * args.rounds
+    per_cell = (2 + len(types.names)) * args.rounds  # the relaxed, true and one-path students' rounds
+    total = len(args.structures) * len(args.seeds) * per_cell
     with tqdm(total=total, desc=f"layer-wise, {args.method}") as bar:
         for structure in args.structures:
             for seed in args.seeds:
                 path = args.out / "cells" / f"{structure}_{seed}.json"
                 if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
                     cells.append(json.loads(path.read_text()))
-                    bar.update(4 * args.rounds)
+                    bar.update(per_cell)
                     continue
                 cell = {**run_cell(problem, structure, seed, args, bar.update), "settings": settings}
                 write_atomic(path, cell)

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ella.layers import rotate_p4
 from ella.priors import Prior
 from ella.teacher import (
+    PathTypes,
     Problem,
     deep_teacher,
     evidence_profile,
@@ -101,15 +103,32 @@ def test_deep_teacher_layers_have_the_chosen_preactivation_scale_and_one_path() 
             assert float(pre.std()) == pytest.approx(1.5, rel=1e-9)
             h = layer(h)
         assert float((y - teacher(x)).std()) == pytest.approx(1.0, rel=0.05)  # unit noise after the 1 / noise
-    with pytest.raises(ValueError, match="unknown teacher structure 'CGC'"):
-        structure_paths("CGC")
+    with pytest.raises(ValueError, match="unknown teacher structure 'CXC'"):
+        structure_paths("CXC")
+
+
+def test_a_group_teachers_gconv_layers_are_rotation_equivariant_and_its_others_are_not() -> None:
+    problem = Problem(channels=2, size=4, n=16, noise=0.1)
+    group = PathTypes(group=True)
+    equivariant, x, y = deep_teacher(problem, "GGG", seed=1, types=group)
+    assert x.shape == (16, 8, 4, 4) and y.shape == (16, 128)  # four rotations of two channels
+    assert [tuple(layer.paths) for layer in equivariant[:3]] == [("gconv",)] * 3
+    assert not torch.equal(x[:, :2], x[:, 2:4])  # independent rotations, not a lifted image
+    layers = equivariant[:3]
+    with torch.no_grad():
+        assert torch.allclose(layers(rotate_p4(x)), rotate_p4(layers(x)), atol=1e-12)
+        for structure in ("CGG", "GFG"):  # a CONV or dense layer on p4 maps is not rotation equivariant
+            layers = deep_teacher(problem, structure, seed=1, types=group)[0][:3]
+            assert not torch.allclose(layers(rotate_p4(x)), rotate_p4(layers(x)), atol=1e-3)
+    with pytest.raises(ValueError, match="GCONV layers need a group model"):
+        deep_teacher(problem, "CGF", seed=1)
 
 
 def test_the_layerwise_experiment_recovers_a_ccf_teacher_at_tiny_size(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "layerwise"
     command = [sys.executable, str(repo / "experiments" / "layerwise_symmetry.py"), "--structures", "CCF",
-               "--seeds", "0", "--out", str(out)]  # one cell of the default setting: about 30 s on one core
+               "--seeds", "0", "--final-map-iter", "100", "--out", str(out)]  # one cell, shorter final refits
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
@@ -120,3 +139,31 @@ def test_the_layerwise_experiment_recovers_a_ccf_teacher_at_tiny_size(tmp_path: 
     evidence = json.loads((out / "evidence.json").read_text())[0]
     assert evidence["relaxed"] < min(evidence["all_conv"], evidence["all_fc"]) - 10  # neither fixed alternative fits
     assert (out / "figures" / "recovery.png").is_file() and (out / "cells" / "CCF_0.json").is_file()
+
+
+def test_the_layerwise_experiment_refuses_a_gconv_teacher_for_a_student_without_gconv(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(repo / "experiments" / "layerwise_symmetry.py"), "--structures", "CGF",
+               "--out", str(tmp_path / "refused")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 2
+    assert "CGF has a GCONV layer, which needs --student ffc_conv_gconv" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "refused").exists()
+
+
+def test_the_layerwise_experiment_with_a_group_student_reports_three_paths_per_layer(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "group"
+    command = [sys.executable, str(repo / "experiments" / "layerwise_symmetry.py"), "--student", "ffc_conv_gconv",
+               "--structures", "GF", "--seeds", "0", "--channels", "1", "--n", "32", "--rounds", "1",
+               "--map-iter", "5", "--final-map-iter", "5", "--out", str(out)]  # the wiring only, a few seconds
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    layers = json.loads((out / "layers.json").read_text())
+    assert [(row["layer"], row["teacher"]) for row in layers] == [(1, "GCONV"), (2, "F-FC")]
+    assert all(row["largest"] in "CFG" and 0 <= row["unused_output_share"] <= 1 for row in layers)
+    evidence = json.loads((out / "evidence.json").read_text())[0]
+    assert {"relaxed", "true", "all_fc", "all_conv", "all_gconv"} <= set(evidence)
+    assert "| GF | " in result.stdout and result.stdout.strip().splitlines()[-1].startswith("recovered ")
