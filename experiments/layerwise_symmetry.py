@@ -178,8 +178,9 @@ def plot_recovery(layers: list[dict], structures: list[str], seeds: list[int], o
     ax.set_ylim(len(structures), 0)
     ax.set_xticks([(k + 0.5) * len(seeds) for k in range(depth)], [f"layer {k + 1}" for k in range(depth)])
     ax.set_yticks([i + 0.5 for i in range(len(structures))], structures)
-    ax.set_title("student layers by output share, one column per seed\n"
-                 "blue CONV, orange dense, green GCONV, grey mixed; x: not the teacher's", fontsize="small")
+    colours = "blue CONV, orange dense" + (", green GCONV" if any("G" in s for s in structures) else "")
+    ax.set_title(f"student layers by output share, one column per seed\n{colours}, grey mixed; x: not the teacher's",
+                 fontsize="small")
     return save_figure(fig, out)
 
 
