@@ -70,8 +70,9 @@ from ella.teacher import (
 
 STUDENTS = {"ffc_conv": PathTypes(FactoredFC, Conv), "sfc_sconv": PathTypes(SparseFC, SparseConv),
             "ffc_conv_gconv": PathTypes(FactoredFC, Conv, group=True)}
-STRUCTURES = {"ffc_conv": ("CCC", "CCF", "CFF", "FFF", "FCC"), "ffc_conv_gconv": ("GGG", "CGF", "GFC")}
-"""The default --structures of each student (sfc_sconv: ffc_conv's)."""
+STRUCTURES = {"ffc_conv": ("CCC", "CCF", "CFF", "FFF", "FCC"), "sfc_sconv": ("CCC", "CCF", "CFF", "FFF", "FCC"),
+              "ffc_conv_gconv": ("GGG", "CGF", "GFC")}
+"""The default --structures of each student."""
 PATH_LETTERS = {path: letter for letter, path in STRUCTURE_LETTERS.items()}
 
 
@@ -99,7 +100,7 @@ def run_cell(problem: Problem, structure: str, seed: int, args: argparse.Namespa
                 **{f"all_{path}": [(path,)] * depth for path in types.names}}
     evidence, relaxed_rows, trained = {}, [], {}
     for name, layers in students.items():
-        key = tuple(map(tuple, layers))  # the true structure may be all-CONV or all-F-FC: trained once
+        key = tuple(map(tuple, layers))  # the true structure may be a one-path student: trained once
         if key not in trained:
             trained[key] = train_student(problem, layers, teacher, x, y, args, progress)
         else:
@@ -112,8 +113,9 @@ def run_cell(problem: Problem, structure: str, seed: int, args: argparse.Namespa
     for k, letter in enumerate(structure):
         used = STRUCTURE_LETTERS[letter]
         row = {r.path: r for r in relaxed_rows if r.layer == str(k)}
-        unused = max((p for p in types.names if p != used), key=lambda p: row[p].output_share)
-        share = sum(row[p].output_share for p in types.names if p != used)
+        others = [p for p in types.names if p != used]
+        unused = max(others, key=lambda p: row[p].output_share)
+        share = sum(row[p].output_share for p in others)
         layers.append({
             "structure": structure, "seed": seed, "layer": k + 1, "teacher": row[used].kind,
             "student": student_types[str(k)], "recovered": share <= args.share_threshold,
@@ -189,8 +191,7 @@ def main() -> None:
     parser.add_argument("--structures", nargs="+",
                         help="teacher structures, one letter per layer, layer 1 first (C: CONV, F: dense F-FC, G: p4 "
                              "GCONV, with --student ffc_conv_gconv); default: "
-                             + "; ".join(f"{' '.join(v)} ({k})" for k, v in STRUCTURES.items())
-                             + " (sfc_sconv: ffc_conv's)")
+                             + "; ".join(f"{' '.join(v)} ({k})" for k, v in STRUCTURES.items()))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="data and teacher seeds")
     parser.add_argument("--method", choices=MARGLIK_METHODS, default="ray", help="how the precisions are learned")
     add_exact_map_ray_argument(parser)
@@ -224,7 +225,7 @@ def main() -> None:
     if args.out is None:
         args.out = Path("runs") / ("layerwise_symmetry" + ("" if args.student == "ffc_conv" else f"_{args.student}"))
     if args.structures is None:
-        args.structures = list(STRUCTURES["ffc_conv_gconv" if types.group else "ffc_conv"])
+        args.structures = list(STRUCTURES[args.student])
     for structure in args.structures:
         try:
             paths = structure_paths(structure)
