@@ -17,7 +17,8 @@ need (e.g. quadratic forms in a block), are computed on first access of :attr:`B
 :attr:`BlockEigen.in_vecs`, for that block alone.
 
 Where: on the factors' device unless ``device`` is given. On the CPU a stack of small matrices is one LAPACK
-loop; CUDA's batched solver covers matrices up to 32 and loops above, so for CUDA factors
+loop, and factors of at least 64 rows go to numpy's LAPACK, the faster one measured (:mod:`kfac.cpu_linalg`);
+CUDA's batched solver covers matrices up to 32 and loops above, so for CUDA factors
 ``device="cpu"`` may be faster for networks of many mid-sized factors: ``benchmarks/train_speed.py`` times both
 on a GPU.
 """
@@ -29,6 +30,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+
+from kfac import cpu_linalg
 
 if TYPE_CHECKING:
     from kfac.curvature import KronCurvature
@@ -44,11 +47,23 @@ class CurvatureError(RuntimeError):
     eigendecomposed (the message names the block)."""
 
 
-def _symmetric(matrix: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-    """``(..., n, n)`` in float64 (float32 LAPACK fails on the many zero eigenvalues that dead ReLUs cause),
-    symmetrised, on ``device`` (default: its own)."""
-    wide = matrix.to(device=device, dtype=torch.float64)
-    return (wide + wide.transpose(-1, -2)).mul_(0.5)
+def _symmetric(matrices: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """Stacks ``(k_m, n, n)`` -> one ``(sum k_m, n, n)`` float64 stack of ``(M + M^T) / 2`` (float32 LAPACK fails
+    on the many zero eigenvalues that dead ReLUs cause), on ``device`` (default: the first stack's own).
+
+    One copy: the stacks are joined and widened in one ``cat``; CPU stacks are then symmetrised in place by numpy
+    (which buffers the transposed operand in cache-sized pieces; torch refuses the overlap, and an out-of-place
+    sum with a transposed operand takes twice as long); the values are those of ``(M + M^T) * 0.5`` either way.
+    """
+    device = matrices[0].device if device is None else device
+    shape = (sum(m.shape[0] for m in matrices), *matrices[0].shape[1:])
+    stack = torch.cat([m.to(device) for m in matrices], out=torch.empty(shape, dtype=torch.float64, device=device))
+    if stack.device.type != "cpu":
+        return (stack + stack.transpose(-1, -2)).mul_(0.5)
+    values = stack.numpy()
+    values += values.swapaxes(-1, -2)
+    values *= 0.5
+    return stack
 
 
 def _jittered(sym: torch.Tensor, jitter: float) -> torch.Tensor:
@@ -61,7 +76,7 @@ def _jittered(sym: torch.Tensor, jitter: float) -> torch.Tensor:
 def _decompose_one(sym: torch.Tensor, what: str, jitter: float, vectors: bool) -> tuple[torch.Tensor, ...]:
     """Eigenvalues (and vectors) of the symmetric ``(..., n, n)`` float64 ``sym``; on failure or non-finite
     output retry once with a tiny jitter, then raise :class:`CurvatureError` naming ``what``."""
-    solve = torch.linalg.eigh if vectors else lambda m: (torch.linalg.eigvalsh(m),)
+    solve = torch.linalg.eigh if vectors else lambda m: (cpu_linalg.eigvalsh(m),)
     if not torch.isfinite(sym).all():
         raise CurvatureError(f"{what}: factor has non-finite entries")
     try:
@@ -97,9 +112,9 @@ class BlockEigen:
         if self._vecs is None:
             b, a = self._factors()
             label = f"block {self._name}"
-            out_vecs = _decompose_one(_symmetric(b), f"{label} (output-side factor)", self._jitter, True)[1]
+            out_vecs = _decompose_one(_symmetric([b]), f"{label} (output-side factor)", self._jitter, True)[1]
             in_vecs = None if a is None else \
-                _decompose_one(_symmetric(a), f"{label} (input-side factor)", self._jitter, True)[1]
+                _decompose_one(_symmetric([a]), f"{label} (input-side factor)", self._jitter, True)[1]
             device = self.out_vals.device
             self._vecs = (out_vecs.to(device), None if in_vecs is None else in_vecs.to(device))
         return self._vecs
@@ -156,10 +171,12 @@ def _eigenvalues(matrices: list[torch.Tensor], labels: list[str], jitter: float,
     checks: list[tuple[int, torch.Tensor]] = []  # (factor, finite input and output)
     failed: list[int] = []
     for members in by_size.values():
-        stack = _symmetric(torch.cat([matrices[m] for m in members]), device)
-        finite_in = torch.isfinite(stack).all(-1).all(-1)  # LAPACK may return finite values for a NaN input
+        stack = _symmetric([matrices[m] for m in members], device)
+        # LAPACK may return finite values for a NaN input. A sum is finite unless an entry is not (or it overflows:
+        # then the factor is checked alone, entry by entry), and costs a third of an entry-wise check.
+        finite_in = torch.isfinite(stack.sum((-2, -1)))
         try:
-            vals = torch.linalg.eigvalsh(stack)
+            vals = cpu_linalg.eigvalsh(stack)
         except (torch.linalg.LinAlgError, RuntimeError):
             failed.extend(members)
             continue
@@ -172,7 +189,7 @@ def _eigenvalues(matrices: list[torch.Tensor], labels: list[str], jitter: float,
         finite = torch.stack([ok for _, ok in checks]).tolist()  # the one device read
         failed.extend(m for (m, _), ok in zip(checks, finite) if not ok)
     for m in sorted(failed):
-        found[m] = _decompose_one(_symmetric(matrices[m], device), labels[m], jitter, False)[0]
+        found[m] = _decompose_one(_symmetric([matrices[m]], device), labels[m], jitter, False)[0]
     return [vals.to(matrices[m].device) for m, vals in enumerate(found)]
 
 

@@ -119,6 +119,16 @@ def _group_major(rows: torch.Tensor) -> torch.Tensor:
     return grouped if rows.shape[-1] > _SYM_BLOCK else grouped.contiguous()
 
 
+def _joined(held: list[torch.Tensor]) -> torch.Tensor:
+    """Row sets ``(M_i, d)`` or ``(M_i, G, d)`` -> ``(M, d)`` or the group-major ``(G, M, d)`` (:func:`_group_major`)
+    with at most one copy: narrow group-major rows are joined straight into that layout."""
+    if held[0].dim() == 2:
+        return held[0] if len(held) == 1 else torch.cat(held)
+    if len(held) == 1 or held[0].shape[-1] > _SYM_BLOCK:
+        return _group_major(held[0] if len(held) == 1 else torch.cat(held))
+    return torch.cat([rows.transpose(0, 1) for rows in held], dim=1)
+
+
 def per_group_gram(grads: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """``(D, B, G, O) -> (G, O, O)``: ``sum_{d,n} g g^T`` per group, added onto ``out`` in place if given.
 
@@ -275,8 +285,7 @@ class RowsGram:
 
     def _flush(self) -> None:
         if self._held:
-            rows = self._held[0] if len(self._held) == 1 else torch.cat(self._held)
-            self._total = _lower_gram(rows if rows.dim() == 2 else _group_major(rows), self._total)
+            self._total = _lower_gram(_joined(self._held), self._total)
             self._held, self._size = [], 0
 
     def result(self) -> torch.Tensor:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfac.decomposition import CurvatureError
+from kfac import cpu_linalg
+from kfac.curvature import KronBlock, KronCurvature
+from kfac.decomposition import CurvatureError, _symmetric
 from kfac.fit import fit_kfac, kfac_batch
 from ella.layers.conv import Conv, circular_pad
 from ella.layers.polyphase import PolyphaseDownsample, polyphase_select
@@ -784,6 +787,74 @@ def test_decomposition_on_another_device_gives_the_same_eigenvalues():
     here, there = curv.decompose(), curv.decompose(device="cpu")
     torch.testing.assert_close(here.eigenvalues(), there.eigenvalues(), rtol=0, atol=0)
     assert there.eigenvalues().device == curv.blocks["2.head.bias"].out_factors.device
+
+
+def _wide_curvature(dtype: torch.dtype, n: int = 70) -> tuple[KronCurvature, torch.Tensor]:
+    """One ``kron`` block whose ``(n, n)`` output factor has known eigenvalues ``(n,)`` (returned, ascending;
+    a random rotation of them, so neither factor is diagonal) and a ``3 x 3`` input factor."""
+    gen = torch.Generator().manual_seed(41)
+    vals = torch.logspace(-6, 2, n, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
+    a = torch.randn(5, 3, dtype=torch.float64, generator=gen)
+    block = KronBlock("w", torch.Size([n, 3]), "kron", ((q * vals) @ q.T)[None].to(dtype), (a.T @ a)[None].to(dtype))
+    return KronCurvature({"w": block}, 5, 0.0), vals
+
+
+def test_wide_cpu_factors_take_numpy_lapack_and_give_their_known_eigenvalues(monkeypatch):
+    """A CPU factor at least ``NUMPY_EIGVALSH_MIN_SIZE`` wide is decomposed by numpy's LAPACK; its eigenvalues are
+    the ones it was built from, and the block's log-determinant is the dense matrix's."""
+    assert cpu_linalg.NUMPY_EIGVALSH_MIN_SIZE <= 70
+    sizes = []
+    real = np.linalg.eigvalsh
+    monkeypatch.setattr(np.linalg, "eigvalsh", lambda m, *a, **k: sizes.append(m.shape[-1]) or real(m, *a, **k))
+    curv, vals = _wide_curvature(DT)
+    dec = curv.decompose()
+    assert sizes == [70]
+    torch.testing.assert_close(dec.eigen[0].out_vals[0], vals, rtol=0, atol=1e-13 * float(vals.max()))
+    dense = curv.dense("w")
+    sign, expected = torch.linalg.slogdet(dense + 0.3 * torch.eye(dense.shape[0], dtype=DT))
+    assert sign > 0 and abs(float(dec.logdet(torch.tensor([0.3], dtype=DT))[0] - expected)) < 1e-10 * abs(float(expected))
+
+
+def test_numpy_lapack_failures_are_retried_then_named(monkeypatch, caplog):
+    """numpy's LAPACK failing once (the batched call) leaves the factor to be decomposed alone, with the same
+    eigenvalues; failing every time raises a CurvatureError naming the block."""
+    curv, _ = _wide_curvature(torch.float32)
+    reference = curv.decompose().eigenvalues()
+    real, calls = np.linalg.eigvalsh, []
+
+    def once(matrix, *args, **kwargs):
+        calls.append(matrix.shape)
+        if len(calls) == 1:
+            raise np.linalg.LinAlgError("simulated failure")
+        return real(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "eigvalsh", once)
+    torch.testing.assert_close(curv.decompose().eigenvalues(), reference, rtol=0, atol=0)
+    assert len(calls) == 2
+    monkeypatch.setattr(np.linalg, "eigvalsh", lambda *a, **k: (_ for _ in ()).throw(np.linalg.LinAlgError("no")))
+    with pytest.raises(CurvatureError, match=r"block w \(output-side factor\): eigendecomposition failed twice"):
+        curv.decompose()
+    assert "retrying with jitter" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_symmetric_stack_is_each_factor_averaged_with_its_transpose(dtype):
+    """The float64 stack the eigenvalues are taken of: ``(M + M^T) * 0.5`` of every factor, bit for bit."""
+    torch.manual_seed(42)
+    stacks = [torch.randn(2, 90, 90, dtype=dtype), torch.randn(1, 90, 90, dtype=dtype)]
+    expected = torch.cat([(m.double() + m.double().transpose(-1, -2)) * 0.5 for m in stacks])
+    got = _symmetric(stacks)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_finite_factor_whose_sum_overflows_is_decomposed():
+    """The cheap finiteness check of a batched call (the factor's sum) overflows for entries near the float64
+    maximum; such a factor is then checked entry by entry and decomposed, not refused."""
+    vals = torch.tensor([1.0, 5e307, 5e307, 5e307, 5e307], dtype=DT)  # sum 2e308 > 1.8e308
+    curv = KronCurvature({"b": KronBlock("b", torch.Size([5]), "single", torch.diag(vals)[None])}, 1, 0.0)
+    torch.testing.assert_close(curv.decompose().eigenvalues(), vals)
 
 
 def test_non_finite_factor_raises_curvature_error():
