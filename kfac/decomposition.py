@@ -17,7 +17,7 @@ need (e.g. quadratic forms in a block), are computed on first access of :attr:`B
 :attr:`BlockEigen.in_vecs`, for that block alone.
 
 Where: on the factors' device unless ``device`` is given. On the CPU a stack of small matrices is one LAPACK
-loop, and factors of at least 64 rows go to numpy's LAPACK, the faster one measured (:mod:`kfac.cpu_linalg`);
+loop, and factors of at least 128 rows go to numpy's LAPACK, the faster one measured (:mod:`kfac.cpu_linalg`);
 CUDA's batched solver covers matrices up to 32 and loops above, so for CUDA factors
 ``device="cpu"`` may be faster for networks of many mid-sized factors: ``benchmarks/train_speed.py`` times both
 on a GPU.
