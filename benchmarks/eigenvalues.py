@@ -1,4 +1,4 @@
-"""The eigendecomposition of a round on the CPU: numpy's LAPACK (the default for factors of 64+ rows) against torch's.
+"""The eigendecomposition of a round on the CPU: numpy's LAPACK (the default for factors of 128+ rows) against torch's.
 
 Example (the figures of docs/kfac.md, "Eigenvalues through numpy's LAPACK"):
 
@@ -27,6 +27,7 @@ from ella.cli import positive_int, run_script
 from ella.models import LAYER_NAMES
 from ella.train import TrainConfig, Trainer
 from kfac import cpu_linalg, fit_kfac
+from kfac.decomposition import _symmetric
 
 
 def decompose_with(kron, numpy_min_size: float):
@@ -42,14 +43,13 @@ def decompose_with(kron, numpy_min_size: float):
 
 
 def stacks_by_size(kron) -> dict[int, torch.Tensor]:
-    """Every factor as float64, symmetrised, stacked per size ``n``: ``(k, n, n)``."""
+    """Every factor stacked per size ``n`` as the decomposition stacks it (float64, symmetrised): ``(k, n, n)``."""
     found = defaultdict(list)
     for name in kron.block_names:
         for factor in kron.scaled_factors(name):
             if factor is not None:
-                wide = factor.double()
-                found[factor.shape[-1]].append((wide + wide.transpose(-1, -2)) * 0.5)
-    return {n: torch.cat(parts) for n, parts in sorted(found.items())}
+                found[factor.shape[-1]].append(factor)
+    return {n: _symmetric(parts) for n, parts in sorted(found.items())}
 
 
 def main() -> None:
@@ -72,8 +72,9 @@ def main() -> None:
           f"{args.repeats} interleaved rounds")
     rows = measure({"torch": decompose_with(kron, float("inf")),
                     "default": decompose_with(kron, cpu_linalg.NUMPY_EIGVALSH_MIN_SIZE)}, args.repeats, cpu)
-    gap = decompose_with(kron, float("inf"))().eigenvalues() - kron.decompose().eigenvalues()
-    largest = float(kron.decompose().eigenvalues().abs().max())
+    default = kron.decompose().eigenvalues()
+    gap = decompose_with(kron, float("inf"))().eigenvalues() - default
+    largest = float(default.abs().max())
     print(f"  decomposition: torch.linalg.eigvalsh {rows['torch'].median:.3f} s, default {rows['default'].median:.3f} s"
           f" ({median_ratio(rows['default'], rows['torch']):.2f}x); eigenvalues apart by at most "
           f"{float(gap.abs().max()) / largest:.1e} of the largest")

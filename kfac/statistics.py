@@ -122,11 +122,10 @@ def _group_major(rows: torch.Tensor) -> torch.Tensor:
 def _joined(held: list[torch.Tensor]) -> torch.Tensor:
     """Row sets ``(M_i, d)`` or ``(M_i, G, d)`` -> ``(M, d)`` or the group-major ``(G, M, d)`` (:func:`_group_major`)
     with at most one copy: narrow group-major rows are joined straight into that layout."""
-    if held[0].dim() == 2:
-        return held[0] if len(held) == 1 else torch.cat(held)
-    if len(held) == 1 or held[0].shape[-1] > _SYM_BLOCK:
-        return _group_major(held[0] if len(held) == 1 else torch.cat(held))
-    return torch.cat([rows.transpose(0, 1) for rows in held], dim=1)
+    if held[0].dim() == 3 and len(held) > 1 and held[0].shape[-1] <= _SYM_BLOCK:
+        return torch.cat([rows.transpose(0, 1) for rows in held], dim=1)
+    rows = held[0] if len(held) == 1 else torch.cat(held)
+    return rows if rows.dim() == 2 else _group_major(rows)
 
 
 def per_group_gram(grads: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
