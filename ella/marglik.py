@@ -23,7 +23,7 @@ from torch import nn
 
 from ella.distributed import all_reduce_curvature
 from ella.priors import Prior
-from kfac import CurvatureError, KronDecomposition, fit_kfac, segment_sum
+from kfac import CurvatureError, EigenvalueMemo, KronDecomposition, fit_kfac, segment_sum
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +53,22 @@ def fit_laplace(
     likelihood: str = "classification",
     curvature: str = "ggn",
     sharded: bool = False,
+    memo: EigenvalueMemo | None = None,
     **kfac_options,
 ) -> LaplaceFit:
     """Fit KFAC over ``loader`` (unaugmented data) at the current parameters and eigendecompose it once.
 
     With ``sharded``, ``loader`` holds this process's shard of the data and the curvature (factors, loss,
     ``n_data``) is summed over all processes before the eigendecomposition, so every process gets the fit of
-    the whole data set (see :mod:`ella.distributed`).
+    the whole data set (see :mod:`ella.distributed`). ``memo`` (kept by the caller from round to round) gives
+    the eigenvalues of the wide factors that did not change since an earlier fit, e.g. the first layer's input
+    factors (:class:`kfac.EigenvalueMemo`).
     """
     try:
         kron = fit_kfac(model, loader, likelihood=likelihood, curvature=curvature, **kfac_options)
         if sharded:
             kron = all_reduce_curvature(kron)
-        decomposition = kron.decompose()
+        decomposition = kron.decompose(memo=memo)
     except CurvatureError as error:
         raise MarglikError(f"the Laplace approximation failed: {error}") from error
     if list(decomposition.block_names) != prior.param_names:

@@ -108,6 +108,7 @@ from ella.static_step import (
     set_optimizer_flags,
     supports_planning,
 )
+from kfac import EigenvalueMemo
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,7 @@ class Learner:
         self.laplace_data = train if laplace_data is None else laplace_data
         self.laplace_name = "train" if laplace_data is None else "laplace_data"  # the data's name in messages
         self.marglik_loader = BarLoader(self._laplace_loader(self.laplace_data, rank, world))
+        self.eigen_memo = EigenvalueMemo()  # eigenvalues of wide factors, reused while a factor is unchanged
         self.eval_data = {name: data for name, data in (("valid", valid), ("test", test)) if data is not None}
         self.captured = config.capture and self._can_capture()
         self.optimizer = self._make_optimizer()
@@ -460,7 +462,7 @@ class Learner:
     def laplace_fit(self) -> LaplaceFit:
         """KFAC-Laplace at the current parameters on the unaugmented training data."""
         return fit_laplace(self.model, self.marglik_loader, self.prior, sharded=distributed.is_distributed(),
-                           **self._kfac_options())
+                           memo=self.eigen_memo, **self._kfac_options())
 
     def hyper_round(self) -> dict:
         """Fit KFAC-Laplace, then take the hyper-steps; a failed round is skipped (precisions kept), not fatal.

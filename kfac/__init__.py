@@ -13,7 +13,7 @@ are the building blocks such rules are made of (see :mod:`kfac.rules`, :mod:`kfa
 
 from kfac.capture import BACKWARD_MODES
 from kfac.curvature import KronBlock, KronCurvature
-from kfac.decomposition import BlockEigen, CurvatureError, KronDecomposition, segment_sum
+from kfac.decomposition import BlockEigen, CurvatureError, EigenvalueMemo, KronDecomposition, segment_sum
 from kfac.fit import fit_kfac, kfac_batch
 from kfac.options import (
     KFAC_APPROXES,
@@ -35,6 +35,7 @@ __all__ = [
     "CURVATURES",
     "ConvWindows",
     "CurvatureError",
+    "EigenvalueMemo",
     "FactorBuilder",
     "KFAC_APPROXES",
     "KronBlock",

@@ -10,7 +10,7 @@ from torch import nn
 
 from kfac import cpu_linalg
 from kfac.curvature import KronBlock, KronCurvature
-from kfac.decomposition import CurvatureError, _symmetric
+from kfac.decomposition import MEMO_MIN_SIZE, CurvatureError, EigenvalueMemo, _symmetric
 from kfac.fit import fit_kfac, kfac_batch
 from ella.layers.conv import Conv, circular_pad
 from ella.layers.polyphase import PolyphaseDownsample, polyphase_select
@@ -836,6 +836,58 @@ def test_numpy_lapack_failures_are_retried_then_named(monkeypatch, caplog):
     with pytest.raises(CurvatureError, match=r"block w \(output-side factor\): eigendecomposition failed twice"):
         curv.decompose()
     assert "retrying with jitter" in caplog.text
+
+
+def test_numpy_lapack_runs_with_torchs_thread_count(monkeypatch):
+    """numpy's OpenBLAS takes ``torch.get_num_threads()`` for the call and gets its own count back after."""
+    control = cpu_linalg._openblas_threads()
+    if control is None:
+        pytest.skip("numpy's OpenBLAS thread count cannot be set here (not numpy's Linux wheels)")
+    get, set_threads = control
+    before, threads = get(), torch.get_num_threads()
+    seen, real = [], np.linalg.eigvalsh
+    monkeypatch.setattr(np.linalg, "eigvalsh", lambda m, *a, **k: seen.append(get()) or real(m, *a, **k))
+    set_threads(3)
+    try:
+        for wanted in (1, 2):
+            torch.set_num_threads(wanted)
+            cpu_linalg.eigvalsh(torch.eye(130, dtype=torch.float64)[None])
+            assert seen[-1] == wanted and get() == 3
+    finally:
+        torch.set_num_threads(threads)
+        set_threads(before)
+
+
+def _two_wide_blocks(scale_v: float = 1.0) -> KronCurvature:
+    """Blocks ``w`` and ``v`` with ``130``-wide output factors (fresh tensors on every call)."""
+    curv, _ = _wide_curvature(torch.float32)
+    w = curv.blocks["w"]
+    v = KronBlock("v", w.param_shape, "kron", w.out_factors.flip(-1, -2) * scale_v, w.in_factors.clone())
+    return KronCurvature({"w": w, "v": v}, 5, 0.0)
+
+
+def test_unchanged_wide_factors_take_their_eigenvalues_from_the_memo(monkeypatch):
+    """With an EigenvalueMemo, a later decomposition calls LAPACK only for the wide factors that changed; every
+    eigenvalue is bit for bit the one a decomposition without the memo gives, and a changed jitter misses."""
+    assert MEMO_MIN_SIZE <= 130
+    sizes = []
+    real = np.linalg.eigvalsh
+    monkeypatch.setattr(np.linalg, "eigvalsh", lambda m, *a, **k: sizes.append(m.shape) or real(m, *a, **k))
+    memo = EigenvalueMemo()
+    first = _two_wide_blocks().decompose(memo=memo)
+    assert sizes == [(2, 130, 130)] and memo.hits == 0
+    sizes.clear()
+    again = _two_wide_blocks().decompose(memo=memo)  # equal values in new tensors
+    assert sizes == [] and memo.hits == 2
+    torch.testing.assert_close(again.eigenvalues(), first.eigenvalues(), rtol=0, atol=0)
+    changed = _two_wide_blocks(scale_v=1.5)
+    got = changed.decompose(memo=memo)
+    assert sizes == [(1, 130, 130)] and memo.hits == 3  # only v's output factor was decomposed
+    sizes.clear()
+    torch.testing.assert_close(got.eigenvalues(), changed.decompose().eigenvalues(), rtol=0, atol=0)
+    sizes.clear()
+    changed.decompose(memo=memo, jitter=1e-9)
+    assert sizes == [(2, 130, 130)] and memo.hits == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -15,7 +15,7 @@ from ella.layers import FC, Conv, FactoredFC, RelaxedLayer
 from ella.marglik import MarglikError, effective_parameters, fit_laplace, neg_log_marglik, optimise_prior
 from ella.models import build_model
 from ella.priors import Prior, prior_groups
-from kfac import fit_kfac
+from kfac import EigenvalueMemo, fit_kfac
 from ella.report import effective_layer_types, format_report, path_output_power, path_reports, with_output_shares
 
 
@@ -230,6 +230,26 @@ def test_effective_parameters_equal_dense_eigendecomposition() -> None:
         lam = torch.linalg.eigvalsh(blocks[name]).clamp_min(0)
         delta = prior.tensor_precisions()[i].detach()
         torch.testing.assert_close(ours[i], (lam / (lam + delta)).sum(), rtol=1e-8, atol=1e-10)
+
+
+def test_a_later_fit_reuses_the_eigenvalues_of_unchanged_wide_factors_only() -> None:
+    """Across two fits with a memo (as the Trainer keeps from round to round), the factors of parameters before
+    the change are taken from the memo (both layers' input factors, which depend on the data and the first
+    layer), the one that changed with the second layer is not (the first layer's output factor, as wide);
+    the fit equals one without the memo bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(130, 130), nn.Tanh(), nn.Linear(130, 3)).double()
+    x, y = torch.randn(40, 130, dtype=torch.float64), torch.randint(0, 3, (40,))
+    prior, memo = Prior(model).double(), EigenvalueMemo()
+    fit_laplace(model, TensorLoader(x, y, 20), prior, memo=memo)
+    assert memo.hits == 0
+    with torch.no_grad():
+        model[2].weight.mul_(1.7)
+    later = fit_laplace(model, TensorLoader(x, y, 20), prior, memo=memo)
+    assert memo.hits == 2
+    plain = fit_laplace(model, TensorLoader(x, y, 20), prior)
+    torch.testing.assert_close(later.decomposition.eigenvalues(), plain.decomposition.eigenvalues(), rtol=0, atol=0)
+    assert float(neg_log_marglik(later, prior)) == float(neg_log_marglik(plain, prior))
 
 
 def test_hyper_steps_decrease_the_objective_and_keep_it_finite() -> None:
