@@ -28,7 +28,7 @@ from ella.models import LAYER_NAMES, build_model
 from ella.priors import Prior
 from ella.static_step import StaticStep, StepRunner, graph_safe_optimizer, plan_epoch
 from ella.train import Trainer
-from kfac import fit_kfac
+from kfac import EigenvalueMemo, fit_kfac
 from test_train import _Interrupt, _raise_in_epoch, _tiny_config, _write_tiny_cifar
 
 ROUNDING = 1e-6  # float32 rounding relative to a value, allowed on top of the measured eager spread
@@ -64,6 +64,23 @@ def test_kfac_and_marglik_on_cuda_equal_the_cpu(layer: str, kfac_approx: str) ->
         gpu_prior = Prior(on_gpu).double()
         gpu_value = neg_log_marglik(fit_laplace(on_gpu, batches, gpu_prior, kfac_approx=kfac_approx), gpu_prior)
         torch.testing.assert_close(gpu_value.cpu(), value, rtol=1e-10, atol=0)
+
+
+def test_the_eigenvalue_memo_reuses_unchanged_cuda_factors() -> None:
+    """CUDA factors are fingerprinted on the host; a later fit takes the unchanged ones from the memo (the
+    eigenvalues stay on the GPU) and equals a fit without the memo bit for bit."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(130, 130), torch.nn.Tanh(), torch.nn.Linear(130, 3)).double().to(CUDA)
+    x, y = torch.randn(40, 130, dtype=torch.float64), torch.randint(0, 3, (40,))
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]
+    prior, memo = Prior(model).double(), EigenvalueMemo()
+    fit_laplace(model, batches, prior, memo=memo)
+    with torch.no_grad():
+        model[2].weight.mul_(1.7)
+    later = fit_laplace(model, batches, prior, memo=memo)
+    plain = fit_laplace(model, batches, prior)
+    assert memo.hits == 2 and later.decomposition.eigenvalues().is_cuda
+    torch.testing.assert_close(later.decomposition.eigenvalues(), plain.decomposition.eigenvalues(), rtol=0, atol=0)
 
 
 def _runner(model: torch.nn.Module, optimizer_name: str, x, y, capture: bool,
