@@ -61,10 +61,9 @@ def steps(plain: Trainer, captured: Trainer, hyper_steps: int) -> dict:
     model, prior, c = captured.model, captured.prior, captured.config
     options = {"curvature": c.curvature, "kfac_approx": c.kfac_approx, "grouped_mode": c.grouped_mode}
     kron = fit_kfac(model, captured.marglik_loader, **options)
-    fit = fit_laplace(model, captured.marglik_loader, prior, **options)
-    start = prior.log_precision.detach().clone()
     first_round = EigenvalueMemo()  # what a run's first round leaves for the next (the parameters at init)
-    kron.decompose(memo=first_round)
+    fit = fit_laplace(model, captured.marglik_loader, prior, memo=first_round, **options)
+    start = prior.log_precision.detach().clone()
     latest = {"kron": kron}
 
     def kfac_pass() -> None:
