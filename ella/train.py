@@ -406,6 +406,7 @@ class Learner:
             "last_marglik": self.last_marglik,
             "world_size": distributed.world_size(),
             "data": self.data_fingerprints,
+            "eigen_memo": self.eigen_memo.state_dict(),
         }
 
     def _load_state(self, state: dict) -> None:
@@ -426,6 +427,7 @@ class Learner:
         self.history = state["history"]
         self.epoch = self.saved_epoch = state["epoch"]
         self.last_marglik = state["last_marglik"]
+        self.eigen_memo.load_state_dict(state.get("eigen_memo", {}))  # absent from checkpoints of earlier versions
         log.info("resumed %s at epoch %d", self.out_dir, self.epoch)
 
     def train_epoch(self) -> float:

@@ -197,6 +197,15 @@ class EigenvalueMemo:
         """Record ``eigenvalues`` for ``key`` (replacing an earlier entry)."""
         self._entries[key] = (fingerprint, eigenvalues)
 
+    def state_dict(self) -> dict[str, tuple[bytes, torch.Tensor]]:
+        """The entries, ``{key: (fingerprint, eigenvalues on the CPU)}``, for a checkpoint (``hits`` is not kept)."""
+        return {key: (fingerprint, vals.cpu()) for key, (fingerprint, vals) in self._entries.items()}
+
+    def load_state_dict(self, state: dict[str, tuple[bytes, torch.Tensor]]) -> None:
+        """Replace the entries with those of :meth:`state_dict` (the eigenvalues move to the factors' device when
+        they are taken)."""
+        self._entries = {key: (bytes(fingerprint), vals) for key, (fingerprint, vals) in state.items()}
+
 
 def _eigenvalues(matrices: list[torch.Tensor], labels: list[str], jitter: float, device: torch.device | None,
                  memo: EigenvalueMemo | None = None) -> list[torch.Tensor]:

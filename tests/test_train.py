@@ -109,6 +109,28 @@ def test_checkpoints_every_few_epochs_resume_from_the_last_one(tmp_path: Path, m
     assert [row["epoch"] for row in ours] == [1, 2, 3, 4]
 
 
+def test_resumed_run_keeps_the_eigenvalues_of_unchanged_factors(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint holds the eigenvalue memo: after a resume, the first round takes the eigenvalues of F-FC's
+    first input factors (the unaugmented images, equal in every round) from it as the uninterrupted run does, and
+    the run ends as that one."""
+    data = _write_tiny_cifar(tmp_path / "data")
+    config = _tiny_config(data, layer="ffc_conv", epochs=3)
+    reference = Trainer(config, tmp_path / "reference")
+    reference_final = reference.run()
+    original = _raise_in_epoch(monkeypatch, 3, _Interrupt)
+    with pytest.raises(_Interrupt):
+        train(config, tmp_path / "run")
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["eigen_memo"]
+    assert "block blocks.0.paths.fc.stage_u.weight (input-side factor)" in saved
+    resumed = Trainer(config, tmp_path / "run", resume=True)
+    final = resumed.run()
+    # rounds after epochs 2 and 3, then the final report's fit of the same weights (every wide factor reused)
+    assert resumed.eigen_memo.hits == reference.eigen_memo.hits > len(saved)
+    assert final["test"] == reference_final["test"] and final["precisions"] == reference_final["precisions"]
+
+
 def test_run_writes_metrics_report_and_figure(tmp_path: Path) -> None:
     data = _write_tiny_cifar(tmp_path / "data")
     out = tmp_path / "run"
