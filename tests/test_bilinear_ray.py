@@ -16,9 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +35,7 @@ from ella.priors import Prior
 from ella.teacher import Problem, evidence_profile, fit_map, fit_map_and_laplace, learn_precisions, relaxed_model, teacher_data
 from ella.train import TrainConfig, train
 from kfac import fit_kfac
+from script_utils import run_here
 from test_train import _tiny_config, _write_tiny_cifar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -259,12 +257,10 @@ def test_a_training_run_learns_precisions_by_the_ray_and_its_report_says_so(tmp_
     ],
 )
 def test_scripts_reject_an_unknown_method_with_a_message(tmp_path: Path, script: str, flags: list[str],
-                                                          message: str) -> None:
-    result = subprocess.run([sys.executable, str(REPO / script), *flags], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "ELLA_DATA": str(tmp_path / "missing")})
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+                                                          message: str, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run_here(REPO / script, flags, capsys, monkeypatch, env={"ELLA_DATA": str(tmp_path / "missing")})
+    assert code == 2 and message in err and "Traceback" not in err
 
 
 def test_the_ray_advances_the_step_hooks_of_the_rounds_optimizer() -> None:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ella import distributed
 from ella.train import Learner, TrainConfig, Trainer, train
 from kfac import fit_kfac
+from script_utils import run_here
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -240,14 +241,13 @@ def test_killed_script_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
         (["--layer", "conv", "--prior-init", "nan"], "argument --prior-init: must be a finite number > 0, got nan"),
     ],
 )
-def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: list[str], message: str) -> None:
+def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: list[str], message: str,
+                                                       capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     flags = [str(tmp_path / "missing") if flag == "MISSING" else flag for flag in flags]
-    command = [sys.executable, str(REPO / "experiments" / "cifar10.py"), *flags, "--out", str(tmp_path / "run")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "ELLA_DATA": str(tmp_path / "missing")})
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    code, _, err = run_here(REPO / "experiments" / "cifar10.py", [*flags, "--out", str(tmp_path / "run")], capsys,
+                            monkeypatch, env={"ELLA_DATA": str(tmp_path / "missing")})
+    assert code == 2 and message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -266,13 +266,11 @@ def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: li
     ],
 )
 def test_other_scripts_reject_bad_input_with_a_message(
-    tmp_path: Path, script: str, flags: list[str], message: str
+    tmp_path: Path, script: str, flags: list[str], message: str, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    result = subprocess.run([sys.executable, str(REPO / script), *flags], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "ELLA_DATA": str(tmp_path / "missing")})
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    code, _, err = run_here(REPO / script, flags, capsys, monkeypatch, env={"ELLA_DATA": str(tmp_path / "missing")})
+    assert code == 2 and message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("error", [FloatingPointError("training loss became nan in epoch 3"), FileExistsError("x")])
@@ -311,14 +309,15 @@ def test_cuda_without_a_gpu_is_a_clear_error() -> None:
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "experiments").glob("*.py")))
-def test_every_experiment_script_imports_and_prints_its_help(script: str) -> None:
-    result = subprocess.run([sys.executable, str(REPO / "experiments" / script), "--help"], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr
-    assert "usage:" in result.stdout
+def test_every_experiment_script_imports_and_prints_its_help(script: str, capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, err = run_here(REPO / "experiments" / script, ["--help"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "usage:" in out
 
 
 def test_help_lists_every_flag() -> None:
+    """In a fresh interpreter, as a user starts it."""
     result = subprocess.run([sys.executable, str(REPO / "experiments" / "cifar10.py"), "--help"],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0
