@@ -288,6 +288,7 @@ class Learner:
         self.laplace_name = "train" if laplace_data is None else "laplace_data"  # the data's name in messages
         self.marglik_loader = BarLoader(self._laplace_loader(self.laplace_data, rank, world))
         self.eigen_memo = EigenvalueMemo()  # eigenvalues of wide factors, reused while a factor is unchanged
+        self._last_epoch_fit: LaplaceFit | None = None  # a round's fit after the last epoch, for the final report
         self.eval_data = {name: data for name, data in (("valid", valid), ("test", test)) if data is not None}
         self.captured = config.capture and self._can_capture()
         self.optimizer = self._make_optimizer()
@@ -466,12 +467,15 @@ class Learner:
         return fit_laplace(self.model, self.marglik_loader, self.prior, sharded=distributed.is_distributed(),
                            memo=self.eigen_memo, **self._kfac_options())
 
-    def hyper_round(self) -> dict:
+    def hyper_round(self, last_epoch: bool = False) -> dict:
         """Fit KFAC-Laplace, then take the hyper-steps; a failed round is skipped (precisions kept), not fatal.
 
         Returns the row entries of the round: ``neg_log_marglik`` (``None`` when skipped) and, after a
         successful round, ``relative_n_eff`` (path name -> relative effective parameters at the new precisions,
-        relaxed layers only), so that the metrics show how each layer's choice develops round by round.
+        relaxed layers only), so that the metrics show how each layer's choice develops round by round. After the
+        ``last_epoch`` the round's fit is kept for the final report: no parameter changes in between (the
+        hyper-steps change the precisions only, and KFAC does not depend on them), so a second fit would repeat
+        the same pass.
         """
         try:
             with self._fit_progress("marginal likelihood", self.config.hyper_steps):
@@ -482,6 +486,7 @@ class Learner:
         except MarglikError as error:
             log.warning("epoch %d: marginal-likelihood round skipped, precisions kept: %s", self.epoch + 1, error)
             return {"neg_log_marglik": None}
+        self._last_epoch_fit = fit if last_epoch else None
         rows = path_reports(self.prior, effective_parameters(fit, self.prior), fit.n_params)
         relative = {f"{r.layer}.{r.path}": r.relative for r in rows if r.path is not None}
         return {"neg_log_marglik": self.last_marglik, "relative_n_eff": relative}
@@ -508,7 +513,7 @@ class Learner:
                     train_loss = self.train_epoch()
                     row: dict = {"epoch": epoch, "train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0]}
                     if self.is_marglik_epoch(epoch):
-                        row.update(self.hyper_round())
+                        row.update(self.hyper_round(last_epoch=epoch == c.epochs))
                     self.epoch = epoch
                     if distributed.is_main():
                         bar.set_postfix_str("evaluating, saving")
@@ -589,7 +594,9 @@ class Learner:
         start = time.perf_counter()
         try:
             fit = None
-            if self.config.laplace or self.config.report:
+            if self._last_epoch_fit is not None:  # the last epoch's round fitted these very parameters
+                fit = self._last_epoch_fit
+            elif self.config.laplace or self.config.report:
                 with self._fit_progress("final report"):
                     fit = self.laplace_fit()  # on every rank
             final, self.report = distributed.on_main(lambda: self._write_final(fit, start))

@@ -20,6 +20,8 @@ import torch
 from tqdm import tqdm
 
 from ella import distributed
+from ella.marglik import effective_parameters
+from ella.report import path_reports
 from ella.train import Learner, TrainConfig, Trainer, train
 from kfac import fit_kfac
 from script_utils import run_here
@@ -127,9 +129,31 @@ def test_resumed_run_keeps_the_eigenvalues_of_unchanged_factors(tmp_path: Path,
     assert "block blocks.0.paths.fc.stage_u.weight (input-side factor)" in saved
     resumed = Trainer(config, tmp_path / "run", resume=True)
     final = resumed.run()
-    # rounds after epochs 2 and 3, then the final report's fit of the same weights (every wide factor reused)
-    assert resumed.eigen_memo.hits == reference.eigen_memo.hits > len(saved)
+    # the round after epoch 3 (the final report takes its fit): block 0's input factors, unchanged since epoch 2
+    assert resumed.eigen_memo.hits == reference.eigen_memo.hits == 1
     assert final["test"] == reference_final["test"] and final["precisions"] == reference_final["precisions"]
+
+
+@pytest.mark.parametrize(("marglik_every", "kept"), [(1, True), (2, False)])
+def test_the_final_report_takes_the_fit_of_a_round_after_the_last_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, marglik_every: int, kept: bool
+) -> None:
+    """Three epochs. Rounds after epochs 2 and 3: the report takes the last round's fit, equal to a fresh fit of
+    the final parameters. A round after epoch 2 alone: the report fits the final parameters itself."""
+    data = _write_tiny_cifar(tmp_path / "data")
+    calls = []
+    original = Trainer.laplace_fit
+    monkeypatch.setattr(Trainer, "laplace_fit", lambda self: calls.append(self.epoch) or original(self))
+    trainer = Trainer(_tiny_config(data, epochs=3, layer="ffc_conv", marglik_every=marglik_every), tmp_path / "run")
+    trainer.run()
+    assert calls == ([1, 2] if kept else [1, 3])  # Trainer.epoch counts the epochs finished before the round
+    assert (trainer._last_epoch_fit is not None) == kept
+    fresh = original(trainer)
+    if kept:
+        assert torch.equal(trainer._last_epoch_fit.decomposition.eigenvalues(), fresh.decomposition.eigenvalues())
+    report = json.loads((tmp_path / "run" / "effective_parameters.json").read_text())
+    rows = path_reports(trainer.prior, effective_parameters(fresh, trainer.prior), fresh.n_params)
+    assert [r["n_eff"] for r in report["paths"]] == [r.n_eff for r in rows]
 
 
 def test_run_writes_metrics_report_and_figure(tmp_path: Path) -> None:
