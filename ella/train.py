@@ -503,6 +503,18 @@ class Learner:
         once (:class:`StopAfterEpoch`).
         """
         c = self.config
+        try:
+            return self._run_epochs()
+        except KeyboardInterrupt as stop:
+            if isinstance(stop, Interrupted):
+                raise
+            # outside an epoch's own handler: between epochs, or torchrun's SIGTERM while a lost process's error
+            # was being handled
+            raise Interrupted(f"interrupted after epoch {self.epoch} of {c.epochs}; {self._saved()}") from None
+
+    def _run_epochs(self) -> dict:
+        """:meth:`run` but for a KeyboardInterrupt outside an epoch, which it turns into :class:`Interrupted`."""
+        c = self.config
         seconds = [row["seconds"] for row in self.history]
         with (RunBar(total=c.epochs, initial=self.epoch, desc=self.description, disable=_no_bar(),
                      seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None) as bar,

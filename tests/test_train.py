@@ -432,6 +432,26 @@ def test_ctrl_c_says_where_the_run_stopped(tmp_path: Path, monkeypatch: pytest.M
     assert not list(out.glob("*.tmp"))
 
 
+def test_ctrl_c_between_epochs_also_says_what_is_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt outside an epoch's own handler (here while the bar moves on after epoch 2; under
+    torchrun, its SIGTERM while a lost process's error is handled) still ends with where the run stopped."""
+    from ella.progress import RunBar
+    from ella.train import Interrupted
+
+    original, updates = RunBar.update, []
+
+    def update(self: RunBar, n: int = 1) -> None:
+        updates.append(n)
+        if len(updates) == 2:
+            raise KeyboardInterrupt
+        original(self, n)
+
+    monkeypatch.setattr(RunBar, "update", update)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted, match=f"^interrupted after epoch 2 of 4; the checkpoint in {out} holds epoch 2$"):
+        train(_tiny_config(_write_tiny_cifar(tmp_path / "data")), out)
+
+
 def test_ctrl_c_on_the_command_prints_the_command_that_resumes_it(tmp_path: Path) -> None:
     """SIGINT the real command mid-run: one line, status 130, and the command it prints finishes the run."""
     data = _write_tiny_cifar(tmp_path / "data", n_train=200)
