@@ -402,7 +402,8 @@ def test_progress_bars_follow_the_kfac_pass_the_hyper_steps_and_the_final_fit(
 
     monkeypatch.setattr(progress_module, "tqdm", _RecordedBar)
     data = _write_tiny_cifar(tmp_path / "data")
-    trainer = Trainer(_tiny_config(data, epochs=2, burn_in=2, hyper_steps=3), tmp_path / "run")  # one round
+    # one round, after epoch 2 of 3 (a round after the last epoch would lend the report its fit)
+    trainer = Trainer(_tiny_config(data, epochs=3, burn_in=2, marglik_every=2, hyper_steps=3), tmp_path / "run")
     trainer.run()
     batches = len(trainer.marglik_loader)
     assert batches == 2  # 40 training images in KFAC batches of 25
