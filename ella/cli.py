@@ -169,26 +169,31 @@ def run_script(main: Callable[[], None]) -> None:
     traceback (``-v`` / ``--verbose`` shows the traceback too). Ctrl-C ends with one line and status 130: where
     a training run stopped and the command that continues it (:func:`resume_command`). In a data-parallel launch
     rank 0 prints that line for all processes (each ends with 130), SIGTERM (torchrun's way of stopping the
-    others when one process fails) counts as Ctrl-C, and a failed wait for the other processes
+    others when one process fails) counts as Ctrl-C until the process reports why it ends (then it is ignored, so
+    that the report is whole), and a failed wait for the other processes
     (:class:`~ella.distributed.ProcessGroupError`) prints what it waited for and the command that continues.
     """
-    if distributed.env_world_size() > 1:
+    several = distributed.env_world_size() > 1
+    if several:
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
         distributed.finish()
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, MarglikError, CurvatureError,
             OutputError, CheckpointError) as error:
+        _ending(several)
         if "-v" in sys.argv or "--verbose" in sys.argv:
             raise
         print(f"error: {error}\n(run with -v for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
     except distributed.ProcessGroupError as error:
+        _ending(several)
         if "-v" in sys.argv or "--verbose" in sys.argv:
             raise
         print(f"error: {error}; continue with: {resume_command()}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as stop:
+        _ending(several)
         if distributed.env_rank() != 0:
             raise SystemExit(130) from None  # rank 0 says where the run stopped
         if isinstance(stop, Interrupted):
@@ -196,6 +201,13 @@ def run_script(main: Callable[[], None]) -> None:
         else:
             print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def _ending(several: bool) -> None:
+    """In a multi-process launch, ignore torchrun's SIGTERM from here on: the process is ending anyway, and a
+    KeyboardInterrupt raised while it says why would cut its message short."""
+    if several:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def resume_command(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> str:

@@ -153,6 +153,31 @@ def test_run_script_turns_output_and_checkpoint_errors_into_a_message(
     assert capsys.readouterr().err == f"error: {error}\n(run with -v for the traceback)\n"
 
 
+def test_under_torchrun_sigterm_interrupts_the_run_but_not_its_last_message(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun stops the other processes with SIGTERM: during the run it is a Ctrl-C (the run says where it
+    stopped); once the process reports why it ends, a second one is ignored so that the message is whole."""
+    import signal
+
+    seen = []
+
+    def main() -> None:
+        seen.append(signal.getsignal(signal.SIGTERM))
+        raise ValueError("the data changed")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli.sys, "argv", ["script.py"])
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_script(main)
+        assert seen == [signal.default_int_handler] and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stop.value.code == 2 and "error: the data changed" in capsys.readouterr().err
+
+
 def test_ctrl_c_prints_one_line_with_the_resume_command(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
