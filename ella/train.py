@@ -502,7 +502,6 @@ class Learner:
         the first once the epoch in progress is done and saved (rank 0's decides for all processes), a second at
         once (:class:`StopAfterEpoch`).
         """
-        c = self.config
         try:
             return self._run_epochs()
         except KeyboardInterrupt as stop:
@@ -510,7 +509,7 @@ class Learner:
                 raise
             # outside an epoch's own handler: between epochs, or torchrun's SIGTERM while a lost process's error
             # was being handled
-            raise Interrupted(f"interrupted after epoch {self.epoch} of {c.epochs}; {self._saved()}") from None
+            raise self._interrupted("after", self.epoch) from None
 
     def _run_epochs(self) -> dict:
         """:meth:`run` but for a KeyboardInterrupt outside an epoch, which it turns into :class:`Interrupted`."""
@@ -533,7 +532,7 @@ class Learner:
                         lambda: self._record(row, start, stop), what=f"rank 0 evaluating and saving epoch {epoch}")
                 except KeyboardInterrupt:
                     where = "after" if self.epoch == epoch else "in"  # after: while it was evaluated and saved
-                    raise Interrupted(f"interrupted {where} epoch {epoch} of {c.epochs}; {self._saved()}") from None
+                    raise self._interrupted(where, epoch) from None
                 except RuntimeError as error:  # a lost process: say what is saved, so that the run can continue
                     if isinstance(error, distributed.ProcessGroupError):
                         raise distributed.ProcessGroupError(f"{error}; in epoch {epoch}: {self._saved()}") from error
@@ -542,12 +541,16 @@ class Learner:
                         raise distributed.ProcessGroupError(f"{lost}; in epoch {epoch}: {self._saved()}") from error
                     raise
                 if stopping:
-                    raise Interrupted(f"interrupted after epoch {epoch} of {c.epochs}; {self._saved()}")
+                    raise self._interrupted("after", epoch)
                 bar.set_postfix_str("", refresh=False)
                 bar.update()
             stop.restore()  # Ctrl-C in the final report stops at once
             bar.set_postfix_str("final report")
             return self.finish()
+
+    def _interrupted(self, where: str, epoch: int) -> Interrupted:
+        """``interrupted {where} epoch {epoch} of {epochs}`` and what the run has saved (:meth:`_saved`)."""
+        return Interrupted(f"interrupted {where} epoch {epoch} of {self.config.epochs}; {self._saved()}")
 
     def _saved(self) -> str:
         """What an interrupted run has saved."""
