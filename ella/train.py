@@ -265,14 +265,17 @@ class Learner:
 
     def __init__(self, model: nn.Module, config: TrainConfig, train: Data, *, valid: Data | None = None,
                  test: Data | None = None, laplace_data: Data | None = None, augment: Augment | None = None,
-                 out_dir: Path | None = None, figure_dir: Path | None = None, state: dict | None = None,
+                 out_dir: str | Path | None = None, figure_dir: str | Path | None = None, state: dict | None = None,
                  resume: bool = False, record: dict | None = None, description: str = "training",
                  title: str = "") -> None:
         config.check()
         check_model(model)
         self.config = config
         self.out_dir = None if out_dir is None else Path(out_dir)
-        self.figure_dir = self.out_dir / "figures" if figure_dir is None and self.out_dir is not None else figure_dir
+        if figure_dir is not None:
+            self.figure_dir: Path | None = Path(figure_dir)
+        else:
+            self.figure_dir = None if self.out_dir is None else self.out_dir / "figures"
         self.record = training_record(config) if record is None else record
         self.description, self.title = description, title
         self.device = distributed.setup(config.device, config.process_timeout)
@@ -686,8 +689,10 @@ class Trainer(Learner):
     """One run of an experiment: the dataset and the paper's network that ``config`` names, trained as a
     :class:`Learner` with its training options, into ``out_dir``."""
 
-    def __init__(self, config: TrainConfig, out_dir: Path, resume: bool = False, figure_dir: Path | None = None) -> None:
+    def __init__(self, config: TrainConfig, out_dir: str | Path, resume: bool = False,
+                 figure_dir: str | Path | None = None) -> None:
         config.check()
+        out_dir = Path(out_dir)
         device = distributed.setup(config.device, config.process_timeout)
         state = open_output(out_dir, asdict(config), resume)  # checks before it loads or writes; rank 0's state
 
@@ -757,8 +762,8 @@ def _no_bar() -> bool | None:
     return None if distributed.is_main() else True
 
 
-def train(config: TrainConfig, out_dir: Path, resume: bool = False, figure_dir: Path | None = None) -> dict:
+def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, figure_dir: str | Path | None = None) -> dict:
     """Run (or continue, with ``resume``) one training run; returns the final metrics. However it ends, the output
     folder is unlocked."""
-    with unlocked_on_error(out_dir):
+    with unlocked_on_error(Path(out_dir)):
         return Trainer(config, out_dir, resume=resume, figure_dir=figure_dir).run()

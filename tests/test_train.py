@@ -188,6 +188,14 @@ def test_existing_run_needs_resume_and_the_same_config(tmp_path: Path) -> None:
     train(config, tmp_path / "run", resume=True)
 
 
+def test_output_folders_may_be_given_as_strings(tmp_path: Path) -> None:
+    data = _write_tiny_cifar(tmp_path / "data")
+    config = _tiny_config(data, epochs=1, laplace=False)
+    train(config, str(tmp_path / "run"), figure_dir=str(tmp_path / "figures"))
+    assert (tmp_path / "run" / "final.json").is_file() and (tmp_path / "figures" / "learning_curves.png").is_file()
+    train(config, str(tmp_path / "run"), resume=True)  # a finished run resumes to its saved result
+
+
 def test_resume_without_a_checkpoint_says_it_starts_a_new_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = _write_tiny_cifar(tmp_path / "data")
     with caplog.at_level("WARNING", logger="ella.train"):
