@@ -18,8 +18,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset, IterableDataset
 
 from ella.layers import RelaxedLayer
 from kfac import kfac_batch
@@ -88,29 +90,48 @@ def _require_pair(batch: object, name: str) -> Pair:
                      f"over a TensorDataset yields; a batch was {_describe(batch)}")
 
 
-def output_classes(model: nn.Module, data: Data, name: str) -> int:
-    """The number of classes ``K`` of ``model``'s output ``(B, K)`` on the first example of ``data``; the model's
-    mode, the global random state and a loader's ``generator`` are left as they were."""
-    device = next(model.parameters()).device
+def output_classes(model: nn.Module, data: Data, name: str) -> tuple[int, torch.dtype]:
+    """The number of classes ``K`` of ``model``'s output ``(B, K)`` on the first example of ``data``, and the
+    dtype of that example's inputs (which the model takes); the model's mode, the global random state and a
+    loader's ``generator`` are left as they were. Inputs of another dtype than the model's parameters that the
+    model cannot take are a ValueError saying how to convert them."""
+    parameter = next(model.parameters())
     was_training = model.training
-    with _rng_kept(data, device), torch.no_grad():
-        x = first_inputs(data, 1, name, device)
+    with _rng_kept(data, parameter.device), torch.no_grad():
+        x = first_inputs(data, 1, name, parameter.device)
         model.eval()
         try:
             out = model(x)
+        except (RuntimeError, TypeError) as error:
+            if x.dtype == parameter.dtype:
+                raise
+            raise ValueError(f"the model cannot take the inputs of {name}: {_convert_hint(x.dtype, parameter.dtype)} "
+                             f"({str(error).splitlines()[0]})") from error
         finally:
             model.train(was_training)
-    if out.dim() != 2:
-        raise ModelError(f"the model must map a batch of inputs to class scores (B, K); on one example of {name} it "
-                         f"gave shape {tuple(out.shape)}")
-    return out.shape[1]
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        gave = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else _describe(out)
+        raise ModelError(f"the model must map a batch of inputs to one tensor of class scores (B, K); on one example "
+                         f"of {name} it gave {gave}")
+    return out.shape[1], x.dtype
 
 
-def check_pair(data: Pair, name: str, n_classes: int, where: str = "") -> None:
+def _convert_hint(given: torch.dtype, wanted: torch.dtype) -> str:
+    """What to do about inputs of dtype ``given`` for a model that takes ``wanted``."""
+    if given.is_floating_point:
+        return f"they are {given} and the model takes {wanted}: convert them with x.to({wanted}) (or the model)"
+    return (f"they are {given} and the model takes {wanted}: convert them, e.g. x.to({wanted}) / 255 for 8-bit "
+            "images, then normalise")
+
+
+def check_pair(data: Pair, name: str, n_classes: int, where: str = "", dtype: torch.dtype | None = None) -> None:
     """Raise a ValueError naming ``name`` (and the first bad example's index, ``where`` appended to it) unless
     ``data`` holds as many labels as inputs, at least one example, labels ``(N,)`` of integer class indices in
-    ``[0, n_classes)`` and finite inputs."""
+    ``[0, n_classes)``, finite inputs and (given ``dtype``, the inputs' dtype the model takes) inputs of
+    ``dtype``."""
     x, y = data
+    if dtype is not None and x.dtype != dtype:
+        raise ValueError(f"{name}: the inputs{where} are not those the model takes: {_convert_hint(x.dtype, dtype)}")
     if len(x) != len(y):
         raise ValueError(f"{name} holds {len(x)} inputs but {len(y)} labels{where}")
     if len(y) == 0:
@@ -139,8 +160,8 @@ class CheckedLoader:
     argument name; a bad example is named by its batch and row); it passes on ``len``, ``dataset`` and
     ``generator``."""
 
-    def __init__(self, loader: Iterable, name: str, n_classes: int) -> None:
-        self.loader, self.name, self.n_classes = loader, name, n_classes
+    def __init__(self, loader: Iterable, name: str, n_classes: int, dtype: torch.dtype | None = None) -> None:
+        self.loader, self.name, self.n_classes, self.dtype = loader, name, n_classes, dtype
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -156,21 +177,39 @@ class CheckedLoader:
     def __iter__(self) -> Iterator[Pair]:
         for index, batch in enumerate(self.loader):
             pair = _require_pair(batch, self.name)
-            check_pair(pair, self.name, self.n_classes, where=f" in batch {index}")
-            yield pair
+            check_pair(pair, self.name, self.n_classes, where=f" in batch {index}", dtype=self.dtype)
+            yield pair[0], pair[1].long()
 
 
-def checked(data: Data, name: str, n_classes: int) -> Data:
-    """``data`` checked: tensors now and whole (:func:`check_pair`), a loader batch by batch as it yields them
-    (:class:`CheckedLoader`; an ella :class:`~ella.data.TensorLoader` whole, through its tensors)."""
+def checked(data: Data, name: str, n_classes: int, dtype: torch.dtype | None = None) -> Data:
+    """``data`` checked (with inputs of ``dtype``, if given): tensors now and whole (:func:`check_pair`), a loader
+    batch by batch as it yields them (:class:`CheckedLoader`; an ella :class:`~ella.data.TensorLoader` whole,
+    through its tensors). Labels of any integer dtype come out as int64 (what the losses take)."""
     if is_pair(data):
-        check_pair(data, name, n_classes)
-        return data
+        check_pair(data, name, n_classes, dtype=dtype)
+        return data[0], data[1].long()
     tensors = (getattr(data, "x", None), getattr(data, "y", None))
     if all(isinstance(t, Tensor) for t in tensors):  # a TensorLoader: keep it, so CUDA can capture its steps
-        check_pair(tensors, name, n_classes)
+        check_pair(tensors, name, n_classes, dtype=dtype)
         return data
-    return CheckedLoader(data, name, n_classes)
+    return CheckedLoader(data, name, n_classes, dtype)
+
+
+def check_kind(data: object, name: str) -> None:
+    """Raise a ValueError unless ``data`` is tensors ``(x, y)`` or an iterable of batches: a ``Dataset`` (whose
+    items are single examples) is named with how to batch it, and a loader over a dataset that holds no
+    examples is refused."""
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        raise ValueError(f"{name} is a {type(data).__name__} of single examples: pass tensors (x, y) or batches, "
+                         "e.g. torch.utils.data.DataLoader(dataset, batch_size=128)")
+    if isinstance(data, (tuple, list)) and len(data) == 2 and any(isinstance(t, np.ndarray) for t in data):
+        raise ValueError(f"{name} must be tensors (x, y), not numpy arrays: pass (torch.from_numpy(x), "
+                         "torch.from_numpy(y)) (images as floats, labels as integers)")
+    if not is_pair(data) and not isinstance(data, Iterable):
+        raise ValueError(f"{name} must be tensors (x, y) or a loader of (inputs, targets) batches; got "
+                         f"{_describe(data)}")
+    if getattr(data, "dataset", None) is not None:
+        dataset_size(data, name)
 
 
 def _describe(batch: object) -> str:
@@ -215,9 +254,15 @@ def dataset_size(data: Data, name: str) -> int:
     if dataset is None:
         raise ValueError(f"cannot tell how many examples the {name} loader holds: give it a .dataset (as a torch "
                          "DataLoader has) or pass tensors (x, y)")
-    if len(dataset) == 0:
+    try:
+        size = len(dataset)
+    except TypeError as error:  # an IterableDataset, say
+        raise ValueError(f"cannot tell how many examples the {name} loader holds: its dataset "
+                         f"({type(dataset).__name__}) has no len(); pass tensors (x, y) or a loader over a "
+                         "map-style dataset (one with __len__)") from error
+    if size == 0:
         raise ValueError(f"{name} holds no examples")
-    return len(dataset)
+    return size
 
 
 def first_inputs(data: Data, n: int, name: str, device: torch.device) -> Tensor:

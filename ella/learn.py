@@ -28,7 +28,7 @@ from pathlib import Path
 from torch import nn
 
 from ella import distributed
-from ella.inputs import Data, check_model, checked, is_pair, output_classes
+from ella.inputs import Data, check_kind, check_model, checked, is_pair, output_classes
 from ella.priors import Prior
 from ella.report import PathReport, format_report
 from ella.config import EXPERIMENT_FIELDS, TrainConfig, training_record
@@ -79,23 +79,29 @@ def learn(model: nn.Module, train: Data, *, epochs: int, valid: Data | None = No
     ``kfac_approx``, ``grouped_mode``, ``kfac_batch_size``, ``seed`` (of the shuffling and augmentation; seed
     torch yourself before building the model), ``device``, ``capture``, ``checkpoint_every``, ``checkpoint_minutes``, ``process_timeout``, ``report``.
     With ``out_dir`` the run writes its checkpoints, metrics and report there, and ``resume=True`` continues it.
+    Frozen parameters (``requires_grad=False``) are constants of the model: they have no prior precision and no
+    curvature, and stay as they are.
 
     Raises :class:`ella.inputs.ModelError` (a ValueError) before training for a model without a relaxed layer
     or with a module KFAC cannot handle (naming it), ValueError for options out of range (naming the argument)
-    and for data that are not ``(x, y)`` pairs, hold no examples, have labels that are not class indices of the
-    model's output or non-finite inputs (naming the argument and the first bad example; tensors are checked
+    and for data that are not ``(x, y)`` pairs (a ``Dataset``, numpy arrays), hold no examples, have labels that
+    are not class indices of the model's output (any integer dtype), inputs of another dtype than the model takes
+    or non-finite inputs (naming the argument and the first bad example; tensors are checked
     before training, a loader's batches as they come: :mod:`ella.inputs`), and TypeError for an option that is
     not a training option.
     """
     config = _config(epochs=epochs, laplace=laplace, **options)
     config.check(argument_names=True)
+    augment = _augmentation(augment)
     check_model(model)
     model = model.to(distributed.setup(config.device))
     given = {"train": train, "laplace_data": laplace_data, "valid": valid, "test": test}
     given = {name: data for name, data in given.items() if data is not None}
+    for name, data in given.items():
+        check_kind(data, name)
     probe = next((name for name, data in given.items() if is_pair(data)), "train")  # a loader only if no tensors
-    n_classes = output_classes(model, given[probe], probe)
-    train, laplace_data, valid, test = (checked(given[name], name, n_classes) if name in given else None
+    n_classes, dtype = output_classes(model, given[probe], probe)
+    train, laplace_data, valid, test = (checked(given[name], name, n_classes, dtype) if name in given else None
                                         for name in ("train", "laplace_data", "valid", "test"))
     out = None if out_dir is None else Path(out_dir)
     with unlocked_on_error(out):  # a refused or stopped run leaves its folder free for the next one
@@ -104,6 +110,16 @@ def learn(model: nn.Module, train: Data, *, epochs: int, valid: Data | None = No
                           out_dir=out, state=state, resume=resume)
         metrics = learner.run()
     return Result(learner.model, learner.prior, learner.report, metrics, learner.history)
+
+
+def _augmentation(augment: object) -> Augment | None:
+    """``augment`` as :func:`learn` uses it: a function ``(x, generator) -> x`` or ``None`` (also for ``False``)."""
+    if augment is None or augment is False:
+        return None
+    if not callable(augment):
+        raise TypeError(f"augment takes a function (x, generator) -> x, e.g. ella.data.cifar_augment, or None; got "
+                        f"{augment!r}")
+    return augment
 
 
 def _config(**options) -> TrainConfig:

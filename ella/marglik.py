@@ -72,10 +72,7 @@ def fit_laplace(
     except CurvatureError as error:
         raise MarglikError(f"the Laplace approximation failed: {error}") from error
     if list(decomposition.block_names) != prior.param_names:
-        raise MarglikError(
-            "curvature blocks do not match the model's parameters: "
-            f"{list(decomposition.block_names)[:4]}... vs {prior.param_names[:4]}..."
-        )
+        raise MarglikError(_mismatch(list(decomposition.block_names), prior.param_names))
     loss_sum = float(kron.loss)
     if not math.isfinite(loss_sum):
         raise MarglikError(f"the training loss at the current parameters is not finite ({loss_sum})")
@@ -83,8 +80,19 @@ def fit_laplace(
         norms = prior.squared_norms(model).detach()
     if not torch.isfinite(norms).all():
         raise MarglikError("the model has non-finite parameters; cannot compute a marginal likelihood")
-    sizes = torch.tensor([p.numel() for p in model.parameters()], device=norms.device)
+    params = dict(model.named_parameters())
+    sizes = torch.tensor([params[name].numel() for name in prior.param_names], device=norms.device)
     return LaplaceFit(decomposition, loss_sum, int(kron.n_data), norms, sizes)
+
+
+def _mismatch(curved: list[str], priored: list[str]) -> str:
+    """Why the curvature's parameter tensors ``curved`` are not the prior's ``priored`` (both in model order)."""
+    extra, missing = [n for n in curved if n not in priored], [n for n in priored if n not in curved]
+    if not extra and not missing:
+        return "the curvature's parameter tensors are the prior's, but in another order"
+    return ("the curvature's parameter tensors are not the prior's: trainable now but without a prior: "
+            f"{extra or 'none'}; with a prior but not trainable now: {missing or 'none'} (the prior covers the "
+            "parameters trainable when it was built: freeze or unfreeze parameters before training starts)")
 
 
 Fits = Union[LaplaceFit, Sequence[LaplaceFit]]

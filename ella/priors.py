@@ -51,13 +51,14 @@ def prior_groups(model: nn.Module, per_tensor: bool = False) -> list[PriorGroup]
     """Prior groups of ``model`` in parameter order (one per path, or one per tensor with ``per_tensor``).
 
     A parameter belongs to the innermost relaxed-layer path holding it (a path may itself hold relaxed layers);
-    other parameters are grouped by the module owning them.
+    other parameters are grouped by the module owning them. Frozen parameters (``requires_grad=False``) are
+    constants of the model, not weights with a prior: they belong to no group.
     """
     owners = _owners(model)
     modules = dict(model.named_modules())
     members: dict[str, list[str]] = {}
     info: dict[str, tuple[str, str | None, str]] = {}
-    for name, _ in model.named_parameters():
+    for name in trainable_names(model):
         prefix = max((p for p in owners if name.startswith(p + ".")), key=len, default=None)
         if prefix is not None:
             layer, path, kind = owners[prefix]
@@ -73,11 +74,17 @@ def prior_groups(model: nn.Module, per_tensor: bool = False) -> list[PriorGroup]
     return [PriorGroup(g, *info[g], tuple(names)) for g, names in members.items()]
 
 
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of ``model``'s trainable parameters (``requires_grad``), in ``model.named_parameters()`` order."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
 class Prior(nn.Module):
     """Isotropic Gaussian prior ``N(0, 1/delta_g)`` per group ``g`` with learnable ``log_precision``.
 
     ``log_precision``: ``(n_groups,)``; ``group_of_tensor``: ``(n_tensors,)`` index of each parameter tensor's
-    group, in ``model.named_parameters()`` order.
+    group, over the parameters trainable when the prior is built (``param_names``), in
+    ``model.named_parameters()`` order.
     """
 
     def __init__(self, model: nn.Module, per_tensor: bool = False, init_precision: float = 1.0) -> None:
@@ -85,7 +92,10 @@ class Prior(nn.Module):
         if init_precision <= 0:
             raise ValueError(f"init_precision must be positive, got {init_precision}")
         self.groups = prior_groups(model, per_tensor=per_tensor)
-        self.param_names = [name for name, _ in model.named_parameters()]
+        self.param_names = trainable_names(model)
+        if not self.param_names:
+            raise ValueError(f"the model ({type(model).__name__}) has no trainable parameter (requires_grad=True), so "
+                             "there is nothing to put a prior on")
         position = {name: i for i, name in enumerate(self.param_names)}
         index = torch.empty(len(self.param_names), dtype=torch.long)
         for g, group in enumerate(self.groups):
@@ -109,8 +119,10 @@ class Prior(nn.Module):
         return self.log_precision.to(dtype or self.log_precision.dtype)[self.group_of_tensor].exp()
 
     def squared_norms(self, model: nn.Module) -> torch.Tensor:
-        """``(n_tensors,)`` squared norms ``||theta_t||^2`` of the parameter tensors (differentiable in theta)."""
-        return torch.stack([p.pow(2).sum() for p in model.parameters()])
+        """``(n_tensors,)`` squared norms ``||theta_t||^2`` of the tensors ``param_names`` (differentiable in
+        theta)."""
+        params = dict(model.named_parameters())
+        return torch.stack([params[name].pow(2).sum() for name in self.param_names])
 
     def penalty(self, model: nn.Module, detach_precision: bool = True) -> torch.Tensor:
         """``0.5 * sum_t delta_t ||theta_t||^2``: the negative log prior up to constants."""

@@ -364,3 +364,68 @@ def test_an_in_place_activation_after_a_relaxed_layer_is_a_model_error(monkeypat
     model = nn.Sequential(relaxed_layer(3, 4, 8, "ffc_conv"), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(256, 3))
     with pytest.raises(ModelError, match=re.escape("an in-place operation (such as nn.ReLU(inplace=True)")):
         learn(model, _images(), epochs=1, device="cpu")
+
+
+def test_frozen_parameters_are_constants_without_a_prior(caplog: pytest.LogCaptureFixture) -> None:
+    """A frozen head (``requires_grad=False``) has no prior group, is left as it was, and every round learns the
+    precisions of the trainable paths (a prior over the frozen tensors skipped every round, then failed)."""
+    model = _nested_model()
+    model[3].requires_grad_(False)
+    head = model[3].weight.detach().clone()
+    with caplog.at_level("WARNING"):
+        result = learn(model, _images(), epochs=2, batch_size=8, burn_in=1, marglik_every=1, hyper_steps=3,
+                       device="cpu")
+    assert "skipped" not in caplog.text
+    assert [(row.layer, row.path) for row in result.report] == [("0.block", "fc"), ("0.block", "conv"),
+                                                                ("1.0", "fc"), ("1.0", "conv")]
+    assert torch.equal(result.model[3].weight, head)
+    assert all(p != 1.0 for p in result.prior.as_dict().values())  # learned from delta = 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"train": (_images()[0].mul(40).clamp(0, 255).to(torch.uint8), _images()[1])},
+         "the model cannot take the inputs of train: they are torch.uint8 and the model takes torch.float32: "
+         "convert them, e.g. x.to(torch.float32) / 255"),
+        ({"train": (_images()[0].double(), _images()[1])},
+         "they are torch.float64 and the model takes torch.float32: convert them with x.to(torch.float32)"),
+        ({"valid": (_images(6)[0].double(), _images(6)[1])},
+         "valid: the inputs are not those the model takes: they are torch.float64"),
+        ({"train": TensorDataset(*_images())}, "train is a TensorDataset of single examples: pass tensors (x, y) or "
+                                               "batches, e.g. torch.utils.data.DataLoader(dataset, batch_size=128)"),
+        ({"train": tuple(t.numpy() for t in _images())}, "train must be tensors (x, y), not numpy arrays"),
+        ({"test": DataLoader(TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long)))},
+         "test holds no examples"),
+        ({"augment": True}, "augment takes a function (x, generator) -> x"),
+    ],
+)
+def test_inputs_the_model_cannot_take_are_a_clear_error_before_training(
+        arguments: dict, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Learner, "train_epoch", lambda self: pytest.fail("trained on data it should refuse"))
+    data = {"train": _images(), **arguments}
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        learn(_nested_model(), data.pop("train"), **data, epochs=1, laplace=False, device="cpu")
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _nested_model()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(x), x
+
+
+def test_a_model_that_returns_more_than_scores_is_a_model_error() -> None:
+    with pytest.raises(ModelError, match=re.escape("one tensor of class scores (B, K); on one example of train it "
+                                                   "gave a tuple of 2 items (Tensor, Tensor)")):
+        learn(_TwoOutputs(), _images(), epochs=1, device="cpu")
+
+
+def test_labels_of_any_integer_type_and_no_augmentation_train_as_int64_labels() -> None:
+    x, y = _images()
+    runs = [learn(_nested_model(), (x, labels), epochs=1, batch_size=8, burn_in=1, hyper_steps=2, device="cpu",
+                  augment=augment).metrics["neg_log_marglik"]
+            for labels, augment in ((y, None), (y.int(), False), (y.short(), None), (y.to(torch.uint8), None))]
+    assert runs[1:] == runs[:1] * 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -372,3 +373,13 @@ def test_block_eigenvalues_are_views_of_the_flat_eigenvalues() -> None:
     assert decomposition.block_eigenvalues(1).data_ptr() != decomposition.block_eigenvalues(0).data_ptr()
     assert decomposition.block_eigenvalues(0).untyped_storage().data_ptr() == \
         decomposition.eigenvalues().untyped_storage().data_ptr()
+
+
+def test_a_parameter_frozen_after_the_prior_was_built_is_named() -> None:
+    model = _tiny_mlp()
+    prior = Prior(model)
+    frozen = next(name for name, _ in model.named_parameters())
+    model.get_parameter(frozen).requires_grad_(False)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.arange(6) % 3
+    with pytest.raises(MarglikError, match=rf"with a prior but not trainable now: \['{re.escape(frozen)}'\]"):
+        fit_laplace(model, TensorLoader(x, y, 3), prior)
