@@ -50,7 +50,12 @@ class Recorder:
                 )
             if not isinstance(output, torch.Tensor):
                 raise NotImplementedError(f"module {record.name} must return a single tensor")
-            record.input = inputs[0].detach() if inputs else None
+            if not inputs:
+                raise NotImplementedError(
+                    f"module {record.name} ({type(module).__name__}) was called without a positional input; the "
+                    "KFAC rules need the module's input as its first positional argument"
+                )
+            record.input = inputs[0].detach()
             record.output = output
             record.version = output._version
 
@@ -67,10 +72,21 @@ class Recorder:
         self._handles.clear()
 
 
-def _check_records(records: list[Record]) -> None:
+def check_called(records: list[Record]) -> None:
+    """Raise NotImplementedError naming the first module of ``records`` that the forward pass did not call (a
+    module owning trainable parameters that the output does not depend on, e.g. an unused auxiliary head)."""
     for record in records:
         if record.output is None:
-            raise RuntimeError(f"module {record.name} was not called in the forward pass")
+            raise NotImplementedError(
+                f"module {record.name or '<root>'} ({type(record.module).__name__}) owns trainable parameters but was "
+                "not called in the forward pass; freeze its parameters (module.requires_grad_(False)) or remove it "
+                "from the model"
+            )
+
+
+def _check_records(records: list[Record]) -> None:
+    check_called(records)
+    for record in records:
         if record.output._version != record.version:
             raise NotImplementedError(
                 f"the output of module {record.name} was modified in place (e.g. ReLU(inplace=True)); "

@@ -33,14 +33,14 @@ CURVATURES = ("ggn", "mc", "ef")
 
 def check_batch(logits: torch.Tensor, y: torch.Tensor, likelihood: str) -> None:
     """Raise a ValueError saying what is wrong unless the targets ``y`` fit ``logits (B, K)``: class indices
-    ``(B,)`` in ``[0, K)`` (classification) or ``B * K`` values, ``(B, K)`` or ``(B,)`` for ``K = 1``
-    (regression)."""
+    ``(B,)`` of any integer dtype (not bool) in ``[0, K)`` (classification) or ``B * K`` values, ``(B, K)`` or
+    ``(B,)`` for ``K = 1`` (regression)."""
     check_choice(likelihood, LIKELIHOODS, "likelihood")
     if logits.dim() != 2:
         raise ValueError(f"the model output must be (B, K), got {tuple(logits.shape)}")
     batch, k = logits.shape
     if likelihood == "classification":
-        if y.shape != (batch,) or y.is_floating_point() or y.is_complex():
+        if y.shape != (batch,) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise ValueError(f"classification targets must be {batch} class indices (integers), got {y.dtype} "
                              f"{tuple(y.shape)}")
         if batch and (int(y.min()) < 0 or int(y.max()) >= k):
@@ -54,7 +54,7 @@ def summed_loss(logits: torch.Tensor, y: torch.Tensor, likelihood: str) -> torch
     """Summed negative log likelihood (without Gaussian constants) of ``logits (B, K)`` at targets ``y``."""
     check_choice(likelihood, LIKELIHOODS, "likelihood")
     if likelihood == "classification":
-        return F.cross_entropy(logits, y, reduction="sum")
+        return F.cross_entropy(logits, y.long(), reduction="sum")  # cross_entropy takes int64 (or uint8) only
     return 0.5 * (logits - y.reshape(logits.shape)).square().sum()
 
 

@@ -158,3 +158,97 @@ def test_options_are_checked_by_name_and_value():
     kfac.register_option(kfac.RuleOption("rotation_mode", ella.layers.ROTATION_MODES, "expand"))  # again: fine
     with pytest.raises(ValueError, match="a different KFAC option 'rotation_mode'"):
         kfac.register_option(kfac.RuleOption("rotation_mode", ella.layers.ROTATION_MODES, "reduce"))
+
+
+def _tiny_cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).to(DT)
+
+
+def _cnn_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    return torch.randn(5, 2, 4, 4, dtype=DT), torch.arange(5) % 3
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_integer_labels_of_any_integer_dtype_give_the_int64_result(dtype):
+    model, (x, y) = _tiny_cnn(), _cnn_batch()
+    for curvature in ("ggn", "ef", "mc"):
+        expected = kfac.kfac_batch(model, x, y, curvature=curvature, generator=torch.Generator().manual_seed(2))
+        got = kfac.kfac_batch(model, x, y.to(dtype), curvature=curvature, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(got.loss, expected.loss)
+        for name in expected.block_names:
+            assert torch.equal(got.dense(name), expected.dense(name))
+    marglik = []
+    for labels in (y, y.to(dtype)):
+        la = KronLaplace(model, "classification", backend=KfacGGN)
+        la.fit(DataLoader(TensorDataset(x, labels), batch_size=3))
+        marglik.append(la.log_marginal_likelihood(torch.tensor(0.5, dtype=DT)).detach())
+    assert torch.equal(marglik[1], marglik[0])
+
+
+def test_bool_labels_are_rejected_as_classification_targets():
+    model, (x, y) = _tiny_cnn(), _cnn_batch()
+    with pytest.raises(ValueError, match=r"targets must be 5 class indices \(integers\), got torch.bool"):
+        kfac.kfac_batch(model, x, y > 0)
+
+
+class _WithAuxHead(nn.Module):
+    """A tiny CNN whose ``aux`` head is never called in ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.aux = _tiny_cnn(), nn.Linear(12, 5, dtype=DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class _KeywordInput(nn.Module):
+    """Calls its linear layer with the input as a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3, dtype=DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(input=x)
+
+
+def test_an_uncalled_trainable_module_is_named_and_an_uncalled_frozen_one_is_ignored():
+    model, (x, y) = _WithAuxHead(), _cnn_batch()
+    with pytest.raises(NotImplementedError, match=r"module aux \(Linear\) owns trainable parameters but was not "
+                       r"called in the forward pass; freeze its parameters \(module.requires_grad_\(False\)\)"):
+        kfac.fit_kfac(model, [(x, y)])
+    model.aux.requires_grad_(False)
+    got = kfac.fit_kfac(model, [(x, y)])
+    expected = kfac.fit_kfac(model.body, [(x, y)])
+    assert got.block_names == [f"body.{name}" for name in expected.block_names]
+    with pytest.raises(NotImplementedError, match=r"module linear \(Linear\) was called without a positional input"):
+        kfac.kfac_batch(_KeywordInput(), torch.randn(5, 4, dtype=DT), y)
+
+
+def test_empty_batches_and_models_without_trainable_parameters_are_value_errors():
+    model, (x, y) = _tiny_cnn(), _cnn_batch()
+    with pytest.raises(ValueError, match=r"the batch has no samples \(inputs of shape \(0, 2, 4, 4\)\)"):
+        kfac.kfac_batch(model, x[:0], y[:0])
+    with pytest.raises(ValueError, match=r"fit_kfac: batch 1 of the loader has no samples"):
+        kfac.fit_kfac(model, [(x, y), (x[:0], y[:0])])
+    model.requires_grad_(False)
+    for fit in (lambda: kfac.kfac_batch(model, x, y), lambda: kfac.fit_kfac(model, [(x, y)])):
+        with pytest.raises(ValueError, match=r"all 4 parameter tensors of the model are frozen.*_grad_\(True\)"):
+            fit()
+    no_params = nn.Flatten()
+    for fit in (lambda: kfac.kfac_batch(no_params, x, y), lambda: kfac.fit_kfac(no_params, [(x, y)])):
+        with pytest.raises(ValueError, match="the model has no parameters"):
+            fit()
+
+
+def test_factor_dtype_must_be_a_floating_torch_dtype():
+    model, (x, y) = _tiny_cnn(), _cnn_batch()
+    with pytest.raises(TypeError, match=r"factor_dtype must be a torch.dtype such as torch.float64 \(or None\), got "
+                       r"'float64'"):
+        kfac.fit_kfac(model, [(x, y)], factor_dtype="float64")
+    with pytest.raises(ValueError, match="factor_dtype must be a floating-point dtype"):
+        kfac.kfac_batch(model, x, y, factor_dtype=torch.int64)
+    assert kfac.kfac_batch(model.float(), x.float(), y, factor_dtype=DT).dense("2.weight").dtype == DT
