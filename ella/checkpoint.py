@@ -36,8 +36,11 @@ CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.previous.pt"  # the checkpoint before the last one
 CONFIG = "config.json"
 LOCK = ".lock"  # held (flock) by the process running in the folder; names it
+# How the messages name the two choices of a run, for the command line and for Python (ella.learn, Trainer) alike
+RESUME = "--resume (resume=True in Python)"
+OUT = "--out, out_dir= in Python"
 _AFTER_A_FAILED_WRITE = (
-    "nothing there is half-written: make room or make the folder writable, then run the same command with --resume"
+    f"nothing there is half-written: make room or make the folder writable, then run it again with {RESUME}"
 )
 
 
@@ -139,7 +142,7 @@ def make_folder(out_dir: Path) -> None:
     except OSError as error:
         file = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
         reason = f"{file} is a file, not a folder" if file is not None else error.strerror or str(error)
-        raise OutputError(f"cannot create the output folder {out_dir} (--out): {reason}") from error
+        raise OutputError(f"cannot create the output folder {out_dir} ({OUT}): {reason}") from error
 
 
 def read_checkpoint(out_dir: Path, keys: Collection[str]) -> tuple[dict, Path] | None:
@@ -166,7 +169,7 @@ def read_checkpoint(out_dir: Path, keys: Collection[str]) -> tuple[dict, Path] |
     if damaged:
         raise CheckpointError(
             f"cannot resume: {'; '.join(damaged)}, and there is no earlier checkpoint; "
-            f"remove {out_dir} (or choose another --out) to start the run again"
+            f"remove {out_dir} or choose another output folder ({OUT}) to start the run again"
         )
     return None
 
@@ -197,12 +200,13 @@ def check_config(state: dict, path: Path, config: dict, defaults: dict, flags: d
         if not path.is_file():
             raise CheckpointError(
                 f"cannot check that {path.with_name(CHECKPOINT)} belongs to this configuration: it was written "
-                f"before checkpoints recorded theirs and {path} is missing; restore that file or choose another --out"
+                f"before checkpoints recorded theirs and {path} is missing; restore that file or choose another output "
+                f"folder ({OUT})"
             )
         saved = json.loads(path.read_text())
     changed = config_changes(saved, config, defaults, flags)
     if changed:
-        raise ValueError(f"--resume with a different configuration than {path}: {'; '.join(changed)}")
+        raise ValueError(f"{RESUME} with a different configuration than {path}: {'; '.join(changed)}")
 
 
 def check_world_size(state: dict, path: Path, world_size: int) -> None:
@@ -215,7 +219,8 @@ def check_world_size(state: dict, path: Path, world_size: int) -> None:
 
         raise ValueError(
             f"--resume with {processes(world_size)}, but {path} was written by a run of {processes(saved)}: the "
-            f"batches and the result depend on it; continue with {processes(saved)} or choose another --out"
+            f"batches and the result depend on it; continue with {processes(saved)} or choose another output "
+            f"folder ({OUT})"
         )
 
 
@@ -242,7 +247,8 @@ def lock_folder(out_dir: Path) -> None:
             holder = _read_holder(handle)
             os.close(handle)
             raise OutputError(
-                f"{out_dir} (--out) is in use by another run ({holder}); wait until it ends, or choose another --out"
+                f"{out_dir} ({OUT}) is in use by another run ({holder}); wait until it ends, or choose another output "
+                "folder"
             ) from None
         with contextlib.suppress(FileNotFoundError):
             if os.fstat(handle).st_ino == os.stat(path).st_ino:  # not a lock file its holder has just removed
@@ -292,7 +298,8 @@ def open_run(out_dir: Path, config: dict, resume: bool, keys: Collection[str], d
             check_config(found[0], found[1], config, defaults, flags)
             check_world_size(found[0], found[1], world_size)
         elif not resume and any((out_dir / name).exists() for name in (CHECKPOINT, PREVIOUS)):
-            raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose --out")
+            raise FileExistsError(f"{out_dir} already holds a run; pass {RESUME} to continue it or choose another "
+                                  f"output folder ({OUT})")
     except BaseException:
         unlock_folder(out_dir)
         raise

@@ -17,7 +17,7 @@ from ella.bilinear_ray import MARGLIK_METHODS, RAY_MIN_SCALE
 from ella.data import CIFAR_TEST_CHOICES
 from ella.layers import GROUPED_MODES
 from ella.layers.relaxed import COMBINE_MODES
-from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, option
+from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, check_switch, flag, is_option, option
 from kfac import CURVATURES, KFAC_APPROXES, check_choice
 
 
@@ -100,14 +100,18 @@ class TrainConfig:
 
     def check(self, argument_names: bool = False) -> None:
         """Raise a ValueError naming the first option outside its range (by its flag; by its argument name with
-        ``argument_names``, as :func:`ella.learn.learn` takes it) or choices, or ``--lr-min`` above ``--lr``."""
+        ``argument_names``, as :func:`ella.learn.learn` takes it) or choices, a switch that is not a bool (by its
+        name), or ``--lr-min`` above ``--lr``. Numbers of other types (numpy's, say) and numpy bools become plain
+        ``int``, ``float`` and ``bool`` here, so that the run records plain values."""
         name = (lambda item: item.name) if argument_names else flag
         for item in fields(self):
             allowed, value = item.metadata.get("values"), getattr(self, item.name)
             if isinstance(allowed, tuple):
                 check_choice(value, allowed, item.name)
             elif isinstance(allowed, Range) and value is not None:
-                allowed.check(value, name(item))
+                setattr(self, item.name, allowed.check(value, name(item)))
+            elif is_option(item) and isinstance(item.default, bool):  # a switch
+                setattr(self, item.name, check_switch(value, item.name))
         if self.lr_min > self.lr:
             names = {item.name: name(item) for item in fields(self)}
             raise ValueError(f"{names['lr_min']} ({self.lr_min:g}) must not be above {names['lr']} ({self.lr:g})")

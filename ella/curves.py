@@ -21,12 +21,12 @@ CURVES_FILE = "learning_curves.png"
 ROUNDS_FILE = "relative_per_round.png"
 
 
-def read_history(metrics: Path) -> list[dict]:
+def read_history(metrics: str | Path) -> list[dict]:
     """The rows of a run's ``metrics.jsonl`` (one per epoch)."""
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
 
 
-def plot_learning_curves(history: list[dict], path: Path, title: str = "") -> Path:
+def plot_learning_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     """Three panels over the epochs of ``history``: accuracy (%), NLL (training cross-entropy and the evaluated
     data's NLL) and ``-log p(D)/N`` at the epochs with a marginal-likelihood round (an empty panel without one)."""
     plt = pyplot()
@@ -53,7 +53,7 @@ def plot_learning_curves(history: list[dict], path: Path, title: str = "") -> Pa
     return save_figure(fig, path)
 
 
-def plot_share_rounds(history: list[dict], path: Path, title: str = "") -> Path | None:
+def plot_share_rounds(history: list[dict], path: str | Path, title: str = "") -> Path | None:
     """One panel per relaxed layer: each path's relative effective parameters (``relative_n_eff``) after every
     marginal-likelihood round of ``history``; None (nothing drawn) when no round recorded them."""
     rounds = [row for row in history if row.get("relative_n_eff")]
@@ -85,14 +85,15 @@ def plot_share_rounds(history: list[dict], path: Path, title: str = "") -> Path 
     return save_figure(fig, path)
 
 
-def plot_run(history: list[dict], figure_dir: Path, title: str = "") -> list[Path]:
+def plot_run(history: list[dict], figure_dir: str | Path, title: str = "") -> list[Path]:
     """A run's learning curves and, if it had marginal-likelihood rounds, its shares per round, in ``figure_dir``."""
+    figure_dir = Path(figure_dir)
     drawn = [plot_learning_curves(history, figure_dir / CURVES_FILE, title),
              plot_share_rounds(history, figure_dir / ROUNDS_FILE, title)]
     return [path for path in drawn if path is not None]
 
 
-def plot_block_shares(reports: dict[str, list[dict]], path: Path) -> Path | None:
+def plot_block_shares(reports: dict[str, list[dict]], path: str | Path) -> Path | None:
     """One panel per run of a results table: each path kind's relative effective parameters (bars) and share of
     the output power (dots) in the relaxed blocks in order. ``reports``: run name -> the ``paths`` rows of its
     ``effective_parameters.json``; runs without relaxed-layer rows are left out (None when none is left)."""

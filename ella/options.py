@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from dataclasses import Field, field
 from typing import Any
+
+import numpy as np
 
 
 class Range:
@@ -35,8 +38,9 @@ class Range:
         return f"{noun} < {self.below:g}" if self.below is not None else noun
 
     def allows(self, value: object) -> bool:
-        """True when ``value`` is of this range's kind (an int counts as a float) and within its bounds."""
-        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
+        """True when ``value`` is of this range's kind (any ``numbers.Integral`` for ``int``, such as numpy's
+        integers; any ``numbers.Real`` for ``float``; never a bool) and within its bounds."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.kind is int else numbers.Real):
             return False
         if not math.isfinite(value):
             return False
@@ -44,10 +48,12 @@ class Range:
             return False
         return self.below is None or value < self.below
 
-    def check(self, value: object, name: str) -> None:
-        """Raise a ValueError naming ``name`` (say, the flag) unless :meth:`allows` ``value``."""
+    def check(self, value: object, name: str) -> int | float:
+        """``value`` as a plain ``int`` or ``float`` (of this range's kind), or a ValueError naming ``name`` (say,
+        the flag) unless :meth:`allows` ``value``."""
         if not self.allows(value):
             raise ValueError(f"{name} must be {self}, got {value!r}")
+        return self.kind(value)
 
     def __call__(self, text: str) -> int | float:
         try:
@@ -62,6 +68,14 @@ class Range:
 COUNT = Range(int, 1)  # sizes and counts that must be at least one
 OPTIONAL_COUNT = Range(int, 0)  # counts that may be zero
 POSITIVE = Range(float, 0, above=True)  # rates, scales, precisions
+
+
+def check_switch(value: object, name: str) -> bool:
+    """``value`` as a plain bool (a numpy bool converted), or a ValueError naming ``name`` unless it is one (a
+    string such as ``"False"`` is refused: it would count as true)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def option(default: Any = None, help: str = "", values: Range | tuple[str, ...] | None = None,

@@ -193,10 +193,11 @@ def _precision_text(row: PathReport) -> str:
     return f"{min(row.precisions):.3g}-{max(row.precisions):.3g}"
 
 
-def write_report(rows: list[PathReport], out_dir: Path, stem: str = "effective_parameters",
+def write_report(rows: list[PathReport], out_dir: str | Path, stem: str = "effective_parameters",
                  caption: str | None = None) -> tuple[Path, Path]:
     """Write ``<stem>.txt`` (the table, then ``caption`` if given: e.g. how the precisions were learned) and
     ``<stem>.json`` (rows, effective layer types and ``caption``) into ``out_dir``."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text_path, json_path = out_dir / f"{stem}.txt", out_dir / f"{stem}.json"
     text_path.write_text(format_report(rows) + "\n" + (f"{caption}\n" if caption else ""))
@@ -216,8 +217,9 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     """Lay ``fig`` out, write it to ``path`` at 120 dpi (creating the folder) and close it; returns ``path``."""
+    path = Path(path)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -225,7 +227,7 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def plot_relative(rows: list[PathReport], path: Path, title: str = "") -> Path:
+def plot_relative(rows: list[PathReport], path: str | Path, title: str = "") -> Path:
     """Stacked bars of the relative effective parameters of every path, one bar per relaxed layer."""
     plt = pyplot()
     layers = list(dict.fromkeys(r.layer for r in rows if r.path is not None))

@@ -22,7 +22,7 @@ import torch
 
 import ella.checkpoint as checkpoint_module
 import ella.train as train_module
-from ella.checkpoint import CHECKPOINT, LOCK, PREVIOUS, CheckpointError, OutputError, read_checkpoint
+from ella.checkpoint import CHECKPOINT, LOCK, PREVIOUS, CheckpointError, OutputError, open_run, read_checkpoint
 from ella.train import Interrupted, Trainer, train
 from test_cli import REPO, run_cifar10
 from test_train import _Interrupt, _raise_in_epoch, _tiny_config, _without_timing, _write_tiny_cifar
@@ -55,7 +55,8 @@ def test_damaged_checkpoint_without_an_earlier_one_is_a_clear_error(
     code, err = run_cifar10(["--layer", "conv", "--out", str(out), "--resume", "--data-dir", str(tmp_path / "none")],
                             monkeypatch, capsys)
     assert code == 2 and "Traceback" not in err
-    assert f"cannot resume: {out / CHECKPOINT} cannot be read" in err and "choose another --out" in err
+    assert f"cannot resume: {out / CHECKPOINT} cannot be read" in err
+    assert "choose another output folder (--out, out_dir= in Python)" in err
     assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT]
 
 
@@ -101,7 +102,8 @@ def test_resume_checks_the_configuration_before_it_writes_anything(tmp_path: Pat
     state = torch.load(out / CHECKPOINT, weights_only=False)
     del state["config"], state["checksum"]  # as written before checkpoints recorded their configuration
     torch.save(state, out / CHECKPOINT)
-    with pytest.raises(CheckpointError, match="config.json is missing; restore that file or choose another --out"):
+    missing = r"config.json is missing; restore that file or choose another output folder \(--out, out_dir= in Python\)"
+    with pytest.raises(CheckpointError, match=missing):
         train(config, out, resume=True)
     (out / "config.json").write_text(json.dumps(asdict(config)))
     assert train(config, out, resume=True)["epochs"] == 1
@@ -118,7 +120,8 @@ def test_output_folder_that_is_not_a_folder_is_a_clear_error(
     code, err = run_cifar10(["--layer", "conv", "--out", str(out), "--data-dir", str(tmp_path / "none")],
                             monkeypatch, capsys)
     assert code == 2 and "Traceback" not in err
-    assert f"cannot create the output folder {out} (--out): {tmp_path / 'notes'} is a file, not a folder" in err
+    assert (f"cannot create the output folder {out} (--out, out_dir= in Python): {tmp_path / 'notes'} is a file, "
+            "not a folder") in err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; this needs a regular user")
@@ -160,7 +163,7 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one(
     with pytest.raises(OutputError) as error:
         train(config, out)
     assert str(error.value).startswith(f"cannot write {out / CHECKPOINT}: ") and reason in str(error.value)
-    assert "run the same command with --resume" in str(error.value)
+    assert "then run it again with --resume (resume=True in Python)" in str(error.value)
     assert not list(out.glob("*.tmp"))
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
     assert train(config, out, resume=True)["test"] == reference["test"]
@@ -192,9 +195,9 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_runs_lock_does_
     try:
         code, err = run_cifar10(["--layer", "conv", "--out", str(out), "--data-dir", str(data)], monkeypatch, capsys)
         assert code == 2 and "Traceback" not in err
-        assert (f"error: {out} (--out) is in use by another run (process {holder.pid} on {socket.gethostname()}, "
-                "started 20") in err
-        assert "wait until it ends, or choose another --out" in err
+        assert (f"error: {out} (--out, out_dir= in Python) is in use by another run (process {holder.pid} on "
+                f"{socket.gethostname()}, started 20") in err
+        assert "wait until it ends, or choose another output folder" in err
         assert [p.name for p in out.iterdir()] == [LOCK]  # no config.json
     finally:
         holder.kill()
@@ -213,6 +216,19 @@ def test_a_run_refused_after_it_locked_its_folder_leaves_nothing_there(
     assert code == 2 and "Could not find CIFAR-10" in err
     assert list(out.iterdir()) == []  # neither config.json nor the lock
     train(_tiny_config(_write_tiny_cifar(tmp_path / "data"), epochs=1, laplace=False), out)  # not "in use"
+
+
+def test_a_folder_that_holds_a_run_is_refused_naming_the_choices_in_python_and_on_the_command_line(
+    tmp_path: Path
+) -> None:
+    """A second ``ella.learn(..., out_dir=out)`` (or command) on a folder that holds a run is told how to go on in
+    both spellings: the message once named only the flags, which a library user does not pass."""
+    (tmp_path / CHECKPOINT).write_bytes(b"")
+    with pytest.raises(FileExistsError) as error:
+        open_run(tmp_path, {}, resume=False, keys=(), defaults={}, flags={})
+    assert str(error.value) == (f"{tmp_path} already holds a run; pass --resume (resume=True in Python) to continue "
+                                "it or choose another output folder (--out, out_dir= in Python)")
+    assert not (tmp_path / LOCK).exists()  # unlocked again
 
 
 # ----------------------------------------------------------------------------------------------------------

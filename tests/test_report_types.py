@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ella.report import PathReport, effective_layer_types, format_report
+from pathlib import Path
+
+from ella.report import (PathReport, effective_layer_types, format_report, plot_relative, pyplot, save_figure,
+                         write_report)
 
 
 def _row(layer: str, path: str, kind: str, relative: float, share: float | None) -> PathReport:
@@ -29,3 +32,12 @@ def test_without_output_shares_the_type_is_the_largest_relative_count() -> None:
     rows = [_row("0", "fc", "F-FC", 0.6, None), _row("0", "conv", "CONV", 0.4, None)]
     assert effective_layer_types(rows) == {"0": "F-FC"}
     assert "output" not in format_report(rows).splitlines()[0]
+
+
+def test_the_writers_take_a_path_given_as_text(tmp_path: Path) -> None:
+    """A str path works as a Path does (the writers once called ``.mkdir`` / ``.parent`` on it)."""
+    text, data = write_report(ROWS, str(tmp_path / "report"))
+    assert text.read_text().startswith("layer") and data == tmp_path / "report" / "effective_parameters.json"
+    assert plot_relative(ROWS, str(tmp_path / "relative.png")).stat().st_size > 0
+    path = save_figure(pyplot().figure(), str(tmp_path / "figures" / "empty.png"))
+    assert path == tmp_path / "figures" / "empty.png" and path.is_file()

@@ -7,12 +7,14 @@ import ast
 import importlib.util
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ella import data as D
+from ella.config import TrainConfig
 from test_data import trust_fixture_checksums, write_cifar_torchvision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,6 +158,55 @@ def test_flags_that_cannot_work_are_refused_before_anything_runs(name, argv, mes
     assert message in usage_error(name, argv, monkeypatch, capsys)
 
 
+def test_numpy_numbers_are_options_and_the_run_records_them_as_plain_values(tmp_path: Path) -> None:
+    """A sweep's ``np.int64`` / ``np.float32`` / ``np.bool_`` values are taken (they were refused as "must be an
+    integer >= 1, got np.int64(8)") and recorded as plain Python values."""
+    import torch
+    from torch import nn
+
+    from ella.layers import relaxed_layer
+    from ella.learn import learn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(relaxed_layer(3, 2, 4, "ffc_conv"), nn.Flatten(), nn.Linear(32, 3))
+    data = torch.randn(16, 3, 4, 4), torch.arange(16) % 3
+    learn(model, data, epochs=np.int64(1), batch_size=np.int64(8), lr=np.float32(0.01), laplace=np.bool_(False),
+          device="cpu", out_dir=tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["epochs"], config["batch_size"], config["laplace"]) == (1, 8, False)
+    assert config["lr"] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match=r"^batch_size must be an integer >= 1, got np.float64\(8.0\)$"):
+        learn(model, data, epochs=1, batch_size=np.float64(8))
+
+
+SWITCHES = [item.name for item in fields(TrainConfig) if isinstance(item.default, bool)]
+
+
+@pytest.mark.parametrize("name", SWITCHES)
+def test_a_switch_that_is_not_a_bool_is_refused(name: str) -> None:
+    """``laplace="False"`` once ran the Laplace rounds (a non-empty string is true); every switch takes a bool only
+    (numpy's made plain)."""
+    for argument_names in (True, False):
+        with pytest.raises(ValueError, match=f"^{name} must be True or False, got 'False'$"):
+            TrainConfig(**{name: "False"}).check(argument_names)
+    config = TrainConfig(**{name: np.bool_(False)})
+    config.check()
+    assert getattr(config, name) is False
+
+
+def test_learn_refuses_a_switch_that_is_not_a_bool_before_it_trains() -> None:
+    import torch
+    from torch import nn
+
+    from ella.layers import relaxed_layer
+    from ella.learn import learn
+
+    model = nn.Sequential(relaxed_layer(3, 2, 4, "ffc_conv"), nn.Flatten(), nn.Linear(32, 3))
+    with pytest.raises(ValueError, match=r"^laplace must be True or False, got 'False'$"):
+        learn(model, (torch.randn(4, 3, 4, 4), torch.arange(4) % 3), epochs=1, laplace="False")
+    assert {"laplace", "report", "per_tensor_prior", "capture", "augment", "download"} <= set(SWITCHES)  # all tested
+
+
 def test_a_data_folder_that_is_a_file_is_called_so(tmp_path, monkeypatch):
     (tmp_path / "cifar10.npz").write_bytes(b"")
     monkeypatch.setenv("ELLA_DATA", str(tmp_path / "cifar10.npz"))
@@ -204,6 +255,22 @@ def test_every_run_draws_its_learning_curves_and_the_shares_of_every_round(tmp_p
         assert sum(1 for row in history if row.get("relative_n_eff")) == (3 if laplace else 0)
         assert _is_png(out / "figures" / "relative_per_round.png") == laplace
     assert plot_share_rounds(read_history(tmp_path / "map" / "metrics.jsonl"), tmp_path / "none.png") is None
+
+
+def test_the_figures_take_paths_given_as_text(tmp_path: Path) -> None:
+    """A str path works as a Path does (the figures once called ``.parent`` on it, or divided it)."""
+    from ella.curves import CURVES_FILE, ROUNDS_FILE, plot_block_shares, plot_learning_curves, plot_run, read_history
+
+    rows = [{"epoch": epoch, "train_loss": 1.0 / epoch, "valid_acc": 50.0, "valid_nll": 1.0, "neg_log_marglik": 2.0,
+             "relative_n_eff": {"0.conv": 0.4, "0.fc": 0.6}} for epoch in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    history = read_history(str(tmp_path / "metrics.jsonl"))
+    figures = tmp_path / "figures"
+    assert plot_run(history, str(figures)) == [figures / CURVES_FILE, figures / ROUNDS_FILE]
+    assert _is_png(figures / CURVES_FILE) and _is_png(figures / ROUNDS_FILE)
+    assert _is_png(plot_learning_curves(history, str(tmp_path / "curves.png")))
+    report = [{"layer": "0", "path": "conv", "kind": "CONV", "relative": 1.0, "output_share": 1.0}]
+    assert _is_png(plot_block_shares({"run": report}, str(tmp_path / "blocks.png")))
 
 
 def test_paper_tables_draws_its_tables_block_shares(tmp_path, monkeypatch, capsys):
