@@ -29,6 +29,7 @@ from torch import nn
 
 from ella import distributed
 from ella.inputs import Data, check_kind, check_model, checked, is_pair, output_classes
+from ella.options import check_switch
 from ella.priors import Prior
 from ella.report import PathReport, format_report
 from ella.config import EXPERIMENT_FIELDS, TrainConfig, training_record
@@ -92,6 +93,7 @@ def learn(model: nn.Module, train: Data, *, epochs: int, valid: Data | None = No
     """
     config = _config(epochs=epochs, laplace=laplace, **options)
     config.check(argument_names=True)
+    resume = check_switch(resume, "resume")
     augment = _augmentation(augment)
     check_model(model)
     model = model.to(distributed.setup(config.device))

@@ -66,6 +66,8 @@ from tqdm.auto import tqdm
 from ella import distributed
 from ella.bilinear_ray import METHOD_CAPTIONS, optimise_precisions
 from ella.checkpoint import (
+    OUT,
+    RESUME,
     CheckpointError,
     OutputError,
     append_text,
@@ -209,8 +211,9 @@ def check_finished(final: dict, path: Path, record: dict) -> None:
     ``final.json`` (read from ``path``) is ``final`` has the configuration ``record``."""
     changed = config_changes(final.get("config", {}), record, *_options())
     if changed:
-        raise ValueError(f"--resume: the finished run in {path.parent} has another configuration: "
-                         f"{'; '.join(changed)}; run these settings with another --out, or the old ones again")
+        raise ValueError(f"{RESUME}: the finished run in {path.parent} has another configuration: "
+                         f"{'; '.join(changed)}; run these settings in another output folder ({OUT}), or the old ones "
+                         "again")
 
 
 def data_fingerprints(**data: Data | None) -> dict[str, str]:
@@ -226,9 +229,9 @@ def check_data(saved: dict[str, str] | None, now: dict[str, str], out_dir: Path)
     differ = [words[name] for name in now if saved is not None and name in saved and saved[name] != now[name]]
     if differ:
         raise ValueError(
-            f"--resume on other data than the run in {out_dir} was trained on: the {' and '.join(differ)} data differ "
-            "from those its checkpoint recorded (do --data-dir or ELLA_DATA point at other data now?); point them "
-            "back at the run's data, or choose another --out"
+            f"{RESUME} on other data than the run in {out_dir} was trained on: the {' and '.join(differ)} data differ "
+            "from those its checkpoint recorded (do --data-dir or ELLA_DATA point at other data now?); give the run "
+            f"its data again, or choose another output folder ({OUT})"
         )
 
 
@@ -315,7 +318,7 @@ class Learner:
             distributed.on_main(lambda: check_data(state.get("data"), self.data_fingerprints, self.out_dir))
             self._load_state(state)
         elif resume and distributed.is_main():
-            log.warning("--resume: no checkpoint in %s yet, so this starts a new run", self.out_dir)
+            log.warning("%s: no checkpoint in %s yet, so this starts a new run", RESUME, self.out_dir)
         if self.out_dir is not None and distributed.is_main():
             write_config(self.record, self.out_dir)
         if config.laplace and not any(map(self.is_marglik_epoch, range(1, config.epochs + 1))) and distributed.is_main():

@@ -250,8 +250,8 @@ def test_resume_on_other_data_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.undo()
     monkeypatch.setenv("ELLA_DATA", str(other))
     before = (out / "config.json").read_bytes()
-    with pytest.raises(ValueError, match=rf"^--resume on other data than the run in {out} was trained on: the "
-                                         r"training and validation data differ .*ELLA_DATA"):
+    with pytest.raises(ValueError, match=rf"^--resume \(resume=True in Python\) on other data than the run in "
+                                         rf"{out} was trained on: the training and validation data differ .*ELLA_DATA"):
         train(config, out, resume=True)
     assert (out / "config.json").read_bytes() == before and not (out / LOCK).exists()
     monkeypatch.setenv("ELLA_DATA", str(tmp_path / "a"))

@@ -244,8 +244,8 @@ def test_run_set_resume_refuses_a_finished_run_of_another_configuration(tmp_path
     config = _tiny_config(_write_tiny_cifar(tmp_path / "data"), epochs=2, laplace=False)
     first = run_many({"conv-map-s3": config}, tmp_path / "t", resume=False)
     out = tmp_path / "t" / "conv-map-s3"
-    with pytest.raises(ValueError, match=rf"^--resume: the finished run in {out} has another configuration: epochs "
-                                         r"\(--epochs\): 2 saved, 1 now; lr \(--lr\): 0.01 saved, 0.1 now; run these"):
+    with pytest.raises(ValueError, match=rf"^--resume \(resume=True in Python\): the finished run in {out} has "
+                                         r"another configuration: epochs \(--epochs\): 2 saved, 1 now; lr \(--lr\): 0.01 saved, 0.1 now; run these"):
         run_many({"conv-map-s3": replace(config, epochs=1, lr=0.1)}, tmp_path / "t", resume=True)
     again = run_many({"conv-map-s3": replace(config, device="cpu", kfac_batch_size=7)}, tmp_path / "t", resume=True)
     assert again == first  # how a run is computed (device, KFAC batch) is not its configuration

@@ -280,6 +280,7 @@ def test_loaders_whose_batches_are_not_pairs_are_a_clear_error(batches: list, me
         ({"layer": "conv"}, TypeError, "learn() takes no 'layer'"),
         ({"learning_rate": 0.1}, TypeError, "unknown option 'learning_rate'; the training options are: epochs,"),
         ({"resume": True}, ValueError, "resume needs the output folder"),
+        ({"resume": "False"}, ValueError, "resume must be True or False, got 'False'"),
         ({"lr": -1.0}, ValueError, "lr must be a finite number >= 0, got -1.0"),
         ({"epochs": 0}, ValueError, "epochs must be an integer >= 1, got 0"),
         ({"seed": -1}, ValueError, "seed must be an integer >= 0, got -1"),
