@@ -100,14 +100,22 @@ def _escape(text: str) -> str:
     return text.replace("%", "%%")  # argparse formats help texts with %
 
 
+_OVERRIDDEN_BY = {"valid_fraction": "n_valid"}  # option -> the option that overrides it when both are set
+
+
 def config_from_args(args: argparse.Namespace, presets: dict[str, dict], **fixed) -> TrainConfig:
-    """Preset values, then explicit flags, then ``fixed`` (the experiment's own choices such as the dataset)."""
+    """Preset values, then explicit flags, then ``fixed`` (the experiment's own choices such as the dataset). A
+    flag given explicitly also clears the preset's value of an option that would override it (``--valid-fraction``
+    takes effect under a preset that sets ``--n-valid``)."""
     values = dict(presets[args.preset])
     names = {f.name for f in fields(TrainConfig)}
     for name in names:
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
+            overriding = _OVERRIDDEN_BY.get(name)
+            if overriding is not None and getattr(args, overriding, None) is None:
+                values.pop(overriding, None)
     values.update(fixed)
     if values.get("device") is None:
         values.pop("device", None)

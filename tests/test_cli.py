@@ -55,6 +55,17 @@ def test_preset_values_then_flags_then_the_experiments_fixed_choices() -> None:
     assert (config.laplace, config.per_tensor_prior, config.n_train, config.lr) == (True, True, 100, 0.25)
 
 
+def test_an_explicit_valid_fraction_takes_effect_under_a_preset_that_sets_n_valid() -> None:
+    presets = {"cpu": {**PRESETS["cpu"], "n_valid": 1000}}
+    parser = argparse.ArgumentParser()
+    add_training_arguments(parser, presets)
+    config = config_from_args(parser.parse_args(["--valid-fraction", "0.5"]), presets)
+    assert (config.n_valid, config.valid_fraction) == (None, 0.5)
+    config = config_from_args(parser.parse_args(["--valid-fraction", "0.5", "--n-valid", "20"]), presets)
+    assert (config.n_valid, config.valid_fraction) == (20, 0.5)  # --n-valid, given too, overrides as documented
+    assert config_from_args(parser.parse_args([]), presets).n_valid == 1000
+
+
 def test_every_option_field_is_a_flag() -> None:
     options = [item for item in fields(TrainConfig) if is_option(item)]
     flags = {string for action in _parser()._actions for string in action.option_strings}
