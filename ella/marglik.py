@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -147,6 +148,9 @@ class MarglikObjective:
         fits = [fits] if isinstance(fits, LaplaceFit) else list(fits)
         if not fits:
             raise ValueError("the marginal likelihood needs at least one Laplace fit")
+        if len({len(f.n_params) for f in fits}) > 1:
+            raise ValueError(f"the Laplace fits are of different models: {[len(f.n_params) for f in fits]} parameter "
+                             "tensors")
         decompositions = [f.decomposition for f in fits]
         eigenvalues = (decompositions[0].eigenvalues() if len(fits) == 1
                        else torch.cat([d.eigenvalues() for d in decompositions]))
@@ -167,6 +171,9 @@ class MarglikObjective:
     def log_precisions(self, prior: Prior) -> torch.Tensor:
         """``(n_tensors,)`` every tensor's log precision in the eigenvalues' dtype: one conversion, so that the
         gradients of all terms built on it add in that precision before they reach the prior."""
+        if prior.group_of_tensor.shape != self.n_params.shape:
+            raise ValueError(f"the prior covers {prior.group_of_tensor.numel()} parameter tensors but the Laplace fit "
+                             f"{self.n_params.numel()}: build the prior for the model that was fitted")
         return prior.log_precision.to(self.eigenvalues)[prior.group_of_tensor]
 
     def value(self, log_delta: torch.Tensor) -> torch.Tensor:
@@ -199,8 +206,13 @@ def optimise_prior(fits: Fits, prior: Prior, optimizer: torch.optim.Optimizer, s
     a warning says so after the loop. A non-finite objective at the starting precisions raises
     :class:`MarglikError`.
     """
-    objective = MarglikObjective.from_fits(fits)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     log_precision = prior.log_precision
+    if not any(p is log_precision for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError("the optimizer does not hold the prior's log precisions: build it over prior.parameters(), "
+                         "e.g. torch.optim.Adam(prior.parameters(), lr=0.1)")
+    objective = MarglikObjective.from_fits(fits)
     value, grad = objective.value_and_grad(prior)
     if not math.isfinite(float(value)):
         raise MarglikError(f"the marginal likelihood is not finite at precisions {prior.as_dict()}")

@@ -383,3 +383,17 @@ def test_a_parameter_frozen_after_the_prior_was_built_is_named() -> None:
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.arange(6) % 3
     with pytest.raises(MarglikError, match=rf"with a prior but not trainable now: \['{re.escape(frozen)}'\]"):
         fit_laplace(model, TensorLoader(x, y, 3), prior)
+
+
+def test_optimise_prior_refuses_a_prior_optimizer_or_step_count_it_cannot_use() -> None:
+    fit, prior = _fit_with_spread_precisions()
+    other = Prior(_tiny_mlp())
+    with pytest.raises(ValueError, match=r"the prior covers 4 parameter tensors but the Laplace fit \d+"):
+        optimise_prior(fit, other, torch.optim.Adam(other.parameters()), 2)
+    with pytest.raises(ValueError, match=re.escape("the optimizer does not hold the prior's log precisions")):
+        optimise_prior(fit, prior, torch.optim.Adam(_tiny_mlp().parameters()), 2)
+    with pytest.raises(ValueError, match=re.escape("steps must be an integer >= 0, got -3")):
+        optimise_prior(fit, prior, torch.optim.Adam(prior.parameters()), -3)
+    before = prior.log_precision.detach().clone()
+    optimise_prior(fit, prior, torch.optim.Adam(prior.parameters(), lr=0.1), 0)
+    assert torch.equal(prior.log_precision, before)
