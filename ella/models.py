@@ -8,6 +8,7 @@ p4 common frame (4 copies, ``(B, 4C, H, W)``) and max-pool over rotations before
 
 from __future__ import annotations
 
+import numbers
 from contextlib import nullcontext
 
 import torch
@@ -103,8 +104,8 @@ def build_model(
     """
     check_layer_name(layer)
     alpha = DEFAULT_ALPHA[layer] if alpha is None else alpha
-    if alpha < 1:
-        raise ValueError(f"alpha must be a positive integer, got {alpha}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Integral) or alpha < 1:
+        raise ValueError(f"alpha must be a positive integer, got {alpha!r}")
     with torch.device(device) if device is not None else nullcontext():
         return RelaxedNet(layer, in_channels, n_classes, alpha, combine=combine, criterion=criterion)
 

@@ -39,6 +39,9 @@ def test_mnist_parameter_counts_match_the_paper(layer: str, classes: int, expect
 def test_unknown_layer_lists_valid_names() -> None:
     with pytest.raises(ValueError, match="valid layers are: fc, conv, fc_conv"):
         build_model("ffc_gconv")
+    for alpha in (0, 1.5, "2", True):
+        with pytest.raises(ValueError, match=f"alpha must be a positive integer, got {alpha!r}"):
+            build_model("conv", alpha=alpha, device="meta")
 
 
 def test_wrong_input_shape_is_a_clear_error() -> None:
