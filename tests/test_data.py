@@ -284,6 +284,93 @@ def test_cifar_file_failing_its_checksum_is_reported_and_never_unpickled(tmp_pat
     assert not touched.exists()
 
 
+def test_official_test_batch_beside_a_small_npz_is_the_test_set(tmp_path, monkeypatch, caplog):
+    """A cifar10.npz with few exact test images next to torchvision's checked test_batch: auto and exact take
+    the test_batch's images (not the JPEG copies, not the npz's few); the training images stay the npz's."""
+    small = tiny_cifar(n_test=10)
+    save_npz(tmp_path / "cifar10.npz", small)
+    official = tiny_cifar(n_test=30, seed=2)
+    write_cifar_torchvision(tmp_path, official)
+    jpeg = tiny_cifar(n_test=20, seed=3)
+    np.savez(tmp_path / "cifar10_test10k_jpeg.npz", x_test=jpeg[2], y_test=jpeg[3])
+    trust_fixture_checksums(monkeypatch, tmp_path)
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    for mode in ("auto", "exact"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ella.data"):
+            arrays, source = D.read_cifar10_with_source(tmp_path, cifar_test=mode)
+        for got, want in zip(arrays, (*small[:2], *official[2:])):
+            np.testing.assert_array_equal(got, want)
+        assert source == "exact (30 official test images)" and f"read from {test_batch}" in caplog.text
+    np.testing.assert_array_equal(D.read_cifar10(tmp_path, cifar_test="jpeg10k")[2], jpeg[2])  # asked for
+    test_batch.write_bytes(test_batch.read_bytes()[:-1])  # no longer the file whose checksum is trusted
+    with pytest.raises(ValueError, match="does not match torchvision's MD5 checksum of the official CIFAR-10 "
+                                         "test_batch") as err:
+        D.read_cifar10(tmp_path)
+    assert str(test_batch) in str(err.value)
+
+
+def test_mnist_reads_the_raw_files_not_a_legacy_processed_copy(tmp_path, caplog):
+    """torchvision's MNIST class would read MNIST/processed/*.pt where they exist: the raw IDX files win, and the
+    warning names the processed copy as ignored."""
+    arrays = tiny_mnist()
+    write_mnist_torchvision(tmp_path, arrays, compress=False)
+    stale = tiny_mnist(n_train=20, n_test=5, seed=3)
+    (tmp_path / "MNIST" / "processed").mkdir()
+    for name, x, y in (("training.pt", *stale[:2]), ("test.pt", *stale[2:])):
+        torch.save((torch.from_numpy(x), torch.from_numpy(y).long()), tmp_path / "MNIST" / "processed" / name)
+    with caplog.at_level(logging.WARNING, logger="ella.data"):
+        got = D.read_mnist(tmp_path)
+    for g, w in zip(got, arrays):
+        np.testing.assert_array_equal(g, w)
+    assert f"ignoring {tmp_path / 'MNIST' / 'processed'}" in caplog.text
+
+
+def test_log_names_the_files_read_and_warns_about_ignored_copies(tmp_path, monkeypatch, caplog):
+    save_npz(tmp_path / "mnist.npz", tiny_mnist())
+    write_mnist_torchvision(tmp_path, tiny_mnist(n_train=20, seed=4), compress=False)
+    save_npz(tmp_path / "cifar10.npz", tiny_cifar())
+    write_cifar_torchvision(tmp_path, tiny_cifar(seed=4))
+    trust_fixture_checksums(monkeypatch, tmp_path)
+    with caplog.at_level(logging.INFO, logger="ella.data"):
+        assert len(D.read_mnist(tmp_path)[0]) == 40
+        D.read_cifar10(tmp_path)
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    warnings = [r.getMessage() for r in caplog.records if "more than one format" in r.getMessage()]
+    npz, raw, folder = tmp_path / "mnist.npz", tmp_path / "MNIST" / "raw", tmp_path / "cifar-10-batches-py"
+    assert f"MNIST: training images read from {npz}, test images from {npz}" in infos
+    assert f"CIFAR-10: training images read from {tmp_path / 'cifar10.npz'}" in infos
+    assert len(warnings) == 2
+    assert f"reading {npz}, ignoring {raw} " in warnings[0]
+    assert f"reading {tmp_path / 'cifar10.npz'}, ignoring {folder / 'data_batch_1..5'} " in warnings[1]
+
+
+def test_test_set_descriptions_say_the_real_count_and_source(tmp_path, monkeypatch):
+    save_npz(tmp_path / "cifar10.npz", tiny_cifar())
+    x_jpeg = np.random.default_rng(5).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "cifar10_test10k_jpeg.npz", x_test=x_jpeg, y_test=(np.arange(20) % 10).astype(np.uint8))
+    b = D.load_dataset("cifar10", tmp_path, n_valid=5, cifar_test="jpeg10k")
+    assert b.info["test_source"] == "jpeg10k (20 lossy JPEG copies, non-official order)"
+    save_npz(tmp_path / "mnist.npz", tiny_mnist(n_test=10))
+    assert D.load_dataset("mnist", tmp_path, n_valid=4).info["test_source"] == "10 test images from mnist.npz"
+    raw_only = tmp_path / "raw"
+    write_mnist_torchvision(raw_only, tiny_mnist(n_test=20), compress=False)
+    assert (D.load_dataset("mnist", raw_only, n_valid=4).info["test_source"]
+            == "20 test images from MNIST/raw/t10k-images-idx3-ubyte")
+
+
+def test_binarised_uint8_images_are_refused(tmp_path):
+    """Images saved as uint8 0/1 (``x > 127``) would normalise to near-blank inputs: a clear error instead."""
+    x_tr, y_tr, x_te, y_te = tiny_mnist()
+    save_npz(tmp_path / "mnist.npz", ((x_tr > 127).astype(np.uint8), y_tr, x_te, y_te))
+    with pytest.raises(ValueError, match=r"x_train.*look like 0/1 .*expects uint8 pixels from 0 to 255.*\* 255"):
+        D.read_mnist(tmp_path)
+    x_tr[:] = 0
+    x_tr[:, 3, 3] = 2  # a faint image, but 0-255 pixels
+    save_npz(tmp_path / "mnist.npz", (x_tr, y_tr, x_te, y_te))
+    assert D.read_mnist(tmp_path)[0].max() == 2
+
+
 def test_bad_npz_gives_clear_errors(tmp_path):
     x_tr, y_tr, x_te, y_te = tiny_mnist()
     np.savez(tmp_path / "mnist.npz", x_train=x_tr, y_train=y_tr, x_test=x_te)
@@ -537,6 +624,26 @@ def test_single_class_training_data_is_warned_about(tmp_path, caplog):
         b = D.load_dataset("mnist", tmp_path, n_valid=4, n_train=1)
     label = int(b.train[1][0])
     assert f"single class (label {label} in all 1 images)" in caplog.text and "--n-train" in caplog.text
+
+
+def test_missing_classes_are_warned_about(tmp_path, caplog):
+    """A class-balanced subset smaller than the number of classes drops classes; so does data without a class."""
+    save_npz(tmp_path / "cifar10.npz", tiny_cifar(n_train=100))
+    with caplog.at_level(logging.WARNING, logger="ella.data"):
+        D.load_dataset("cifar10", tmp_path, n_valid=10, n_train=10)
+        assert "training data hold" not in caplog.text
+        b = D.load_dataset("cifar10", tmp_path, n_valid=10, n_train=5)
+    missing = sorted(set(range(10)) - set(b.train[1].tolist()))
+    assert f"5 of the 10 classes (5 missing: {missing})" in caplog.text
+    assert "stratified (class-balanced), but --n-train 5 is too small" in caplog.text
+    assert "--n-train 10 or more" in caplog.text
+    caplog.clear()
+    x_tr, y_tr, x_te, y_te = tiny_cifar(n_train=100)
+    save_npz(tmp_path / "cifar10.npz", (x_tr, y_tr % 9, x_te, y_te))  # no image of class 9
+    with caplog.at_level(logging.WARNING, logger="ella.data"):
+        D.load_dataset("cifar10", tmp_path, n_valid=10)
+    assert "9 of the 10 classes (1 missing: [9])" in caplog.text and "classes [9] are absent" in caplog.text
+    assert "--n-train" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------- augmentation

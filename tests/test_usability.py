@@ -59,7 +59,7 @@ def test_the_main_command_runs_on_torchvisions_layout_with_the_official_test_set
 
 @pytest.mark.parametrize(("files", "n_test", "source", "warning"), [
     (("npz10k",), 10_000, "exact (10,000 official test images)", None),
-    (("npz1k", "jpeg"), 20, "jpeg10k (10,000 lossy JPEG copies, non-official order)", "lossy JPEG copies"),
+    (("npz1k", "jpeg"), 20, "jpeg10k (20 lossy JPEG copies, non-official order)", "lossy JPEG copies"),
     (("npz1k",), 30, "exact (30 official test images)", "standard error"),
 ])
 def test_auto_takes_the_official_test_set_where_it_exists_and_says_what_it_took(

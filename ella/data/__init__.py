@@ -23,7 +23,8 @@ from ella.data.images import IMAGE_SIZE, normalise, paste_in_quadrants, resize_i
 from ella.data.loader import TensorLoader
 from ella.data.locate import DatasetNotFoundError, resolve_data_dir
 from ella.data.readers import (
-    CIFAR_TEST_CHOICES, RawArrays, read_cifar10, read_cifar10_torchvision, read_cifar10_with_source, read_mnist, read_mnist_torchvision, read_npz,
+    CIFAR_TEST_CHOICES, RawArrays, read_cifar10, read_cifar10_torchvision, read_cifar10_with_source, read_mnist,
+    read_mnist_torchvision, read_mnist_with_source, read_npz,
 )
 from ella.data.splits import balanced_subset, split_train_valid
 from ella.data.variants import (
@@ -36,7 +37,8 @@ __all__ = [
     "MNIST_STD", "QUADRANT_TASKS", "TRANSLATION_MAX_SHIFT", "DataBundle", "DatasetNotFoundError", "FlipShift", "RawArrays",
     "TensorLoader", "Variant", "apply_flip_shift", "balanced_subset", "cifar_augment", "load_dataset",
     "make_variant", "n_classes_of", "normalise", "paste_in_quadrants", "read_cifar10", "read_cifar10_torchvision", "read_cifar10_with_source",
-    "read_mnist", "read_mnist_torchvision", "read_npz", "render_variant", "resize_images", "resolve_data_dir",
+    "read_mnist", "read_mnist_torchvision", "read_mnist_with_source", "read_npz", "render_variant", "resize_images",
+    "resolve_data_dir",
     "rotate_images", "sample_flip_shift", "sample_variant_params", "shift_images", "split_train_valid",
     "variant_generator", "variant_labels",
 ]

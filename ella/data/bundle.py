@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ella.data.augment import cifar_augment
-from ella.data.readers import read_cifar10_with_source, read_mnist
+from ella.data.readers import read_cifar10_with_source, read_mnist_with_source
 from ella.data.splits import balanced_subset, split_train_valid
 from ella.data.variants import (
     make_variant, n_classes_of, render_variant, sample_variant_params, variant_generator, variant_labels,
@@ -40,13 +40,27 @@ class DataBundle:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _warn_if_single_class(labels: Tensor) -> None:
-    """Log a warning when the training labels ``(N,)`` hold only one class: nothing can be learnt from them."""
-    classes = labels.unique()
-    if len(classes) == 1:
-        log.warning("the training data hold a single class (label %d in all %d images), so the network can only "
-                    "learn to predict that label: raise --n-train, or check the labels of the data in --data-dir",
-                    int(classes[0]), len(labels))
+def _warn_if_classes_missing(labels: Tensor, pool: Tensor, pool_strata: Tensor, n_classes: int) -> None:
+    """Log a warning when the training labels ``(N,)`` miss some of the ``n_classes`` classes (the network can
+    never learn to predict those), saying why: the stratified subset of the training pool (labels ``pool``,
+    strata ``pool_strata``) was too small to give every stratum an image, or the pool lacks them."""
+    present = labels.unique()
+    if len(present) == n_classes:
+        return
+    missing = sorted(set(range(n_classes)) - set(present.tolist()))
+    what = (f"a single class (label {int(present[0])} in all {len(labels)} images), so the network can only learn "
+            "to predict that label" if len(present) == 1 else
+            f"{len(present)} of the {n_classes} classes ({len(missing)} missing: {missing}), so the network can "
+            "never learn to predict the missing ones")
+    absent = sorted(set(missing) - set(pool.tolist()))
+    reasons = []
+    if len(absent) < len(missing):
+        reasons.append(f"the training subset is stratified (class-balanced), but --n-train {len(labels)} is too "
+                       f"small to give each class an image: --n-train {len(pool_strata.unique())} or more does")
+    if absent:
+        reasons.append(f"classes {absent} are absent from the training images left after the validation split: "
+                       "lower --n-valid, or check the labels of the data in --data-dir")
+    log.warning("the training data hold %s; %s", what, "; ".join(reasons))
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, task: str | None = None,
@@ -70,8 +84,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, task: str | N
         (x_tr, y_tr, x_te, y_te), test_source = read_cifar10_with_source(data_dir, cifar_test=cifar_test,
                                                                          download=download)
     else:
-        x_tr, y_tr, x_te, y_te = read_mnist(data_dir, download=download)
-        test_source = f"official ({len(x_te):,} test images)"
+        (x_tr, y_tr, x_te, y_te), test_source = read_mnist_with_source(data_dir, download=download)
     n_full = len(x_tr)
 
     params = sample_variant_params(name, n_full, variant_generator(variant_seed, name, "train"))
@@ -83,7 +96,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, task: str | N
                              "it must lie in [0, 1) and leave some for training")
     rest, valid_idx = split_train_valid(n_full, n_valid, seed)
     train_idx = rest if n_train is None else balanced_subset(rest, strata, n_train, seed)
-    _warn_if_single_class(y_all[train_idx])
+    _warn_if_classes_missing(y_all[train_idx], y_all[rest], strata[rest], n_classes)
 
     def render(idx: Tensor) -> tuple[Tensor, Tensor]:
         sub = {k: v[idx] for k, v in params.items()}
