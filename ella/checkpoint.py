@@ -174,8 +174,10 @@ def read_checkpoint(out_dir: Path, keys: Collection[str]) -> tuple[dict, Path] |
     return None
 
 
+# How a run is computed, not what it computes; and where its data are read from (``data_dir``: a copy of the same
+# data in another folder continues the run, while other data are refused by the checkpoint's data fingerprints)
 UNCHECKED = ("device", "capture", "kfac_batch_size", "download", "checkpoint_every",
-             "checkpoint_minutes", "process_timeout")  # how a run is computed, not what it computes
+             "checkpoint_minutes", "process_timeout", "data_dir")
 
 
 def config_changes(saved: dict, config: dict, defaults: dict, flags: dict[str, str]) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -256,6 +257,27 @@ def test_resume_on_other_data_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     assert (out / "config.json").read_bytes() == before and not (out / LOCK).exists()
     monkeypatch.setenv("ELLA_DATA", str(tmp_path / "a"))
     assert train(config, out, resume=True)["epochs"] == 2
+
+
+def test_a_run_resumes_from_a_copy_of_its_data_in_another_folder(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """--data-dir may change on --resume (the data moved to a scratch disk, say): the data fingerprints, not the
+    folder's name, decide whether they are the run's; other data in the new folder are refused."""
+    _write_tiny_cifar(tmp_path / "a")
+    config = _tiny_config(tmp_path / "a", epochs=2, laplace=False)
+    out = tmp_path / "run"
+    _raise_in_epoch(monkeypatch, 2, _Interrupt)
+    with pytest.raises(_Interrupt):
+        train(config, out)
+    monkeypatch.undo()
+    other = _write_tiny_cifar(tmp_path / "other")
+    with np.load(other / "cifar10.npz") as arrays:
+        np.savez(other / "cifar10.npz", **{**arrays, "x_train": 255 - arrays["x_train"]})
+    with pytest.raises(ValueError, match="on other data than the run"):
+        train(replace(config, data_dir=str(other)), out, resume=True)
+    moved = tmp_path / "scratch" / "data"
+    shutil.copytree(tmp_path / "a", moved)
+    assert train(replace(config, data_dir=str(moved)), out, resume=True)["epochs"] == 2
 
 
 def _flip_bits_in_a_tensor(path: Path) -> None:
