@@ -646,6 +646,17 @@ def test_missing_classes_are_warned_about(tmp_path, caplog):
     assert "--n-train" not in caplog.text
 
 
+def test_a_validation_split_that_misses_classes_is_warned_about(tmp_path, caplog):
+    save_npz(tmp_path / "cifar10.npz", tiny_cifar(n_train=100))
+    with caplog.at_level(logging.WARNING, logger="ella.data"):
+        b = D.load_dataset("cifar10", tmp_path, n_valid=4, n_train=20)
+        missing = sorted(set(range(10)) - set(b.valid[1].tolist()))
+        assert f"the 4 validation images hold no image of classes {missing}" in caplog.text
+        caplog.clear()
+        b = D.load_dataset("cifar10", tmp_path, n_valid=60, n_train=20)
+    assert set(b.valid[1].tolist()) == set(range(10)) and "validation images hold" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------- augmentation
 def reference_augment(x: torch.Tensor, flips: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """Per-sample loop: optional torch.flip, then crop of the 4-zero-padded image at (4 - dy, 4 - dx)."""

@@ -63,6 +63,16 @@ def _warn_if_classes_missing(labels: Tensor, pool: Tensor, pool_strata: Tensor, 
     log.warning("the training data hold %s; %s", what, "; ".join(reasons))
 
 
+def _warn_if_valid_misses_classes(labels: Tensor, n_classes: int) -> None:
+    """Log a warning when the validation labels ``(N_valid,)`` miss some of the ``n_classes`` classes: the split is
+    a seeded random draw, not stratified, so a small one can."""
+    missing = sorted(set(range(n_classes)) - set(labels.unique().tolist()))
+    if missing:
+        log.warning("the %d validation images hold no image of classes %s (the validation split is a random draw, "
+                    "not class-balanced), so the validation accuracy and NLL say nothing about them: a larger "
+                    "--n-valid makes this unlikely", len(labels), missing)
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, *, task: str | None = None,
                  n_train: int | None = None, n_valid: int | None = None, valid_fraction: float = 0.1,
                  seed: int = 0, variant_seed: int = 0, download: bool = False, cifar_test: str = "auto",
@@ -97,6 +107,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, task: str | N
     rest, valid_idx = split_train_valid(n_full, n_valid, seed)
     train_idx = rest if n_train is None else balanced_subset(rest, strata, n_train, seed)
     _warn_if_classes_missing(y_all[train_idx], y_all[rest], strata[rest], n_classes)
+    _warn_if_valid_misses_classes(y_all[valid_idx], n_classes)
 
     def render(idx: Tensor) -> tuple[Tensor, Tensor]:
         sub = {k: v[idx] for k, v in params.items()}
