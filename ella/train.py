@@ -713,10 +713,6 @@ class Trainer(Learner):
             device=device,
         )
         model = build_model(config.layer, self.data.in_channels, self.data.n_classes, config.alpha, combine=config.combine)
-        labels = self.data.train[1].unique()
-        if len(labels) < 2 and distributed.is_main():
-            log.warning("all %d training images are of class %d: the network can learn nothing but that class "
-                        "(check --data-dir and --n-train)", len(self.data.train[1]), int(labels[0]))
         super().__init__(
             model, config, self.data.train, valid=self.data.valid, test=self.data.test,
             augment=self.data.augment if config.augment else None, out_dir=out_dir, figure_dir=figure_dir,

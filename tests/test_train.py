@@ -490,9 +490,10 @@ def test_single_class_training_data_is_a_warning(tmp_path: Path, caplog: pytest.
     data = _write_tiny_cifar(tmp_path / "data")
     with np.load(data / "cifar10.npz") as arrays:
         np.savez(data / "cifar10.npz", **{**arrays, "y_train": np.full_like(arrays["y_train"], 7)})
-    with caplog.at_level("WARNING", logger="ella.train"):
+    with caplog.at_level("WARNING", logger="ella.data"):
         Trainer(_tiny_config(data), tmp_path / "run")
-    assert "all 40 training images are of class 7" in caplog.text
+    assert "the training data hold a single class (label 7 in all 40 images)" in caplog.text
+    assert caplog.text.count("single class") == 1
 
 
 def test_paper_tables_runs_a_set_and_writes_one_table(tmp_path: Path) -> None:
