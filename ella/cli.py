@@ -168,40 +168,41 @@ def figure_dir(out: Path) -> Path:
     return out / "figures"
 
 
-def run_script(main: Callable[[], None]) -> None:
+def run_script(main: Callable[[], None], verbose_flag: bool = False) -> None:
     """Run an experiment's ``main``, then :func:`ella.distributed.finish` (a no-op in a single process).
 
     A user error (bad option, missing data, an output folder that cannot be written or already holds a run
     without ``--resume``, a checkpoint that cannot be resumed, a training loss that diverged, a marginal
     likelihood or a curvature that cannot be computed) ends with its message and exit status 2 instead of a
-    traceback (``-v`` / ``--verbose`` shows the traceback too). Ctrl-C ends with one line and status 130: where
-    a training run stopped and the command that continues it (:func:`resume_command`). In a data-parallel launch
-    rank 0 prints that line for all processes (each ends with 130), SIGTERM (torchrun's way of stopping the
-    others when one process fails) counts as Ctrl-C until the process reports why it ends (then it is ignored, so
-    that the report is whole), and a failed wait for the other processes
-    (:class:`~ella.distributed.ProcessGroupError`) prints what it waited for and the command that continues.
+    traceback (with ``verbose_flag``, where the script has ``-v`` / ``--verbose``, the message says that it shows
+    the traceback too). Ctrl-C ends with one line and status 130: where
+    a training run stopped and the command that continues it (:func:`resume_command`). SIGTERM (a batch
+    scheduler's notice before it kills a job, or torchrun's way of stopping the others when one process fails)
+    counts as Ctrl-C until the process reports why it ends (then it is ignored, so that the report is whole); in
+    one process it is the first Ctrl-C during the epochs (the run stops once the epoch in progress is saved:
+    :class:`ella.train.StopAfterEpoch`). In a data-parallel launch rank 0 prints that line for all processes (each
+    ends with 130), and a failed wait for the other processes (:class:`~ella.distributed.ProcessGroupError`)
+    prints what it waited for and the command that continues.
     """
-    several = distributed.env_world_size() > 1
-    if several:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
         distributed.finish()
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, MarglikError, CurvatureError,
             OutputError, CheckpointError) as error:
-        _ending(several)
+        _ending()
         if "-v" in sys.argv or "--verbose" in sys.argv:
             raise
-        print(f"error: {error}\n(run with -v for the traceback)", file=sys.stderr)
+        print(f"error: {error}" + ("\n(run with -v for the traceback)" if verbose_flag else ""), file=sys.stderr)
         raise SystemExit(2) from None
     except distributed.ProcessGroupError as error:
-        _ending(several)
+        _ending()
         if "-v" in sys.argv or "--verbose" in sys.argv:
             raise
         print(f"error: {error}; continue with: {resume_command()}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as stop:
-        _ending(several)
+        _ending()
         if distributed.env_rank() != 0:
             raise SystemExit(130) from None  # rank 0 says where the run stopped
         if isinstance(stop, Interrupted):
@@ -211,11 +212,10 @@ def run_script(main: Callable[[], None]) -> None:
         raise SystemExit(130) from None
 
 
-def _ending(several: bool) -> None:
-    """In a multi-process launch, ignore torchrun's SIGTERM from here on: the process is ending anyway, and a
-    KeyboardInterrupt raised while it says why would cut its message short."""
-    if several:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _ending() -> None:
+    """Ignore SIGTERM from here on: the process is ending anyway, and a KeyboardInterrupt raised while it says why
+    would cut its message short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def resume_command(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> str:

@@ -728,29 +728,37 @@ class Interrupted(KeyboardInterrupt):
 
 class StopAfterEpoch:
     """Ctrl-C during the epochs of a run: the first sets :attr:`requested` (the run stops once the epoch in
-    progress is done and saved; ``bar`` says so), a second raises KeyboardInterrupt at once. Takes over SIGINT
-    only in the main thread and only from Python's default handler (a program with its own keeps it); leaving
-    the block, or :meth:`restore`, gives it back."""
+    progress is done and saved; ``bar`` and a log line say so), a second raises KeyboardInterrupt at once. Takes
+    over SIGINT only in the main thread and only from Python's default handler (a program with its own keeps
+    it); in a single process likewise SIGTERM where it is a Ctrl-C already (``signal.default_int_handler``, as
+    :func:`ella.cli.run_script` makes it: a batch scheduler's notice before it kills a job then saves the epoch in
+    progress). Leaving the block, or :meth:`restore`, gives them back."""
 
     def __init__(self, bar: RunBar) -> None:
-        self.bar, self.requested, self._previous = bar, False, None
+        self.bar, self.requested = bar, False
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopAfterEpoch:
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._previous = signal.signal(signal.SIGINT, self._first_then_at_once)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if distributed.world_size() == 1 else [])
+        for number in signals:
+            if signal.getsignal(number) is signal.default_int_handler:
+                self._previous[number] = signal.signal(number, self._first_then_at_once)
         return self
 
     def _first_then_at_once(self, signum: int, frame: object) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self.bar.set_postfix_str("stopping after this epoch, once it is saved (Ctrl-C again: at once)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        log.info("%s: stopping after this epoch, once it is saved (again: at once)", name)
+        self.bar.set_postfix_str(f"{name}: stopping after this epoch, once it is saved (again: at once)")
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous = {}
 
     def __exit__(self, *exc: object) -> None:
         self.restore()

@@ -29,8 +29,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="folder with MNIST (default: $ELLA_DATA, then ./data)")
     parser.add_argument("--n-train", type=positive_int, default=2500, help="training images (default: 2500)")
-    parser.add_argument("--epochs", type=positive_int, default=6, help="training epochs (default: 6)")
+    parser.add_argument("--epochs", type=positive_int, default=6, help="training epochs, at least 2 (default: 6; a "
+                        "marginal-likelihood round after every second)")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first marginal-likelihood round comes after epoch 2")
     start = time.perf_counter()
 
     torch.manual_seed(0)

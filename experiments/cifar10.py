@@ -84,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_script(main)
+    run_script(main, verbose_flag=True)

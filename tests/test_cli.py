@@ -159,16 +159,21 @@ def test_run_script_turns_output_and_checkpoint_errors_into_a_message(
 
     monkeypatch.setattr(cli.sys, "argv", ["script.py"])
     with pytest.raises(SystemExit) as stop:
-        run_script(main)
+        run_script(main, verbose_flag=True)
     assert stop.value.code == 2
     assert capsys.readouterr().err == f"error: {error}\n(run with -v for the traceback)\n"
+    with pytest.raises(SystemExit):
+        run_script(main)  # a script without -v: no hint to use it
+    assert capsys.readouterr().err == f"error: {error}\n"
 
 
-def test_under_torchrun_sigterm_interrupts_the_run_but_not_its_last_message(
-    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_sigterm_interrupts_the_run_but_not_its_last_message(
+    world: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torchrun stops the other processes with SIGTERM: during the run it is a Ctrl-C (the run says where it
-    stopped); once the process reports why it ends, a second one is ignored so that the message is whole."""
+    """A batch scheduler's SIGTERM, or torchrun's to the other processes: during the run it is a Ctrl-C (the run
+    says where it stopped); once the process reports why it ends, a second one is ignored so that the message is
+    whole."""
     import signal
 
     seen = []
@@ -177,7 +182,7 @@ def test_under_torchrun_sigterm_interrupts_the_run_but_not_its_last_message(
         seen.append(signal.getsignal(signal.SIGTERM))
         raise ValueError("the data changed")
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", world)
     monkeypatch.setattr(cli.sys, "argv", ["script.py"])
     before = signal.getsignal(signal.SIGTERM)
     try:

@@ -286,6 +286,7 @@ def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path: Path, flags: li
     ("script", "flags", "message"),
     [
         ("benchmarks/scaling.py", ["--layer", "convv"], "invalid choice: 'convv'"),
+        ("examples/mnist_symmetries.py", ["--epochs", "1"], "--epochs must be at least 2: the first marginal-"),
         ("benchmarks/scaling.py", ["--n-images", "8"], "Could not find CIFAR-10"),
         ("benchmarks/kfac_speed.py", ["--device", "tpu"], "device 'tpu' cannot be used here"),
         ("benchmarks/kfac_speed.py", ["--repeats", "0"], "--repeats: must be an integer >= 1, got 0"),
@@ -459,6 +460,37 @@ def test_ctrl_c_between_epochs_also_says_what_is_saved(tmp_path: Path, monkeypat
     out = tmp_path / "run"
     with pytest.raises(Interrupted, match=f"^interrupted after epoch 2 of 4; the checkpoint in {out} holds epoch 2$"):
         train(_tiny_config(_write_tiny_cifar(tmp_path / "data")), out)
+
+
+def test_sigterm_in_one_process_saves_the_epoch_in_progress_and_stops(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch scheduler's SIGTERM (a Ctrl-C, as ella.cli.run_script makes it) during epoch 3: the epoch is
+    finished and saved, and the run stops there; the resumed run ends as an uninterrupted one."""
+    from ella.train import Interrupted
+
+    data = _write_tiny_cifar(tmp_path / "data")
+    config = replace(_tiny_config(data), checkpoint_every=None, checkpoint_minutes=60.0)  # saved only on stopping
+    original = Trainer.train_epoch
+
+    def terminated_in_epoch_3(self: Trainer) -> float:
+        loss = original(self)
+        if self.epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_epoch", terminated_in_epoch_3)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with pytest.raises(Interrupted, match="^interrupted after epoch 3 of 4; the checkpoint in .* holds epoch 3$"):
+            train(config, tmp_path / "run")
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler  # given back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    resumed, plain = Trainer(config, tmp_path / "run", resume=True), Trainer(config, tmp_path / "plain")
+    final, plain_final = resumed.run(), plain.run()
+    assert final["test"] == plain_final["test"] and final["precisions"] == plain_final["precisions"]
+    assert _without_timing(resumed.history) == _without_timing(plain.history)
 
 
 def test_ctrl_c_on_the_command_prints_the_command_that_resumes_it(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 FIX_HINT = (
     "To fix this, point --data-dir or the ELLA_DATA environment variable at a folder holding mnist.npz / "
     "cifar10.npz (the project's shared format), or torchvision's layout (MNIST/raw/*-ubyte[.gz], "
-    "cifar-10-batches-py/), or, on a machine with network access, pass --download to the training experiment."
+    "cifar-10-batches-py/), or, on a machine with network access, pass --download to a training experiment (download=True to "
+    "ella.data.load_dataset)."
 )
 
 
