@@ -122,18 +122,37 @@ def config_from_args(args: argparse.Namespace, presets: dict[str, dict], **fixed
     return TrainConfig(**{k: v for k, v in values.items() if k in names})
 
 
+_ROUND_OPTIONS = ("marglik_method", "ray_min_scale", "burn_in", "marglik_every", "hyper_steps", "hyper_lr")
+_REPORT_OPTIONS = ("curvature", "kfac_approx", "grouped_mode", "kfac_batch_size", "per_tensor_prior")
+
+
 def check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, config: TrainConfig,
                        laplace: bool | None = None) -> None:
-    """Refuse (``parser.error``, exit status 2) a precision-update flag that the runs would ignore:
-    ``--marglik-method`` or ``--ray-min-scale`` without a Laplace run (``laplace``: whether there is one, default
-    ``config.laplace``), ``--ray-min-scale`` with ``--marglik-method alternation``."""
+    """Refuse (``parser.error``, exit status 2) a flag given explicitly that the runs would ignore: an option of
+    the marginal-likelihood rounds (:data:`_ROUND_OPTIONS`) without a Laplace run (``laplace``: whether there is
+    one, default ``config.laplace``); an option of the curvature or of the precision groups
+    (:data:`_REPORT_OPTIONS`) without a Laplace run or ``--report``; ``--ray-min-scale`` with ``--marglik-method
+    alternation``, and ``--hyper-lr`` (Adam's step) with the ray (L-BFGS)."""
     learns = config.laplace if laplace is None else laplace
-    for given, name in ((args.marglik_method, "--marglik-method"), (args.ray_min_scale, "--ray-min-scale")):
-        if given is not None and not learns:
-            parser.error(f"{name} chooses how --laplace learns the precisions; a MAP run learns none: add --laplace")
-    if args.ray_min_scale is not None and config.marglik_method != "ray":
+    flags = {item.name: flag(item) for item in fields(TrainConfig) if is_option(item)}
+
+    def given(name: str) -> bool:
+        return getattr(args, name, None) is not None
+
+    for name in _ROUND_OPTIONS:
+        if given(name) and not learns:
+            parser.error(f"{flags[name]} is an option of the marginal-likelihood rounds that --laplace adds; a MAP "
+                         "run has none: add --laplace or leave it out")
+    for name in _REPORT_OPTIONS:
+        if given(name) and not (learns or config.report):
+            parser.error(f"{flags[name]} acts on the Laplace fit, which a MAP run makes only for --report: add "
+                         "--laplace or --report, or leave it out")
+    if given("ray_min_scale") and config.marglik_method != "ray":
         parser.error("--ray-min-scale is the trust region of the ray (--marglik-method ray, the default); the "
                      "alternation has none: leave out one of them")
+    if given("hyper_lr") and config.marglik_method == "ray":
+        parser.error("--hyper-lr is the Adam step size of --marglik-method alternation; the ray (the default) takes "
+                     "L-BFGS iterations: add --marglik-method alternation or leave it out")
 
 
 def add_exact_map_ray_argument(parser: argparse.ArgumentParser) -> None:

@@ -139,13 +139,20 @@ def test_paper_tables_takes_the_preset_that_fits_the_machine_and_asks_for_an_exp
 
 @pytest.mark.parametrize(("name", "argv", "message"), [
     ("cifar10", ["--layer", "conv", "--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
-    ("cifar10", ["--layer", "ffc_conv", "--marglik-method", "ray"], "a MAP run learns none: add --laplace"),
-    ("multigroup", ["--marglik-method", "ray", "--preset", "cpu"], "a MAP run learns none: add --laplace"),
+    ("cifar10", ["--layer", "ffc_conv", "--marglik-method", "ray"], "a MAP run has none: add --laplace"),
+    ("multigroup", ["--marglik-method", "ray", "--preset", "cpu"], "a MAP run has none: add --laplace"),
     ("quadrant_mnist", ["--runs", "fc:map", "ffc_cnv:laplace"], "--runs ffc_cnv:laplace: unknown layer 'ffc_cnv'"),
-    ("quadrant_mnist", ["--runs", "conv:map", "--marglik-method", "ray"], "a MAP run learns none: add --laplace"),
+    ("quadrant_mnist", ["--runs", "conv:map", "--marglik-method", "ray"], "a MAP run has none: add --laplace"),
+    ("cifar10", ["--layer", "conv", "--hyper-steps", "3"], "--hyper-steps is an option of the marginal-likelihood "
+                                                          "rounds that --laplace adds; a MAP run has none"),
+    ("cifar10", ["--layer", "conv", "--burn-in", "0"], "--burn-in is an option of the marginal-likelihood rounds"),
+    ("cifar10", ["--layer", "conv", "--curvature", "mc"], "--curvature acts on the Laplace fit, which a MAP run "
+                                                         "makes only for --report: add --laplace or --report"),
+    ("cifar10", ["--layer", "conv", "--laplace", "--hyper-lr", "0.5"], "--hyper-lr is the Adam step size of "
+                                                                      "--marglik-method alternation"),
     ("cifar10", ["--layer", "ffc_conv", "--laplace", "--marglik-method", "alternation", "--ray-min-scale", "0"],
      "the alternation has none: leave out one of them"),
-    ("cifar10", ["--layer", "ffc_conv", "--ray-min-scale", "0"], "--ray-min-scale chooses how --laplace learns"),
+    ("cifar10", ["--layer", "ffc_conv", "--ray-min-scale", "0"], "--ray-min-scale is an option of the marginal-"),
     ("multigroup", ["--laplace", "--marglik-method", "ray", "--ray-min-scale", "1"],
      "argument --ray-min-scale: must be a finite number in [0, 1), got 1"),
 ])
