@@ -499,7 +499,7 @@ def test_ctrl_c_on_the_command_prints_the_command_that_resumes_it(tmp_path: Path
     out = tmp_path / "run"
     command = [
         sys.executable, str(REPO / "experiments" / "cifar10.py"), "--layer", "conv", "--alpha", "1", "--epochs", "30",
-        "--n-train", "100", "--n-valid", "20", "--cifar-test", "exact", "--data-dir", str(data), "--device", "cpu",
+        "--n-train", "100", "--n-valid", "40", "--cifar-test", "exact", "--data-dir", str(data), "--device", "cpu",
         "--out", str(out),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
