@@ -100,15 +100,16 @@ def _escape(text: str) -> str:
     return text.replace("%", "%%")  # argparse formats help texts with %
 
 
-_OVERRIDDEN_BY = {"valid_fraction": "n_valid"}  # option -> the option that overrides it when both are set
+# option -> the option that overrides it when both are set
+_OVERRIDDEN_BY = {"valid_fraction": "n_valid", "checkpoint_minutes": "checkpoint_every"}
 
 
 def config_from_args(args: argparse.Namespace, presets: dict[str, dict], **fixed) -> TrainConfig:
     """Preset values, then explicit flags, then ``fixed`` (the experiment's own choices such as the dataset). A
     flag given explicitly also clears the preset's value of an option that would override it (``--valid-fraction``
-    takes effect under a preset that sets ``--n-valid``)."""
+    takes effect under a preset that sets ``--n-valid``; :func:`check_method_flags` refuses both given)."""
     values = dict(presets[args.preset])
-    names = {f.name for f in fields(TrainConfig)}
+    names = {item.name for item in fields(TrainConfig)}
     for name in names:
         given = getattr(args, name, None)
         if given is not None:
@@ -132,12 +133,17 @@ def check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
     the marginal-likelihood rounds (:data:`_ROUND_OPTIONS`) without a Laplace run (``laplace``: whether there is
     one, default ``config.laplace``); an option of the curvature or of the precision groups
     (:data:`_REPORT_OPTIONS`) without a Laplace run or ``--report``; ``--ray-min-scale`` with ``--marglik-method
-    alternation``, and ``--hyper-lr`` (Adam's step) with the ray (L-BFGS)."""
+    alternation``, ``--hyper-lr`` (Adam's step) with the ray (L-BFGS), and two flags of which one overrides the
+    other (``--n-valid`` and ``--valid-fraction``, ``--checkpoint-every`` and ``--checkpoint-minutes``)."""
     learns = config.laplace if laplace is None else laplace
     flags = {item.name: flag(item) for item in fields(TrainConfig) if is_option(item)}
 
     def given(name: str) -> bool:
         return getattr(args, name, None) is not None
+
+    for name, overriding in _OVERRIDDEN_BY.items():
+        if given(name) and given(overriding):
+            parser.error(f"{flags[overriding]} overrides {flags[name]}: give one of them")
 
     for name in _ROUND_OPTIONS:
         if given(name) and not learns:
@@ -153,6 +159,15 @@ def check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
     if given("hyper_lr") and config.marglik_method == "ray":
         parser.error("--hyper-lr is the Adam step size of --marglik-method alternation; the ray (the default) takes "
                      "L-BFGS iterations: add --marglik-method alternation or leave it out")
+
+
+def refuse_given(parser: argparse.ArgumentParser, args: argparse.Namespace, reasons: dict[str, str]) -> None:
+    """Refuse (``parser.error``) a training flag given explicitly that the script decides itself: ``reasons``
+    maps the option's field name to why (what decides it instead)."""
+    flags = {item.name: flag(item) for item in fields(TrainConfig) if is_option(item)}
+    for name, why in reasons.items():
+        if getattr(args, name, None) is not None:
+            parser.error(f"{flags[name]} is not taken here: {why}")
 
 
 def add_exact_map_ray_argument(parser: argparse.ArgumentParser) -> None:

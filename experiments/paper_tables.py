@@ -34,9 +34,11 @@ import torch
 
 from ella import distributed
 from ella.cli import (
-    add_training_arguments, config_from_args, figure_dir, run_many, run_script, setup_logging, write_table,
+    add_training_arguments, check_method_flags, config_from_args, figure_dir, refuse_given, run_many, run_script,
+    setup_logging, write_table,
 )
 from ella.curves import plot_block_shares
+from ella.options import Range
 
 EXPERIMENTS = ("cifar10", "quadrant_mnist", "multigroup")
 DEFAULT_ROOT = "runs/tables/{experiment}-{preset}"  # --out when not given
@@ -95,7 +97,8 @@ def make_parser(experiment: str | None) -> argparse.ArgumentParser:
     experiment only the experiment itself (its training flags and defaults differ from one to the next)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=EXPERIMENTS, help="which paper table to run")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[711], help="seeds to run every model with (default: 711)")
+    parser.add_argument("--seeds", nargs="+", type=Range(int, 0), default=[711],
+                        help="seeds to run every model with (default: 711)")
     parser.add_argument("--only", nargs="+", metavar="RUN", default=None,
                         help="run only these members of the set (names as in the table without the seed, e.g. "
                              "conv-map ffc_conv-laplace; default: all)")
@@ -122,11 +125,14 @@ def main() -> None:
     setup_logging(args.verbose)
     base = config_from_args(args, module.PRESETS, **FIXED[args.experiment])
     root = args.out or Path(DEFAULT_ROOT.format(experiment=args.experiment, preset=args.preset))
-    members = module.make_runs(base)
+    members = module.make_runs(base, **(module.run_options(args) if hasattr(module, "run_options") else {}))
     unknown = sorted(set(args.only or ()) - set(members))
     if unknown:
         parser.error(f"--only: {', '.join(unknown)} not in the {args.experiment} set ({', '.join(members)})")
     chosen = {name: config for name, config in members.items() if args.only is None or name in args.only}
+    refuse_given(parser, args, {"laplace": "each member of the set is a MAP or a Laplace run (its name says which)",
+                                "seed": "--seeds names the seeds to run every member with"})
+    check_method_flags(parser, args, base, laplace=any(config.laplace for config in chosen.values()))
     runs = {f"{name}-s{seed}": replace(config, seed=seed) for seed in args.seeds for name, config in chosen.items()}
     results = run_many(runs, root, args.resume)
     rows = [table_row(name, final, root / name, module) for name, final in results.items()]

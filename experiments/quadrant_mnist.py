@@ -23,8 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ella.cli import (
-    add_training_arguments, check_method_flags, config_from_args, model_runs, run_many, run_script, setup_logging,
-    write_table,
+    add_training_arguments, check_method_flags, config_from_args, model_runs, refuse_given, run_many, run_script,
+    setup_logging, write_table,
 )
 from ella.models import LAYER_NAMES
 
@@ -85,6 +85,7 @@ def main() -> None:
             parser.error(f"--runs entries look like 'conv:map' or 'ffc_conv:laplace', got {entry!r}")
         if layer not in LAYER_NAMES:
             parser.error(f"--runs {entry}: unknown layer {layer!r}; the layers are {', '.join(LAYER_NAMES)}")
+    refuse_given(parser, args, {"laplace": "each --runs entry chooses MAP or Laplace (LAYER:map, LAYER:laplace)"})
     check_method_flags(parser, args, base, laplace=any(entry.endswith(":laplace") for entry in args.runs))
     results = run_many(make_runs(base, args.runs, args.tasks), root, args.resume)
 

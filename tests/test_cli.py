@@ -19,7 +19,9 @@ import pytest
 
 import ella.cli as cli
 from ella.checkpoint import CheckpointError, OutputError
-from ella.cli import add_training_arguments, config_from_args, default_out_dir, resume_command, run_many, run_script
+from ella.cli import (
+    add_training_arguments, check_method_flags, config_from_args, default_out_dir, resume_command, run_many, run_script,
+)
 from ella.options import COUNT, Range, flag, is_option, option
 from ella.train import Interrupted, TrainConfig
 from test_train import _tiny_config, _write_tiny_cifar
@@ -55,15 +57,19 @@ def test_preset_values_then_flags_then_the_experiments_fixed_choices() -> None:
     assert (config.laplace, config.per_tensor_prior, config.n_train, config.lr) == (True, True, 100, 0.25)
 
 
-def test_an_explicit_valid_fraction_takes_effect_under_a_preset_that_sets_n_valid() -> None:
+def test_an_explicit_flag_is_never_overridden_silently(capsys: pytest.CaptureFixture) -> None:
     presets = {"cpu": {**PRESETS["cpu"], "n_valid": 1000}}
     parser = argparse.ArgumentParser()
     add_training_arguments(parser, presets)
     config = config_from_args(parser.parse_args(["--valid-fraction", "0.5"]), presets)
     assert (config.n_valid, config.valid_fraction) == (None, 0.5)
-    config = config_from_args(parser.parse_args(["--valid-fraction", "0.5", "--n-valid", "20"]), presets)
-    assert (config.n_valid, config.valid_fraction) == (20, 0.5)  # --n-valid, given too, overrides as documented
     assert config_from_args(parser.parse_args([]), presets).n_valid == 1000
+    for both in (["--valid-fraction", "0.5", "--n-valid", "20"],
+                 ["--checkpoint-minutes", "1", "--checkpoint-every", "2"]):
+        args = parser.parse_args(both)
+        with pytest.raises(SystemExit):
+            check_method_flags(parser, args, config_from_args(args, presets))
+        assert f"{both[2]} overrides {both[0]}: give one of them" in capsys.readouterr().err
 
 
 def test_every_option_field_is_a_flag() -> None:

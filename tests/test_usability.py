@@ -155,6 +155,14 @@ def test_paper_tables_takes_the_preset_that_fits_the_machine_and_asks_for_an_exp
     ("cifar10", ["--layer", "ffc_conv", "--ray-min-scale", "0"], "--ray-min-scale is an option of the marginal-"),
     ("multigroup", ["--laplace", "--marglik-method", "ray", "--ray-min-scale", "1"],
      "argument --ray-min-scale: must be a finite number in [0, 1), got 1"),
+    ("quadrant_mnist", ["--runs", "conv:map", "--laplace"],
+     "--laplace is not taken here: each --runs entry chooses MAP or Laplace"),
+    ("paper_tables", ["cifar10", "--only", "conv-map", "--laplace"], "--laplace is not taken here: each member"),
+    ("paper_tables", ["cifar10", "--only", "conv-map", "--seed", "5"], "--seed is not taken here: --seeds names"),
+    ("paper_tables", ["cifar10", "--only", "conv-map", "--hyper-steps", "5"], "a MAP run has none: add --laplace"),
+    ("paper_tables", ["cifar10", "--seeds", "-3"], "argument --seeds: must be an integer >= 0, got -3"),
+    ("cifar10", ["--layer", "conv", "--n-valid", "20", "--valid-fraction", "0.2"],
+     "--n-valid overrides --valid-fraction: give one of them"),
 ])
 def test_flags_that_cannot_work_are_refused_before_anything_runs(name, argv, message, monkeypatch, capsys):
     import ella.cli
@@ -163,6 +171,19 @@ def test_flags_that_cannot_work_are_refused_before_anything_runs(name, argv, mes
     monkeypatch.setattr(ella.cli, "run_many", lambda *a, **k: pytest.fail("trained before refusing a flag"))
     monkeypatch.setattr(ella.train, "train", lambda *a, **k: pytest.fail("trained before refusing a flag"))
     assert message in usage_error(name, argv, monkeypatch, capsys)
+
+
+def test_multigroup_trains_cifar_4x_under_the_paper_preset_unless_epochs_are_given(monkeypatch) -> None:
+    import argparse
+
+    spec = importlib.util.spec_from_file_location("multigroup_script", REPO / "experiments" / "multigroup.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    paper, cpu = (argparse.Namespace(preset=preset, epochs=None) for preset in ("paper", "cpu"))
+    assert [script.run_options(args)["cifar_epochs"] for args in (paper, cpu)] == [4, 1]
+    assert script.run_options(argparse.Namespace(preset="paper", epochs=1))["cifar_epochs"] == 1
+    assert script.paper_accuracy({"dataset": "mnist", "laplace": False}) is None
+    assert script.paper_accuracy({"dataset": "mnist", "laplace": True}) == 99.21
 
 
 def test_numpy_numbers_are_options_and_the_run_records_them_as_plain_values(tmp_path: Path) -> None:
