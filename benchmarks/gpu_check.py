@@ -47,9 +47,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # ella, wherever this script is started from
+from ella.options import COUNT, POSITIVE  # noqa: E402  (numpy only: no torch for the commands that need none)
+
 CODE = ("ella", "kfac", "tests", "benchmarks", "experiments", "pyproject.toml", "README.md")  # what `prepare` copies
 N_TRAIN, N_TEST = 11_000, 1_000  # train_speed.py needs 10,000 training images and 1,000 for validation
 MAX_DATA_BYTES = 40 * 2**20
+IMAGE_BYTES = 32 * 32 * 3  # one uint8 CIFAR-10 image
 
 
 @dataclass
@@ -76,13 +79,31 @@ class Outcome:
     tail: str = ""
 
 
+def check_data_size(n_train: int, n_test: int) -> None:
+    """A ValueError, naming the flags, where ``n_train`` and ``n_test`` images make more than
+    :data:`MAX_DATA_BYTES`."""
+    size = (n_train + n_test) * IMAGE_BYTES
+    if size > MAX_DATA_BYTES:
+        raise ValueError(f"--n-train {n_train} and --n-test {n_test} make {size / 2**20:.1f} MiB of images, more than "
+                         f"{MAX_DATA_BYTES // 2**20} MiB (at most {MAX_DATA_BYTES // IMAGE_BYTES} images in all)")
+
+
 def prepare(folder: Path, data_dir: str | None, wheels: Path | None, n_train: int = N_TRAIN, n_test: int = N_TEST) -> None:
     """Write the self-contained folder: ``repo/`` (the code), ``data/cifar10.npz`` (the first ``n_train``
-    training and ``n_test`` test images), ``wheels/`` (the ``.whl`` files of ``wheels``, if given)."""
+    training and ``n_test`` test images), ``wheels/`` (the ``.whl`` files of ``wheels``, if given). Every check
+    (a ValueError or FileNotFoundError) comes before anything is written."""
     import numpy as np
 
     from ella.data.readers import read_cifar10
 
+    check_data_size(n_train, n_test)
+    x_train, y_train, x_test, y_test = read_cifar10(data_dir)
+    if len(x_train) < n_train or len(x_test) < n_test:
+        raise ValueError(f"the CIFAR-10 in {data_dir or 'the data folder'} has {len(x_train)} training and "
+                         f"{len(x_test)} test images; the check needs {n_train} and {n_test}")
+    found = [] if wheels is None else sorted(wheels.glob("*.whl"))
+    if wheels is not None and not found:
+        raise ValueError(f"--wheels {wheels} holds no .whl file")
     folder.mkdir(parents=True, exist_ok=True)
     repo = folder / "repo"
     for name in CODE:
@@ -92,21 +113,12 @@ def prepare(folder: Path, data_dir: str | None, wheels: Path | None, n_train: in
         elif source.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
-    x_train, y_train, x_test, y_test = read_cifar10(data_dir)
-    if len(x_train) < n_train or len(x_test) < n_test:
-        raise ValueError(f"the CIFAR-10 in {data_dir or 'the data folder'} has {len(x_train)} training and "
-                         f"{len(x_test)} test images; the check needs {n_train} and {n_test}")
-    if (n_train + n_test) * x_train[0].nbytes > MAX_DATA_BYTES:
-        raise ValueError(f"--n-train {n_train} and --n-test {n_test} make more than {MAX_DATA_BYTES // 2**20} MiB")
     (folder / "data").mkdir(exist_ok=True)
     target = folder / "data" / "cifar10.npz"
     np.savez(target, x_train=x_train[:n_train], y_train=y_train[:n_train], x_test=x_test[:n_test],
              y_test=y_test[:n_test])
     install = ""
-    if wheels is not None:
-        found = sorted(wheels.glob("*.whl"))
-        if not found:
-            raise ValueError(f"--wheels {wheels} holds no .whl file")
+    if found:
         (folder / "wheels").mkdir(exist_ok=True)
         for wheel in found:
             shutil.copy2(wheel, folder / "wheels" / wheel.name)
@@ -272,29 +284,37 @@ def fc_conv(device: str, alpha: int, n_images: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{prepare,run}")
     p = commands.add_parser("prepare", help="write the self-contained folder (here, where the data is)")
-    p.add_argument("folder", type=Path)
+    p.add_argument("folder", type=Path, help="the folder to write (created if needed)")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 (default: $ELLA_DATA, then ./data)")
-    p.add_argument("--wheels", type=Path, default=None, help="a folder of .whl files to take along")
-    p.add_argument("--n-train", type=int, default=N_TRAIN, help=f"training images (default: {N_TRAIN})")
-    p.add_argument("--n-test", type=int, default=N_TEST, help=f"exact test images (default: {N_TEST})")
+    p.add_argument("--wheels", type=Path, default=None,
+                   help="a folder of .whl files to take along (default: none, the GPU machine has the packages)")
+    p.add_argument("--n-train", type=COUNT, default=N_TRAIN, help=f"training images (default: {N_TRAIN})")
+    p.add_argument("--n-test", type=COUNT, default=N_TEST, help=f"exact test images (default: {N_TEST})")
     r = commands.add_parser("run", help="run the check (there, on the GPU machine)")
-    r.add_argument("folder", type=Path)
-    r.add_argument("--device", default="cuda")
-    r.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (default: 480)")
+    r.add_argument("folder", type=Path, help="a folder written by the prepare command; the results go to its results/")
+    r.add_argument("--device", default="cuda", help="the torch device every stage runs on (default: cuda)")
+    r.add_argument("--budget", type=POSITIVE, default=480.0, help="seconds for the whole check (default: 480)")
     r.add_argument("--tiny", action="store_true", help="every stage at a tiny size (to test this script)")
-    for name in ("environment", "fc-conv"):  # stages run in their own process
-        s = commands.add_parser(name, help=argparse.SUPPRESS)
-        s.add_argument("--device", default="cuda")
-        s.add_argument("--json", type=Path, required=True)
+    for name in ("environment", "fc-conv"):  # stages run in their own process, left out of the help (no help=)
+        s = commands.add_parser(name)
+        s.add_argument("--device", default="cuda", help="the torch device to describe or to train on (default: cuda)")
+        s.add_argument("--json", type=Path, required=True, help="the JSON file the result is written to (required)")
         if name == "fc-conv":
-            s.add_argument("--alpha", type=int, default=10)
-            s.add_argument("--n-images", type=int, default=2560)
+            s.add_argument("--alpha", type=COUNT, default=10, help="width of the FC+CONV network (default: 10)")
+            s.add_argument("--n-images", type=COUNT, default=2560, help="random images of an epoch (default: 2560)")
+    parser.epilog = "\n".join(["the options of each command:", *(sub.format_help() for sub in (p, r))])
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.folder, args.data_dir, args.wheels, args.n_train, args.n_test)
+        try:
+            prepare(args.folder, args.data_dir, args.wheels, args.n_train, args.n_test)
+        except (ValueError, FileNotFoundError) as error:
+            p.error(str(error))
     elif args.command == "run":
+        if not (args.folder / "data" / "cifar10.npz").is_file():
+            r.error(f"{args.folder} holds no data/cifar10.npz: write the folder first, where the data is, with "
+                    f"python benchmarks/gpu_check.py prepare {args.folder}")
         out = args.folder.resolve() / "results"
         outcomes = run_check(out, stages(args.folder.resolve(), out, args.device, args.tiny), args.budget)
         print(f"summary: {out / 'summary.txt'}")

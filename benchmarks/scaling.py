@@ -93,12 +93,15 @@ def _max_relative_difference(a: list[float], b: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-images", type=positive_int, default=2048, help="CIFAR-10 training images in the KFAC pass")
-    parser.add_argument("--alpha", type=positive_int, default=4, help="network width (the paper uses 10)")
-    parser.add_argument("--layer", default="ffc_conv", choices=LAYER_NAMES, help="relaxed layer of every block")
-    parser.add_argument("--kfac-batch-size", type=positive_int, default=150, help="batch size of the KFAC pass (default: 150, the paper's)")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed passes after one warm-up")
-    parser.add_argument("--threads", type=positive_int, default=1, help="intra-op threads per process")
+    parser.add_argument("--n-images", type=positive_int, default=2048,
+                        help="CIFAR-10 training images in the KFAC pass (default: 2048)")
+    parser.add_argument("--alpha", type=positive_int, default=4, help="network width (the paper uses 10; default: 4)")
+    parser.add_argument("--layer", default="ffc_conv", choices=LAYER_NAMES,
+                        help="relaxed layer of every block (default: ffc_conv)")
+    parser.add_argument("--kfac-batch-size", type=positive_int, default=150,
+                        help="batch size of the KFAC pass (default: 150, the paper's)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed passes after one warm-up (default: 5)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="intra-op threads per process (default: 1)")
     parser.add_argument("--data-dir", default=None, help="folder with cifar10.npz (default: $ELLA_DATA, then ./data)")
     args = parser.parse_args()
 

@@ -170,6 +170,59 @@ def refuse_given(parser: argparse.ArgumentParser, args: argparse.Namespace, reas
             parser.error(f"{flags[name]} is not taken here: {why}")
 
 
+METHOD_FLAGS = {"ray_min_scale": "ray", "hyper_lr": "alternation"}  # flag -> the one precision update it acts on
+
+
+def method_flag_defaults(parser: argparse.ArgumentParser) -> dict[str, object]:
+    """Set the defaults of the flags of :data:`METHOD_FLAGS` that ``parser`` has to ``None``, so that a value given
+    can be told from none, and return the defaults their help texts name (for :func:`check_method_bound_flags`)."""
+    defaults = {name: parser.get_default(name) for name in METHOD_FLAGS}
+    parser.set_defaults(**dict.fromkeys(METHOD_FLAGS))
+    return defaults
+
+
+def check_method_bound_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, methods: list[str],
+                             defaults: dict[str, object], methods_flag: str) -> None:
+    """Refuse (``parser.error``) a flag of :data:`METHOD_FLAGS` given without its method among ``methods`` (chosen
+    by ``methods_flag``); fill in the ``defaults`` of those not given, so that a flag a run does not use always
+    holds its default and never tells two runs' settings apart."""
+    for name, method in METHOD_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+        elif method not in methods:
+            dashed = "--" + name.replace("_", "-")
+            parser.error(f"argument {dashed}: acts on the {method} method only, which {methods_flag} "
+                         f"{' '.join(methods)} leaves out: choose {method} with {methods_flag} or leave {dashed} out")
+
+
+def script_settings(args: argparse.Namespace) -> dict:
+    """What a script's config.json records: its flags but ``--verbose`` (paths as text)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "verbose"}
+
+
+def check_same_settings(parser: argparse.ArgumentParser, out: Path, settings: dict, uncompared: tuple[str, ...],
+                        finished: str) -> None:
+    """Refuse (``parser.error``) an ``out`` whose config.json records other settings than ``settings`` (but the
+    ``uncompared`` ones), naming each difference; ``finished`` names what the same settings would reuse."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    names = sorted((set(saved) | set(settings)) - set(uncompared))
+    changed = [f"--{name.replace('_', '-')} {_as_flag_value(saved.get(name))} there, "
+               f"{_as_flag_value(settings.get(name))} now" for name in names if saved.get(name) != settings.get(name)]
+    if changed:
+        parser.error(f"argument --out: {out} holds a run with other settings ({'; '.join(changed)}): choose another "
+                     f"--out (the same settings continue that run, reusing its {finished})")
+
+
+def _as_flag_value(value: object) -> str:
+    """A config.json value as typed after its flag (a list space-separated); ``unset`` for none."""
+    if value is None:
+        return "unset"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def add_exact_map_ray_argument(parser: argparse.ArgumentParser) -> None:
     """``--ray-min-scale`` for the scripts whose every round refits the exact MAP (known_symmetry,
     layerwise_symmetry): 0 by default, no trust region, because a round that moved too far is corrected by the

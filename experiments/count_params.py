@@ -65,10 +65,14 @@ def count(layer: str, in_channels: int, n_classes: int, alpha: int | None = None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--in-channels", type=positive_int, default=3, help="input channels (3: CIFAR-10, 1: MNIST)")
-    parser.add_argument("--n-classes", type=positive_int, default=10, help="number of classes of the head")
-    parser.add_argument("--alpha", type=positive_int, default=None, help="width; default 10 (2 for ffc_conv_gconv)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the counts to this JSON file")
+    parser.add_argument("--in-channels", type=positive_int, default=3,
+                        help="input channels (3: CIFAR-10, 1: MNIST; default: 3)")
+    parser.add_argument("--n-classes", type=positive_int, default=10,
+                        help="number of classes of the head (default: 10)")
+    parser.add_argument("--alpha", type=positive_int, default=None,
+                        help="width (default: each model's own, 10; 2 for ffc_conv_gconv)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the counts to this JSON file (default: none, print only)")
     args = parser.parse_args()
 
     cifar_setting = args.in_channels == 3 and args.n_classes == 10 and args.alpha is None

@@ -25,8 +25,9 @@ a 3-layer network's global fit from a random start (--init random: it does not, 
     python experiments/layerwise_symmetry.py --structures CCF --seeds 0 --rounds 3 --n 128
     python experiments/layerwise_symmetry.py --student ffc_conv_gconv
 
-Writes <out>/cells/<structure>_<seed>.json (one per structure and seed, written atomically; a rerun with the
-same settings reuses them), <out>/layers.{json,csv} (one row per structure, seed and layer),
+Writes <out>/cells/<structure>_<seed>.json (one per structure and seed, written atomically; a rerun into an --out
+whose config.json records the same settings continues the run, reusing them; one with other settings is refused:
+choose another --out), <out>/layers.{json,csv} (one row per structure, seed and layer),
 <out>/evidence.{json,csv} (one row per structure and seed: the final -log p(D)/N of every student),
 config.json, and the figure recovery.png in figures/<path of --out below runs/> (or <out>/figures); prints the
 recovery table, ending in `recovered N/M layers`.
@@ -41,6 +42,7 @@ quiet_interrupts()  # first: Ctrl-C while torch loads ends with one line, not a 
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,7 +51,8 @@ from tqdm.auto import tqdm
 
 from ella.bilinear_ray import MARGLIK_METHODS
 from ella.cli import (
-    add_exact_map_ray_argument, figure_dir, positive_float, positive_int, run_script, setup_logging, write_table,
+    add_exact_map_ray_argument, check_method_bound_flags, check_same_settings, figure_dir, method_flag_defaults,
+    nonnegative_int, positive_float, positive_int, run_script, script_settings, setup_logging, write_table,
 )
 from ella.layers import Conv, FactoredFC, SparseConv, SparseFC
 from ella.marglik import neg_log_marglik
@@ -74,6 +77,9 @@ STRUCTURES = {"ffc_conv": ("CCC", "CCF", "CFF", "FFF", "FCC"), "sfc_sconv": ("CC
               "ffc_conv_gconv": ("GGG", "CGF", "GFC")}
 """The default --structures of each student."""
 PATH_LETTERS = {path: letter for letter, path in STRUCTURE_LETTERS.items()}
+"""Flags (by their argparse names) that act on one method only: given without it, they are refused."""
+UNCOMPARED = ("out",)  # config.json entries that may differ between the runs of one folder
+CELL_KEYS = ("structures", "seeds", "out")  # config.json entries that a cell's settings leave out
 
 
 def train_student(problem: Problem, layers: list[tuple[str, ...]], teacher: torch.nn.Module, x: torch.Tensor,
@@ -186,42 +192,54 @@ def plot_recovery(layers: list[dict], structures: list[str], seeds: list[int], o
     return save_figure(fig, out)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The flags, checked (a flag given for a method the run leaves out is refused), with --out and --structures filled
+    in, and --out checked against them."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--structures", nargs="+",
                         help="teacher structures, one letter per layer, layer 1 first (C: CONV, F: dense F-FC, G: p4 "
                              "GCONV, with --student ffc_conv_gconv); default: "
                              + "; ".join(f"{' '.join(v)} ({k})" for k, v in STRUCTURES.items()))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="data and teacher seeds")
-    parser.add_argument("--method", choices=MARGLIK_METHODS, default="ray", help="how the precisions are learned")
+    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2, 3, 4],
+                        help="data and teacher seeds (default: 0 1 2 3 4)")
+    parser.add_argument("--method", choices=MARGLIK_METHODS, default="ray",
+                        help="how the precisions are learned (default: ray)")
     add_exact_map_ray_argument(parser)
     parser.add_argument("--student", choices=tuple(STUDENTS), default="ffc_conv",
-                        help="the student's paths (ffc_conv_gconv: F-FC+CONV+GCONV layers on p4 maps)")
+                        help="the student's paths (ffc_conv_gconv: F-FC+CONV+GCONV layers on p4 maps; default: "
+                             "ffc_conv)")
     parser.add_argument("--init", choices=("teacher", "random"), default="teacher",
-                        help="start the students from the teacher's weights on shared paths, or at random")
-    parser.add_argument("--rounds", type=positive_int, default=8, help="MAP + Laplace rounds per student (default 8)")
+                        help="start the students from the teacher's weights on shared paths, or at random (default: "
+                             "teacher)")
+    parser.add_argument("--rounds", type=positive_int, default=8,
+                        help="MAP + Laplace rounds per student (default: 8)")
     parser.add_argument("--map-iter", type=positive_int, default=50,
                         help="L-BFGS iterations of every round's MAP fit, warm-started from the last round's "
-                             "(default 50)")
+                             "(default: 50)")
     parser.add_argument("--final-map-iter", type=positive_int, default=500,
                         help="L-BFGS iterations of the MAP refitted at a student's final precisions, whose evidence "
-                             "is compared (default 500)")
-    parser.add_argument("--hyper-steps", type=positive_int, default=50, help="hyper-steps per round")
-    parser.add_argument("--hyper-lr", type=positive_float, default=0.1, help="learning rate of the alternation's Adam")
-    parser.add_argument("--channels", type=positive_int, default=2, help="channels of every layer")
-    parser.add_argument("--size", type=positive_int, default=4, help="image side (size x size)")
-    parser.add_argument("--n", type=positive_int, default=256, help="number of examples")
-    parser.add_argument("--noise", type=positive_float, default=0.1, help="standard deviation of the target noise")
+                             "is compared (default: 500)")
+    parser.add_argument("--hyper-steps", type=positive_int, default=50, help="hyper-steps per round (default: 50)")
+    parser.add_argument("--hyper-lr", type=positive_float, default=0.1,
+                        help="learning rate of the alternation's Adam (default: 0.1)")
+    parser.add_argument("--channels", type=positive_int, default=2, help="channels of every layer (default: 2)")
+    parser.add_argument("--size", type=positive_int, default=4, help="image side (size x size; default: 4)")
+    parser.add_argument("--n", type=positive_int, default=256, help="number of examples (default: 256)")
+    parser.add_argument("--noise", type=positive_float, default=0.1,
+                        help="standard deviation of the target noise (default: 0.1)")
     parser.add_argument("--teacher-scale", type=positive_float, default=1.0,
-                        help="standard deviation of every teacher layer's pre-activation on the data")
+                        help="standard deviation of every teacher layer's pre-activation on the data (default: 1)")
     parser.add_argument("--share-threshold", type=positive_float, default=1e-3,
-                        help="a layer is recovered when its unused paths' output share is at most this")
-    parser.add_argument("--student-seed", type=int, default=0, help="seed of the students' random initialisation")
+                        help="a layer is recovered when its unused paths' output share is at most this (default: "
+                             "0.001)")
+    parser.add_argument("--student-seed", type=int, default=0,
+                        help="seed of the students' random initialisation (default: 0)")
     parser.add_argument("--out", type=Path, help="output folder (default: runs/layerwise_symmetry, "
                         "runs/layerwise_symmetry_<student> for another student than ffc_conv)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every round")
+    defaults = method_flag_defaults(parser)
     args = parser.parse_args()
-    types = STUDENTS[args.student]
+    check_method_bound_flags(parser, args, [args.method], defaults, "--method")
     if args.out is None:
         args.out = Path("runs") / ("layerwise_symmetry" + ("" if args.student == "ffc_conv" else f"_{args.student}"))
     if args.structures is None:
@@ -231,29 +249,69 @@ def main() -> None:
             paths = structure_paths(structure)
         except ValueError as error:
             parser.error(f"--structures: {error}")
-        if any(path not in types.names for (path,) in paths):
+        if any(path not in STUDENTS[args.student].names for (path,) in paths):
             parser.error(f"--structures: {structure} has a GCONV layer, which needs --student ffc_conv_gconv")
-    setup_logging(args.verbose)
-    problem = Problem(channels=args.channels, size=args.size, n=args.n, noise=args.noise,
-                      teacher_scale=args.teacher_scale)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "verbose"}
-    settings = {k: v for k, v in config.items() if k not in ("structures", "seeds", "out")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.json").write_text(json.dumps(config, indent=2))
-    cells = []
-    per_cell = (2 + len(types.names)) * args.rounds  # the relaxed, true and one-path students' rounds
+    check_same_settings(parser, args.out, script_settings(args), UNCOMPARED, "finished cells")
+    return args
+
+
+
+
+
+
+
+
+
+
+
+
+def finished_cell(path: Path, settings: dict) -> dict | None:
+    """The cell at ``path`` where an earlier run finished it, else ``None``; a ValueError where it was computed
+    with other ``settings``."""
+    if not path.is_file():
+        return None
+    cell = json.loads(path.read_text())
+    if cell.get("settings") != settings:
+        raise ValueError(f"{path} was computed with other settings than this run's: choose another --out")
+    return cell
+
+
+def compute_cells(args: argparse.Namespace, problem: Problem, settings: dict) -> list[dict]:
+    """Every structure and seed: a cell finished earlier (:func:`finished_cell`) or computed and written."""
+    cells, reused = [], 0
+    per_cell = (2 + len(STUDENTS[args.student].names)) * args.rounds  # the relaxed, true and one-path students
     total = len(args.structures) * len(args.seeds) * per_cell
     with tqdm(total=total, desc=f"layer-wise, {args.method}") as bar:
         for structure in args.structures:
             for seed in args.seeds:
                 path = args.out / "cells" / f"{structure}_{seed}.json"
-                if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
-                    cells.append(json.loads(path.read_text()))
+                cell = finished_cell(path, settings)
+                if cell is None:
+                    cell = {**run_cell(problem, structure, seed, args, bar.update), "settings": settings}
+                    write_atomic(path, cell)
+                else:
                     bar.update(per_cell)
-                    continue
-                cell = {**run_cell(problem, structure, seed, args, bar.update), "settings": settings}
-                write_atomic(path, cell)
+                    reused += 1
                 cells.append(cell)
+    if reused:
+        print(f"reused {reused} finished cell(s) of an earlier run with the same settings in {args.out / 'cells'}")
+    return cells
+
+
+def main() -> None:
+    args = parse_args()
+    setup_logging(args.verbose)
+    problem = Problem(channels=args.channels, size=args.size, n=args.n, noise=args.noise,
+                      teacher_scale=args.teacher_scale)
+    config = script_settings(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").write_text(json.dumps(config, indent=2))
+    try:
+        cells = compute_cells(args, problem, {k: v for k, v in config.items() if k not in CELL_KEYS})
+    except KeyboardInterrupt:
+        print(f"interrupted; the same command continues the run, reusing the cells finished in {args.out / 'cells'}",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     layers = [row for cell in cells for row in cell["layers"]]
     evidence = [cell["evidence"] for cell in cells]
     table = write_table(layers, args.out, "layers")
@@ -271,4 +329,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_script(main)
+    run_script(main, verbose_flag=True)

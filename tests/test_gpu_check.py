@@ -10,9 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from script_utils import run_here
+from test_symmetry_scripts import script_parsers, undocumented
 from test_train import _write_tiny_cifar
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 
@@ -54,3 +59,35 @@ def test_a_stage_without_time_left_is_not_run(tmp_path: Path) -> None:
     stage = gpu_check.Stage("late", [sys.executable, "-c", "pass"], 30)
     [outcome] = gpu_check.run_check(tmp_path, [stage], budget=0)
     assert outcome.status == "not run" and json.loads((tmp_path / "summary.json").read_text())["stages"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["prepare", "FOLDER", "--n-train", "-5"], "argument --n-train: must be an integer >= 1, got -5"),
+        (["prepare", "FOLDER", "--n-test", "0"], "argument --n-test: must be an integer >= 1, got 0"),
+        (["prepare", "FOLDER", "--n-train", "20000"],
+         "--n-train 20000 and --n-test 1000 make 61.5 MiB of images, more than 40 MiB (at most 13653 images in all)"),
+        (["run", "FOLDER", "--budget", "-1"], "argument --budget: must be a finite number > 0, got -1"),
+        (["run", "FOLDER", "--budget", "1"],
+         "FOLDER holds no data/cifar10.npz: write the folder first, where the data is, with python "
+         "benchmarks/gpu_check.py prepare FOLDER"),
+        (["fc-conv", "--json", "x.json", "--alpha", "0"], "argument --alpha: must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path, flags: list[str], message: str,
+                                                        capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = str(tmp_path / "check")
+    code, _, err = run_here(SCRIPT, [folder if flag == "FOLDER" else flag for flag in flags], capsys, monkeypatch)
+    assert code == 2 and message.replace("FOLDER", folder) in err and "Traceback" not in err
+    assert not (tmp_path / "check").exists()
+
+
+def test_the_help_lists_the_options_of_each_command_with_their_defaults(capsys: pytest.CaptureFixture,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run_here(SCRIPT, ["--help"], capsys, monkeypatch)
+    assert code == 0 and "==SUPPRESS==" not in out
+    for option in ("--data-dir", "--wheels", "--n-train", "--n-test", "--device", "--budget", "--tiny"):
+        assert option in out
+    assert [name for parser in script_parsers(SCRIPT, capsys, monkeypatch) for name in undocumented(parser)] == []
