@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
@@ -17,14 +18,13 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import Field, asdict, fields, replace
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from ella import distributed
 from ella.bilinear_ray import RAY_MIN_SCALE
-from ella.checkpoint import CheckpointError, OutputError
+from ella.checkpoint import CheckpointError, OutputError, write_text
 from ella.marglik import MarglikError
 from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, is_option
 from ella.config import TrainConfig
@@ -330,18 +330,6 @@ def setup_logging(verbose: bool) -> None:
     sys.stdout = open(os.devnull, "w")  # the experiment's summary is printed once, by rank 0
 
 
-def start_run(args: argparse.Namespace, default_root: str, **extra: object) -> Path:
-    """Start a script that is no training run (the MSR experiments): logging (:func:`setup_logging`), threads
-    (``args.threads``), the output folder ``args.out`` (else ``<default_root>/<timestamp>``) and its
-    ``config.json`` (the flags, the torch version and ``extra``); returns the folder."""
-    setup_logging(False)
-    torch.set_num_threads(args.threads)
-    out = args.out or Path(default_root) / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    config.update(torch=torch.__version__, **extra)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
 
 
 def model_runs(base: TrainConfig, entries, prefix: str = "") -> dict[str, TrainConfig]:
@@ -390,13 +378,16 @@ def write_table(rows: list[dict], root: Path, stem: str = "summary") -> str:
 
 
 def _write_rows(rows: list[dict], root: Path, stem: str) -> None:
+    """``rows`` as ``root/<stem>.json`` and ``root/<stem>.csv`` (lists and dicts as JSON in their cells), each
+    written atomically."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / f"{stem}.json").write_text(json.dumps(rows, indent=2))
+    write_text(json.dumps(rows, indent=2), root / f"{stem}.json")
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with (root / f"{stem}.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()} for row in rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()} for row in rows)
+    write_text(text.getvalue(), root / f"{stem}.csv")
 
 
 def _cell(value: object) -> str:

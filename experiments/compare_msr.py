@@ -19,7 +19,9 @@ the Prop. 1 conv matrix and the mean squared principal-angle sine (coverage gap;
 conv); the "generator" row gives the residual of the true task-weight subspace (the ideal U, 0 for k = 1).
 Parameter counts are shared (meta-learned) + per task; wall time covers meta-training and meta-test.
 
-Writes config.json, results.json and results.csv under --out (default runs/compare_msr/<timestamp>).
+Writes config.json, results.json and results.csv under --out (default runs/compare_msr/<preset>-<hash of the
+flags>). Every row is saved as it finishes: an interrupted run loses at most the row in progress, and the same
+command with --resume computes only the rows still missing (see ella.msr.output).
 
 Examples:
     OMP_NUM_THREADS=1 python experiments/compare_msr.py --preset cpu
@@ -33,16 +35,24 @@ from ella.interrupt import quiet_interrupts
 quiet_interrupts()  # first: Ctrl-C while torch loads ends with one line, not a traceback
 
 import argparse
-import logging
 import time
 from dataclasses import asdict
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ella.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, run_script, start_run, write_table
+from ella.cli import (
+    check_same_settings,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    run_script,
+    script_settings,
+    setup_logging,
+)
 from ella.msr import MetaConfig, MetaLearner, MSRFC, TranslationProblem, conv_symmetry_matrix, mean_confidence_interval
 from ella.msr.compare import (
     FCConvModel,
@@ -53,6 +63,7 @@ from ella.msr.compare import (
     learn_precisions,
     query_mse,
 )
+from ella.msr.output import HOW, Job, add_output_arguments, default_out, run_rows
 from ella.priors import Prior
 
 METHODS = ("marglik", "map", "msr_fc")
@@ -70,27 +81,70 @@ PRESETS = {
 IN_FEATURES, KERNEL = 70, 3
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+# Defaults of the flags that apply to some methods only: None in the parser, so that a flag given explicitly is
+# told apart and refused where no method run uses it (check_effect)
+DEFAULTS = dict(noise_var=0.01, hyper_lr=0.1, meta_batch=32)
+MARGLIK_FLAGS = ("rounds", "hyper_steps", "hyper_lr")  # used by marglik only (map keeps its precisions at 1)
+MSR_FLAGS = ("outer_steps", "meta_batch", "latent_size")  # used by msr_fc only
+RECORDED = ("torch", "preset_values", "tasks", "msr_meta")  # what config.json adds to the flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags; those of :data:`DEFAULTS` default to None (their help shows the real default)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="paper: 1000 MSR outer steps, 20 marglik rounds; cpu: 1000 outer steps, 10 rounds (default)")
-    p.add_argument("--ks", nargs="+", type=int, choices=(1, 2, 5), default=[1, 2, 5], help="ranks of MSR Table 1")
+    p.add_argument("--ks", nargs="+", type=int, choices=(1, 2, 5), default=[1, 2, 5],
+                   help="ranks of MSR Table 1 (default: 1 2 5)")
     p.add_argument("--regime", choices=("small", "large"), default="small",
-                   help="examples per meta-training task (paper Table 5): small 2/2/4, large 20")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default all)")
-    p.add_argument("--noise-var", type=positive_float, default=0.01,
-                   help="fixed observation-noise variance sigma^2 of the Gaussian likelihood (generator is noiseless)")
-    p.add_argument("--rounds", type=positive_int, default=None, help="marglik rounds (MAP + KFAC + hyper steps); overrides preset")
-    p.add_argument("--hyper-steps", type=nonnegative_int, default=None, help="Adam steps on log precisions per round; overrides preset")
-    p.add_argument("--hyper-lr", type=nonnegative_float, default=0.1, help="Adam learning rate on the log precisions")
-    p.add_argument("--outer-steps", type=positive_int, default=None, help="MSR-FC outer steps; overrides preset")
-    p.add_argument("--meta-batch", type=positive_int, default=32, help="MSR-FC tasks per outer step")
-    p.add_argument("--latent-size", type=positive_int, default=None, help="MSR-FC latent size k of U (default 70 = paper)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task generator and of the model inits")
+                   help="examples per meta-training task (paper Table 5): small 2/2/4, large 20 (default: small)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default: all)")
+    p.add_argument("--noise-var", type=positive_float, default=None,
+                   help="fixed observation-noise variance sigma^2 of the Gaussian likelihood of marglik and map "
+                        "(generator is noiseless) (default: 0.01)")
+    p.add_argument("--rounds", type=positive_int, default=None,
+                   help="marglik rounds (MAP + KFAC + hyper steps) (default: the preset's)")
+    p.add_argument("--hyper-steps", type=nonnegative_int, default=None,
+                   help="marglik's Adam steps on log precisions per round (default: the preset's)")
+    p.add_argument("--hyper-lr", type=nonnegative_float, default=None,
+                   help="marglik's Adam learning rate on the log precisions (default: 0.1)")
+    p.add_argument("--outer-steps", type=positive_int, default=None, help="MSR-FC outer steps (default: the preset's)")
+    p.add_argument("--meta-batch", type=positive_int, default=None, help="MSR-FC tasks per outer step (default: 32)")
+    p.add_argument("--latent-size", type=positive_int, default=None,
+                   help="MSR-FC latent size k of U (default: 70, the paper's)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of the task generator and of the model inits (default: 0)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch.set_num_threads (default 1; ops are tiny)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare_msr/<timestamp>)")
-    p.add_argument("--no-progress", action="store_true", help="disable tqdm progress bars")
-    return p.parse_args(argv)
+    add_output_arguments(p, "compare_msr")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, explicit ones that no method run uses refused (:func:`check_effect`), the defaults of
+    :data:`DEFAULTS` filled in, --ks and --methods without repeats (--methods in the order of :data:`METHODS`) and
+    --out set; a resume with other flags than the run in --out is refused."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_effect(p, args)
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.ks = list(dict.fromkeys(args.ks))
+    args.methods = [m for m in METHODS if m in args.methods]
+    args.out = args.out or default_out("runs/compare_msr", args.preset, script_settings(args))
+    if args.resume:
+        check_same_settings(p, args.out, script_settings(args), HOW + RECORDED, "finished rows")
+    return args
+
+
+def check_effect(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a flag given explicitly that no method run here would use."""
+    users = {**{name: ("marglik",) for name in MARGLIK_FLAGS}, **{name: ("msr_fc",) for name in MSR_FLAGS},
+             "noise_var": ("marglik", "map")}
+    for name, methods in users.items():
+        if getattr(args, name) is not None and not set(methods) & set(args.methods):
+            p.error(f"--{name.replace('_', '-')} has no effect here: it applies to {' and '.join(methods)} only, not "
+                    f"among --methods {' '.join(args.methods)}")
 
 
 def _setting(args: argparse.Namespace, key: str, attr: str) -> int:
@@ -183,29 +237,35 @@ def print_table(rows: list[dict]) -> None:
               f"{params:>25} {fmt(r.get('wall_seconds'), '.1f'):>7}")
 
 
+def jobs(args: argparse.Namespace) -> list[Job]:
+    """The rows to compute, in order: per rank k, every method, then the generator's row."""
+    return [(dict(k=k, method=method, label=LABELS[method], regime=args.regime), partial(method_row, method, k, args))
+            for k in args.ks for method in (*args.methods, "generator")]
+
+
+def method_row(method: str, k: int, args: argparse.Namespace) -> dict:
+    """The result of ``method`` (or of the ``generator`` U) on the rank-``k`` problem."""
+    problem = make_problem(k, args)
+    desc = f"{LABELS[method]} k={k}"
+    if method == "generator":
+        return generator_row(problem)
+    if method == "msr_fc":
+        return dict(**run_msr_fc(problem, args, desc), published_mse=PUBLISHED_MSR_FC[(args.regime, k)])
+    return run_marglik(problem, args, learn=method == "marglik", desc=desc)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    out = start_run(args, "runs/compare_msr", preset_values=PRESETS[args.preset], tasks=TASKS,
-                    msr_meta=asdict(MetaConfig(3, 9, 0.02, True, 5e-4, _setting(args, "outer_steps", "outer_steps"),
-                                               args.meta_batch)))
+    setup_logging(False)
+    torch.set_num_threads(args.threads)
+    msr_meta = MetaConfig(3, 9, 0.02, True, 5e-4, _setting(args, "outer_steps", "outer_steps"), args.meta_batch)
+    config = dict(script_settings(args), torch=torch.__version__, preset_values=PRESETS[args.preset], tasks=TASKS,
+                  msr_meta=asdict(msr_meta))
     start = time.time()
-    rows: list[dict] = []
-    for k in args.ks:
-        problem = make_problem(k, args)
-        for method in args.methods:
-            desc = f"{LABELS[method]} k={k}"
-            if method == "msr_fc":
-                res = run_msr_fc(problem, args, desc)
-                res["published_mse"] = PUBLISHED_MSR_FC[(args.regime, k)]
-            else:
-                res = run_marglik(problem, args, learn=method == "marglik", desc=desc)
-            rows.append(dict(k=k, method=method, label=LABELS[method], regime=args.regime, **res))
-            logging.info("%s", rows[-1])
-        rows.append(dict(k=k, method="generator", label=LABELS["generator"], regime=args.regime, **generator_row(problem)))
+    rows = run_rows(jobs(args), args.out, config, args.resume)
     wall = time.time() - start
-    write_table(rows, out, "results")
     print_table(rows)
-    print(f"wall time {wall:.1f}s; results in {out}")
+    print(f"wall time {wall:.1f}s; results in {args.out}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from ella.msr.compare import (
     task_laplace,
 )
 from ella.priors import Prior
+from script_utils import run_here
+from test_msr import _evaluations, _results
 
 DT = torch.float64
 
@@ -149,3 +152,56 @@ def test_generator_symmetry_matrix_spans_the_task_weights():
         torch.testing.assert_close(u_true @ coef, dense.reshape(-1, 1))
     ones = generator_symmetry_matrix(torch.ones(68, 1, dtype=DT), 70)
     torch.testing.assert_close(ones, conv_symmetry_matrix(70, 3, dtype=DT))
+
+
+# ---------------------------------------------------------------- the script: output folder, resume and flags
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "compare_msr.py"
+TINY = ["--ks", "1", "2", "--methods", "msr_fc", "--outer-steps", "1", "--no-progress"]
+
+
+
+
+
+
+def test_compare_msr_saves_each_row_and_resume_computes_only_the_missing_ones(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in MSR-FC at k = 2 keeps the two rows of k = 1; a rerun without --resume and a resume with other
+    flags are refused, naming --resume and the flag; the resume computes the rows of k = 2 only and ends with the
+    rows of an uninterrupted run."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _evaluations(patch, interrupt_at=2)
+        code, _, err = run_here(SCRIPT, [*TINY, "--out", str(out)], capsys, monkeypatch)
+    assert code == 130 and "2 of 4 rows finished and saved" in err and "--resume" in err
+    assert [(row["k"], row["method"]) for row in _results(out)] == [(1, "msr_fc"), (1, "generator")]
+    assert "generator" in (out / "results.csv").read_text()
+    code, _, err = run_here(SCRIPT, [*TINY, "--out", str(out)], capsys, monkeypatch)
+    assert code == 2 and "already holds files" in err and "--resume" in err
+    code, _, err = run_here(SCRIPT, [*TINY, "--ks", "1", "--out", str(out), "--resume"], capsys, monkeypatch)
+    assert code == 2 and "--ks 1 2 there, 1 now" in err
+    calls = _evaluations(monkeypatch)
+    code, _, err = run_here(SCRIPT, [*TINY, "--out", str(out), "--resume"], capsys, monkeypatch)
+    assert code == 0, err
+    assert len(calls) == 1  # MSR-FC at k = 1 was not computed again
+    code, _, err = run_here(SCRIPT, [*TINY, "--out", str(tmp_path / "whole")], capsys, monkeypatch)
+    assert code == 0, err
+    assert _results(out) == _results(tmp_path / "whole") and len(_results(out)) == 4
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--seed", "-2", "--methods", "msr_fc", "--outer-steps", "1"],
+         "argument --seed: must be an integer >= 0, got -2"),
+        (["--methods", "msr_fc", "--outer-steps", "1", "--rounds", "3"],
+         "--rounds has no effect here: it applies to marglik only"),
+        (["--methods", "msr_fc", "--outer-steps", "1", "--noise-var", "0.1"],
+         "--noise-var has no effect here: it applies to marglik and map only"),
+        (["--methods", "map", "--hyper-lr", "0.2"], "--hyper-lr has no effect here: it applies to marglik only"),
+    ],
+)
+def test_compare_msr_refuses_bad_or_ineffective_flags_before_writing(tmp_path, capsys, monkeypatch, flags, message):
+    out = tmp_path / "run"
+    code, _, err = run_here(SCRIPT, [*flags, "--ks", "1", "--no-progress", "--out", str(out)], capsys, monkeypatch)
+    last = err.strip().splitlines()[-1]  # argparse's usage, then one line: the error
+    assert code == 2 and last.startswith("compare_msr.py: error: ") and message in last
+    assert not out.exists()

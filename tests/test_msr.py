@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ from ella.msr import (
     group_filters,
     mean_confidence_interval,
 )
+from ella.msr.output import default_out
+from script_utils import run_here
 
 DT = torch.float64
 
@@ -268,3 +271,105 @@ def test_msr_synthetic_writes_config_and_results_through_the_cli_plumbing(tmp_pa
     assert [row["method"] for row in rows] == [row["method"] for row in cells] == ["MAML-FC", "MAML-Conv"]
     assert json.loads(cells[0]["inner_lrs"]) == rows[0]["inner_lrs"] and set(rows[0]["inner_lrs"]) == {"weight"}
     assert json.loads(cells[1]["inner_lrs"]) == rows[1]["inner_lrs"] and float(cells[1]["mean"]) == rows[1]["mean"]
+
+
+# ---------------------------------------------------------------- the script's output folder, resume and flags
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "msr_synthetic.py"
+TINY = ["--tables", "translation", "--ks", "1", "--regimes", "small", "--methods", "maml_fc", "maml_conv",
+        "--outer-steps", "1", "--no-progress"]
+
+
+def _evaluations(monkeypatch: pytest.MonkeyPatch, interrupt_at: int | None = None) -> list[int]:
+    """Count MetaLearner.evaluate's calls (one per meta-learned row) in the returned list; the ``interrupt_at``-th
+    call raises KeyboardInterrupt instead, as Ctrl-C during that row would."""
+    calls: list[int] = []
+    evaluate = MetaLearner.evaluate
+
+    def counted(self, batches):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return evaluate(self, batches)
+
+    monkeypatch.setattr(MetaLearner, "evaluate", counted)
+    return calls
+
+
+def _results(out: Path) -> list[dict]:
+    """results.json of ``out`` without the timings, which differ between runs."""
+    rows = json.loads((out / "results.json").read_text())
+    return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in rows]
+
+
+def test_msr_synthetic_saves_each_row_and_resume_computes_only_the_missing_ones(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the second row keeps the first (results.json, results.csv); a rerun without --resume and a resume
+    with other flags are refused, naming --resume and the flag; the resume computes the second row only and ends
+    with the rows of an uninterrupted run."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _evaluations(patch, interrupt_at=2)
+        code, _, err = run_here(SCRIPT, [*TINY, "--out", str(out)], capsys, monkeypatch)
+    assert code == 130 and "1 of 2 rows finished and saved" in err and "--resume" in err
+    assert [row["method"] for row in _results(out)] == ["MAML-FC"]
+    assert "MAML-FC" in (out / "results.csv").read_text() and not list(out.glob("*.tmp"))
+    saved = (out / "results.json").read_text()
+    code, _, err = run_here(SCRIPT, [*TINY, "--out", str(out)], capsys, monkeypatch)
+    assert code == 2 and "already holds files" in err and "--resume" in err
+    code, _, err = run_here(SCRIPT, [*TINY, "--outer-steps", "2", "--out", str(out), "--resume"], capsys, monkeypatch)
+    assert code == 2 and "--outer-steps 1 there, 2 now" in err
+    assert (out / "results.json").read_text() == saved
+    calls = _evaluations(monkeypatch)
+    code, _, err = run_here(SCRIPT, [*TINY, "--out", str(out), "--resume"], capsys, monkeypatch)
+    assert code == 0, err
+    assert len(calls) == 1  # MAML-FC was not computed again
+    code, _, err = run_here(SCRIPT, [*TINY, "--out", str(tmp_path / "whole")], capsys, monkeypatch)
+    assert code == 0, err
+    assert _results(out) == _results(tmp_path / "whole") and len(_results(out)) == 2
+
+
+def test_default_output_folder_follows_the_flags_that_change_results():
+    """The same flags give the same default folder (so that the same command resumes there); flags that change
+    results give another, flags that only say how the run is carried out do not."""
+    settings = dict(preset="cpu", seed=0, ks=[1], out=None, resume=False, threads=1, device="cpu", no_progress=False)
+    folder = default_out("runs/x", "cpu", settings)
+    assert folder.parent == Path("runs/x") and folder.name.startswith("cpu-")
+    assert default_out("runs/x", "cpu", {**settings, "resume": True, "threads": 2, "device": "cuda"}) == folder
+    assert default_out("runs/x", "cpu", {**settings, "seed": 1}) != folder
+    assert default_out("runs/x", "cpu", {**settings, "ks": [1, 2]}) != folder
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--seed", "-1", "--methods", "maml_fc", "--ks", "1", "--regimes", "small", "--outer-steps", "1"],
+         "argument --seed: must be an integer >= 0, got -1"),
+        (["--image-size", "2", "--methods", "msr_conv", "--groups", "C4", "--outer-steps", "1"],
+         "argument --image-size: must be an integer >= 3, got 2"),
+        (["--tables", "rotation", "--methods", "maml_fc"], "--tables rotation runs none of --methods maml_fc"),
+        (["--tables", "translation", "--methods", "maml_fc", "msr_conv", "--ks", "1", "--regimes", "small",
+          "--outer-steps", "1"], "--methods msr_conv belong to no table run (--tables translation)"),
+        (["--methods", "msr_fc", "--fc-structure", "kron", "--latent-size", "5", "--ks", "1", "--regimes", "small",
+          "--outer-steps", "1"], "--latent-size has no effect here"),
+        (["--methods", "msr_fc", "--fc-structure", "kron", "--u-init-std", "0.1", "--ks", "1", "--regimes", "small",
+          "--outer-steps", "1"], "--u-init-std has no effect here"),
+        (["--tables", "translation", "--methods", "maml_fc", "--groups", "C4", "--ks", "1", "--regimes", "small",
+          "--outer-steps", "1"], "--groups has no effect here: it applies to --tables rotation"),
+        (["--methods", "mtsr_fc", "--outer-steps", "3", "--ks", "1", "--regimes", "small"],
+         "--outer-steps has no effect here: mtsr_fc is no meta-learner"),
+    ],
+)
+def test_msr_synthetic_refuses_bad_or_ineffective_flags_before_writing(tmp_path, capsys, monkeypatch, flags, message):
+    code, _, err = run_here(SCRIPT, [*flags, "--no-progress", "--out", str(tmp_path / "run")], capsys, monkeypatch)
+    last = err.strip().splitlines()[-1]  # argparse's usage, then one line: the error
+    assert code == 2 and last.startswith("msr_synthetic.py: error: ") and message in last
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script", ["msr_synthetic.py", "compare_msr.py"])
+def test_help_shows_every_flags_default(script, capsys, monkeypatch):
+    code, text, _ = run_here(SCRIPT.parent / script, ["--help"], capsys, monkeypatch)
+    options = text[text.index("options:"):]
+    entries = re.split(r"\n  (?=-)", options)[1:]  # one entry per flag: its names, then its help
+    assert len(entries) > 10 and code == 0
+    missing = [entry.split()[0] for entry in entries if "default" not in entry and not entry.startswith("-h")]
+    assert missing == []
