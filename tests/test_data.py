@@ -126,7 +126,8 @@ def test_missing_dataset_lists_paths(tmp_path, monkeypatch):
     assert isinstance(err.value, FileNotFoundError)
     assert str((tmp_path / "mnist.npz").resolve()) in msg
     assert str((tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").resolve()) in msg
-    assert "ELLA_DATA" in msg and "--data-dir" in msg and "--download" in msg and "download=True to ella.data.load_dataset" in msg
+    assert "ELLA_DATA" in msg and "--data-dir" in msg and "--download" in msg
+    assert "download=True to ella.data.load_dataset" in msg
     with pytest.raises(D.DatasetNotFoundError) as err:
         D.load_dataset("rotated_cifar10", tmp_path / "nowhere")
     assert str((tmp_path / "nowhere" / "cifar10.npz").resolve()) in str(err.value)
