@@ -20,14 +20,12 @@ from collections.abc import Callable
 from dataclasses import Field, asdict, fields, replace
 from pathlib import Path
 
-import torch
-
 from ella import distributed
 from ella.bilinear_ray import RAY_MIN_SCALE
 from ella.checkpoint import CheckpointError, OutputError, write_text
 from ella.marglik import MarglikError
 from ella.options import COUNT, OPTIONAL_COUNT, POSITIVE, Range, flag, is_option
-from ella.config import TrainConfig
+from ella.config import TrainConfig, option_flags
 from ella.train import Interrupted
 from kfac import CurvatureError
 
@@ -136,7 +134,7 @@ def check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
     alternation``, ``--hyper-lr`` (Adam's step) with the ray (L-BFGS), and two flags of which one overrides the
     other (``--n-valid`` and ``--valid-fraction``, ``--checkpoint-every`` and ``--checkpoint-minutes``)."""
     learns = config.laplace if laplace is None else laplace
-    flags = {item.name: flag(item) for item in fields(TrainConfig) if is_option(item)}
+    flags = option_flags()
 
     def given(name: str) -> bool:
         return getattr(args, name, None) is not None
@@ -164,7 +162,7 @@ def check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
 def refuse_given(parser: argparse.ArgumentParser, args: argparse.Namespace, reasons: dict[str, str]) -> None:
     """Refuse (``parser.error``) a training flag given explicitly that the script decides itself: ``reasons``
     maps the option's field name to why (what decides it instead)."""
-    flags = {item.name: flag(item) for item in fields(TrainConfig) if is_option(item)}
+    flags = option_flags()
     for name, why in reasons.items():
         if getattr(args, name, None) is not None:
             parser.error(f"{flags[name]} is not taken here: {why}")
@@ -328,8 +326,6 @@ def setup_logging(verbose: bool) -> None:
         return
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
     sys.stdout = open(os.devnull, "w")  # the experiment's summary is printed once, by rank 0
-
-
 
 
 def model_runs(base: TrainConfig, entries, prefix: str = "") -> dict[str, TrainConfig]:

@@ -117,6 +117,11 @@ class TrainConfig:
             raise ValueError(f"{names['lr_min']} ({self.lr_min:g}) must not be above {names['lr']} ({self.lr:g})")
 
 
+def option_flags() -> dict[str, str]:
+    """Every option field of :class:`TrainConfig` (its name) and its command-line flag."""
+    return {item.name: flag(item) for item in fields(TrainConfig) if is_option(item)}
+
+
 EXPERIMENT_FIELDS = ("layer", "dataset", "task", "alpha", "combine", "augment", "n_train", "n_valid", "valid_fraction",
                      "cifar_test", "data_dir", "download")  # what an experiment trains, not how
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from ella.distributed import all_reduce_curvature
+from ella.options import OPTIONAL_COUNT
 from ella.priors import Prior
 from kfac import CurvatureError, EigenvalueMemo, KronDecomposition, fit_kfac, segment_sum
 
@@ -206,8 +206,7 @@ def optimise_prior(fits: Fits, prior: Prior, optimizer: torch.optim.Optimizer, s
     a warning says so after the loop. A non-finite objective at the starting precisions raises
     :class:`MarglikError`.
     """
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    OPTIONAL_COUNT.check(steps, "steps")
     log_precision = prior.log_precision
     if not any(p is log_precision for group in optimizer.param_groups for p in group["params"]):
         raise ValueError("the optimizer does not hold the prior's log precisions: build it over prior.parameters(), "

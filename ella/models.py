@@ -8,7 +8,6 @@ p4 common frame (4 copies, ``(B, 4C, H, W)``) and max-pool over rotations before
 
 from __future__ import annotations
 
-import numbers
 from contextlib import nullcontext
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from ella.layers import group_max_pool, lift
 from ella.layers.blocks import GROUP_LAYERS, LAYER_NAMES, LAYERS, BlockSpec, check_layer_name, relaxed_layer
+from ella.options import COUNT
 
 __all__ = ["DEFAULT_ALPHA", "LAYER_NAMES", "RelaxedNet", "block_specs", "build_model", "count_parameters"]
 
@@ -104,7 +104,7 @@ def build_model(
     """
     check_layer_name(layer)
     alpha = DEFAULT_ALPHA[layer] if alpha is None else alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Integral) or alpha < 1:
+    if not COUNT.allows(alpha):
         raise ValueError(f"alpha must be a positive integer, got {alpha!r}")
     with torch.device(device) if device is not None else nullcontext():
         return RelaxedNet(layer, in_channels, n_classes, alpha, combine=combine, criterion=criterion)

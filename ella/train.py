@@ -79,13 +79,12 @@ from ella.checkpoint import (
     write_config,
     write_text,
 )
-from ella.config import TrainConfig, training_record
+from ella.config import TrainConfig, option_flags, training_record
 from ella.curves import plot_run
 from ella.data import DataBundle, TensorLoader, load_dataset
 from ella.inputs import Data, PairLoader, check_curvature, check_model, dataset_size, first_inputs, is_pair
 from ella.marglik import LaplaceFit, MarglikError, effective_parameters, fit_laplace
 from ella.models import build_model
-from ella.options import flag, is_option
 from ella.priors import Prior
 from ella.progress import BarLoader, RunBar, fit_progress
 from ella.report import (
@@ -187,9 +186,7 @@ def append_metrics(history: list[dict], out_dir: Path) -> None:
 
 def _options() -> tuple[dict, dict[str, str]]:
     """Every :class:`TrainConfig` field's default, and every option field's flag."""
-    options = fields(TrainConfig)
-    return ({f.name: f.default for f in options if f.default is not MISSING},
-            {f.name: flag(f) for f in options if is_option(f)})
+    return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, option_flags()
 
 
 def open_output(out_dir: Path | None, record: dict, resume: bool) -> dict | None:
